@@ -1,0 +1,663 @@
+"""
+The model: a Llama 3 family decoder (as Hugging Face's LlamaForCausalLM computes it) in which any subset of
+layers may use Multi-head Latent Attention (MLA) instead of grouped-query attention (GQA).
+
+Run it (text from BOS with a Hugging Face Llama folder or hub id; CPU, or one GPU):
+    python model.py                                     # the bundled stories260K, CPU
+    python model.py meta-llama/Llama-3.2-1B-Instruct --device=cuda --dtype=bfloat16   # needs the hub
+
+Notation (paper X-EcoMLA, arXiv 2503.11132, §3.2; the names below are used throughout the project):
+    d      model width                       H      query heads        n_kv   key/value heads (GQA)
+    d_h    head dim of the source Llama      r_q    query latent rank  r_kv   key-value latent rank
+    d_qk   per-head "no-RoPE" q/k dims       d_r    RoPE dims (queries per head; ONE key shared by all heads)
+    d_v    value head dim (= d_h)
+    W_DQ  (d -> r_q)         c_q   = x W_DQ                 query latent
+    W_UQ  (r_q -> H d_qk)    q_nope = c_q W_UQ
+    W_QR  (r_q -> H d_r)     q_rope = RoPE(c_q W_QR)
+    W_DKV (d -> r_kv)        c_kv  = x W_DKV                key-value latent: THIS is what is cached
+    W_KR  (d -> d_r)         k_rope = RoPE(x W_KR)          shared RoPE key: cached too
+    W_UK  (r_kv -> H d_qk)   k_nope = c_kv W_UK
+    W_UV  (r_kv -> H d_v)    v     = c_kv W_UV
+    W_O   (H d_v -> d)       out   = attn(q, k, v) W_O      (named o_proj, as in the source Llama)
+nn.Linear stores its weight as (out, in), i.e. the transpose of the paper's W (in x out).
+Cache per token and layer: GQA 2 n_kv d_h numbers, MLA r_kv + d_r.
+
+Shapes are commented with short letters: B batch, T query length, S key length (the cache), V vocab.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    dim: int = 64                      # d (HF: hidden_size)
+    n_layers: int = 5
+    n_heads: int = 8                   # H
+    n_kv_heads: int = 4                # n_kv; == n_heads is plain multi-head attention
+    head_dim: int = 8                  # d_h
+    intermediate_size: int = 172       # SwiGLU hidden width
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # HF "rope_scaling" dict; only rope_type "llama3" (or none) is supported
+    max_seq_len: int = 512             # HF: max_position_embeddings
+    tie_embeddings: bool = True
+    bos_id: int | None = 1
+    eos_id: tuple = (2,)               # Llama 3 Instruct configs list several ids
+    # --- MLA: which layers are MLA, and their per-layer ranks (aligned with mla_layers) ---
+    mla_layers: tuple = ()             # indices of MLA layers; the others stay GQA (a hybrid model)
+    q_rank: tuple = ()                 # r_q per MLA layer
+    kv_rank: tuple = ()                # r_kv per MLA layer
+    qk_nope_dim: int = 0               # d_qk
+    qk_rope_dim: int = 0               # d_r
+    v_head_dim: int = 0                # d_v (0: = head_dim)
+    latent_norm: bool = False          # RMSNorm on c_q and c_kv (DeepSeek has it; paper Table 4: off is better)
+
+    def __post_init__(self):
+        for name in ("mla_layers", "q_rank", "kv_rank", "eos_id"):
+            v = getattr(self, name)
+            setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v is not None else ()))
+        if self.v_head_dim == 0:
+            self.v_head_dim = self.head_dim
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3' or none)")
+        if not self.mla_layers:
+            return
+        n = len(self.mla_layers)
+        if len(self.q_rank) != n or len(self.kv_rank) != n:
+            raise ValueError(f"q_rank and kv_rank need one entry per MLA layer ({n} layers {list(self.mla_layers)}), "
+                             f"got {len(self.q_rank)} and {len(self.kv_rank)}")
+        if len(set(self.mla_layers)) != n or not all(0 <= i < self.n_layers for i in self.mla_layers):
+            raise ValueError(f"mla_layers={list(self.mla_layers)} must be distinct indices in [0, {self.n_layers})")
+        if min(self.q_rank) < 1 or min(self.kv_rank) < 1:
+            raise ValueError(f"ranks must be >= 1, got q_rank={list(self.q_rank)} kv_rank={list(self.kv_rank)}")
+        if self.qk_nope_dim < 1 or self.qk_rope_dim < 2 or self.qk_rope_dim % 2:
+            raise ValueError(f"MLA needs qk_nope_dim >= 1 and an even qk_rope_dim >= 2, "
+                             f"got {self.qk_nope_dim} and {self.qk_rope_dim}")
+
+    def mla_ranks(self, layer: int):
+        """(r_q, r_kv) if `layer` is an MLA layer, else None."""
+        if layer not in self.mla_layers:
+            return None
+        j = self.mla_layers.index(layer)
+        return self.q_rank[j], self.kv_rank[j]
+
+    # --- Hugging Face config.json <-> ModelConfig ---
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        mt = hf.get("model_type", "llama")
+        if mt not in ("llama", "llama_mla"):
+            raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama' and 'llama_mla' folders")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("attention_bias / mlp_bias checkpoints are not supported (no Llama 3 model has them)")
+        # transformers >= 5 may write rope_theta and rope_scaling together as "rope_parameters"
+        rp = dict(hf.get("rope_parameters") or {})
+        theta = hf.get("rope_theta", rp.pop("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        eos = hf.get("eos_token_id")
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=hf.get("tie_word_embeddings", False),  # HF LlamaConfig's default is False
+            bos_id=hf.get("bos_token_id"), eos_id=eos if eos is not None else (),
+            mla_layers=hf.get("mla_layers", ()), q_rank=hf.get("mla_q_rank", ()), kv_rank=hf.get("mla_kv_rank", ()),
+            qk_nope_dim=hf.get("qk_nope_head_dim", 0), qk_rope_dim=hf.get("qk_rope_head_dim", 0),
+            v_head_dim=hf.get("v_head_dim", 0), latent_norm=hf.get("mla_latent_norm", False),
+        )
+
+    def to_hf(self) -> dict:
+        eos = list(self.eos_id)
+        hf = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.dim, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": self.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        }
+        if self.mla_layers:
+            # a different model_type, so transformers refuses the folder instead of silently loading it wrong
+            hf.update({
+                "architectures": ["LlamaMLAForCausalLM"], "model_type": "llama_mla",
+                "mla_layers": list(self.mla_layers), "mla_q_rank": list(self.q_rank),
+                "mla_kv_rank": list(self.kv_rank), "qk_nope_head_dim": self.qk_nope_dim,
+                "qk_rope_head_dim": self.qk_rope_dim, "v_head_dim": self.v_head_dim,
+                "mla_latent_norm": self.latent_norm,
+            })
+        return hf
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 inside, cast back before the weight: exactly HF's LlamaRMSNorm
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(rot_dim, theta, scaling=None):
+    """Inverse frequencies of a rotary embedding over `rot_dim` dims, with Llama 3's frequency-dependent scaling
+    (factor, low/high_freq_factor, original_max_position_embeddings) when `scaling` says "llama3"."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return inv_freq
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, the band between interpolated
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq, pos):
+    """cos, sin of shape (T, rot_dim) in fp32 for positions `pos` (T,); rotate-half layout: dim i pairs with
+    i + rot_dim/2, both with frequency inv_freq[i] (the layout of HF checkpoints)."""
+    freqs = pos.float()[:, None] * inv_freq[None, :]   # (T, rot_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)            # (T, rot_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, h, D) rotated by cos/sin (T, D); computed in x's dtype, like HF."""
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# -----------------------------------------------------------------------------
+# Static KV caches (gpt-fast style: preallocated once, written in place at `input_pos`)
+
+
+class KVCache(nn.Module):
+    """GQA layer: K and V of every head, (B, n_kv, S, d_h) each: 2 n_kv d_h numbers per token."""
+
+    def __init__(self, B, S, n_kv, d_h, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(B, n_kv, S, d_h, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(B, n_kv, S, d_h, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):  # k, v (B, n_kv, T, d_h)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class LatentCache(nn.Module):
+    """MLA layer: only the latent c_kv (B, S, r_kv) and the shared RoPE key (B, S, d_r): r_kv + d_r per token."""
+
+    def __init__(self, B, S, r_kv, d_r, dtype, device):
+        super().__init__()
+        self.register_buffer("c_kv", torch.zeros(B, S, r_kv, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k_rope", torch.zeros(B, S, d_r, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, c_kv, k_rope):  # c_kv (B, T, r_kv), k_rope (B, T, d_r)
+        self.c_kv.index_copy_(1, input_pos, c_kv.to(self.c_kv.dtype))
+        self.k_rope.index_copy_(1, input_pos, k_rope.to(self.k_rope.dtype))
+        return self.c_kv, self.k_rope
+
+
+# -----------------------------------------------------------------------------
+# Attention: GQA (the source Llama's) and MLA (what it is upcycled into)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention, HF Llama names and layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, n_kv, d_h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.H, self.n_kv, self.d_h = H, n_kv, d_h
+        self.q_proj = nn.Linear(cfg.dim, H * d_h, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, n_kv * d_h, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, n_kv * d_h, bias=False)
+        self.o_proj = nn.Linear(H * d_h, cfg.dim, bias=False)
+        self.cache = None
+
+    def make_cache(self, B, S, dtype, device):
+        return KVCache(B, S, self.n_kv, self.d_h, dtype, device)
+
+    def cache_elements_per_token(self):
+        return 2 * self.n_kv * self.d_h
+
+    def forward(self, x, rope, input_pos=None, mask=None):
+        B, T, _ = x.shape
+        cos, sin = rope["gqa"]
+        q = apply_rope(self.q_proj(x).view(B, T, self.H, self.d_h), cos, sin)     # (B, T, H, d_h)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.d_h), cos, sin)  # (B, T, n_kv, d_h)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.d_h)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)         # (B, h, T, d_h)
+        if input_pos is None:   # training / full forward: no cache, square causal mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:                   # with a cache: an explicit mask (is_causal would align it top-left: wrong here)
+            k, v = self.cache.update(input_pos, k, v)                              # (B, n_kv, S, d_h)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.d_h))
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (paper eqs. 3-7) with per-layer ranks r_q, r_kv.
+
+    Two mathematically equal paths:
+      naive    up-project the latent into per-head K (d_qk + shared d_r) and V (d_v), then SDPA. Training, prefill.
+      absorbed never materialise per-head K/V: fold W_UK into the query, attend over the latent itself, apply W_UV
+               after the attention. Decode: per token it reads only r_kv + d_r numbers of cache.
+    `path` = "auto" picks naive for a full forward and multi-token prefill, absorbed for one-token decode steps.
+    """
+
+    def __init__(self, cfg: ModelConfig, r_q, r_kv):
+        super().__init__()
+        H, d_qk, d_r, d_v = cfg.n_heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
+        self.H, self.d_qk, self.d_r, self.d_v, self.r_q, self.r_kv = H, d_qk, d_r, d_v, r_q, r_kv
+        self.scale = 1.0 / math.sqrt(d_qk + d_r)
+        self.W_DQ = nn.Linear(cfg.dim, r_q, bias=False)
+        self.W_UQ = nn.Linear(r_q, H * d_qk, bias=False)
+        self.W_QR = nn.Linear(r_q, H * d_r, bias=False)
+        self.W_DKV = nn.Linear(cfg.dim, r_kv, bias=False)
+        self.W_KR = nn.Linear(cfg.dim, d_r, bias=False)
+        self.W_UK = nn.Linear(r_kv, H * d_qk, bias=False)
+        self.W_UV = nn.Linear(r_kv, H * d_v, bias=False)
+        self.o_proj = nn.Linear(H * d_v, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(r_q, cfg.norm_eps) if cfg.latent_norm else nn.Identity()
+        self.kv_norm = RMSNorm(r_kv, cfg.norm_eps) if cfg.latent_norm else nn.Identity()
+        self.cache = None
+        self.path = "auto"
+
+    def make_cache(self, B, S, dtype, device):
+        return LatentCache(B, S, self.r_kv, self.d_r, dtype, device)
+
+    def cache_elements_per_token(self):
+        return self.r_kv + self.d_r
+
+    def forward(self, x, rope, input_pos=None, mask=None):
+        B, T, _ = x.shape
+        cos, sin = rope["mla"]
+        c_q = self.q_norm(self.W_DQ(x))                                            # (B, T, r_q)
+        q_nope = self.W_UQ(c_q).view(B, T, self.H, self.d_qk)                      # (B, T, H, d_qk)
+        q_rope = apply_rope(self.W_QR(c_q).view(B, T, self.H, self.d_r), cos, sin)  # (B, T, H, d_r)
+        c_kv = self.kv_norm(self.W_DKV(x))                                         # (B, T, r_kv)
+        k_rope = apply_rope(self.W_KR(x).view(B, T, 1, self.d_r), cos, sin)[:, :, 0]  # (B, T, d_r), one per token
+        if input_pos is not None:
+            c_kv, k_rope = self.cache.update(input_pos, c_kv, k_rope)              # (B, S, r_kv), (B, S, d_r)
+        path = self.path if self.path != "auto" else ("absorbed" if T == 1 and input_pos is not None else "naive")
+        attend = self._absorbed if path == "absorbed" else self._naive
+        y = attend(q_nope, q_rope, c_kv, k_rope, mask)                             # (B, T, H, d_v)
+        return self.o_proj(y.reshape(B, T, self.H * self.d_v))
+
+    def _naive(self, q_nope, q_rope, c_kv, k_rope, mask):
+        B, S, H = c_kv.shape[0], c_kv.shape[1], self.H
+        k_nope = self.W_UK(c_kv).view(B, S, H, self.d_qk)                          # (B, S, H, d_qk)
+        v = self.W_UV(c_kv).view(B, S, H, self.d_v)                                # (B, S, H, d_v)
+        q = torch.cat([q_nope, q_rope], dim=-1)                                    # (B, T, H, d_qk + d_r)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, self.d_r)], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, *, *)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return y.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        # q_nope . k_nope = q_nope . (c_kv W_UK) = (q_nope W_UK^T) . c_kv: the query moves into latent space
+        W_UK = self.W_UK.weight.view(self.H, self.d_qk, self.r_kv)
+        W_UV = self.W_UV.weight.view(self.H, self.d_v, self.r_kv)
+        q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, W_UK)                       # (B, H, T, r_kv)
+        scores = (torch.einsum("bhtr,bsr->bhts", q_lat, c_kv)
+                  + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)).float() * self.scale  # (B, H, T, S)
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bhts,bsr->bhtr", p, c_kv)                            # (B, H, T, r_kv)
+        return torch.einsum("bhtr,hdr->bthd", o_lat, W_UV)                         # (B, T, H, d_v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        ranks = cfg.mla_ranks(layer)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = MLAttention(cfg, *ranks) if ranks else Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, input_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, input_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    """State-dict keys are exactly Hugging Face Llama's (model.layers.N.self_attn.q_proj.weight, ...);
+    MLA layers hold model.layers.N.self_attn.W_DQ.weight etc. instead of q/k/v_proj."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.dim),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layers)),
+            norm=RMSNorm(config.dim, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._init_rope()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)  # HF initializer_range
+
+    def _init_rope(self, device=None):
+        c = self.config
+        self.register_buffer("inv_freq_gqa", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device),
+                             persistent=False)
+        # MLA's d_r RoPE dims: same theta and llama3 scaling as the source, over a d_r-dim rotary (as DeepSeek does)
+        d_r = c.qk_rope_dim or 2
+        self.register_buffer("inv_freq_mla", rope_inv_freq(d_r, c.rope_theta, c.rope_scaling).to(device),
+                             persistent=False)
+
+    # --- forward ---
+    def forward_hidden(self, idx, input_pos=None):
+        """Final normed hidden states (B, T, d). `input_pos` (T,) positions: given, the layers read and write their
+        caches (set up by setup_caches) and attend to all cached positions <= their own; None: a plain causal forward
+        over positions 0..T-1 with no cache."""
+        B, T = idx.shape
+        pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        rope = {"gqa": rope_cos_sin(self.inv_freq_gqa, pos), "mla": rope_cos_sin(self.inv_freq_mla, pos)}
+        mask = None
+        if input_pos is not None:
+            if self.cache_len is None:
+                raise RuntimeError("input_pos given but no cache: call model.setup_caches(batch, max_seq_len) first")
+            mask = torch.arange(self.cache_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, S)
+        x = self.model.embed_tokens(idx)                                           # (B, T, d)
+        for block in self.model.layers:
+            x = block(x, rope, input_pos, mask)
+        return self.model.norm(x)
+
+    def forward(self, idx, targets=None, input_pos=None):
+        """idx (B, T) -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (targets == -100 ignored)
+        and the return value is (logits, loss)."""
+        logits = self.lm_head(self.forward_hidden(idx, input_pos))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # --- caches ---
+    cache_len = None
+
+    def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
+        """Allocate every layer's static cache: (B, n_kv, S, d_h) x2 for GQA, (B, S, r_kv) + (B, S, d_r) for MLA."""
+        p = self.lm_head.weight
+        for block in self.model.layers:
+            attn = block.self_attn
+            attn.cache = attn.make_cache(batch_size, max_seq_len, dtype or p.dtype, device or p.device)
+        self.cache_len = max_seq_len
+
+    def clear_caches(self):
+        for block in self.model.layers:
+            block.self_attn.cache = None
+        self.cache_len = None
+
+    def kv_cache_elements_per_token(self) -> int:
+        """Numbers cached per token, summed over layers: 2 n_kv d_h per GQA layer, r_kv + d_r per MLA layer."""
+        return sum(block.self_attn.cache_elements_per_token() for block in self.model.layers)
+
+    def kv_cache_bytes(self, batch_size, seq_len, dtype=torch.bfloat16) -> int:
+        return self.kv_cache_elements_per_token() * batch_size * seq_len * torch.empty((), dtype=dtype).element_size()
+
+    def allocated_cache_bytes(self) -> int:
+        """Bytes actually held by the allocated caches (to check kv_cache_bytes against)."""
+        return sum(b.numel() * b.element_size() for blk in self.model.layers if blk.self_attn.cache is not None
+                   for b in blk.self_attn.cache.buffers())
+
+    # --- generation ---
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None):
+        """Prefill the prompt idx (B, T0), then decode one token at a time from the caches. temperature 0 is greedy.
+        Rows that emit eos_id keep emitting it; decoding stops once every row has. Returns (B, T0 + n) ids."""
+        B, T0 = idx.shape
+        if T0 + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt {T0} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        self.setup_caches(B, T0 + max_new_tokens)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        pos = torch.arange(T0, device=idx.device)
+        logits = self(idx, input_pos=pos)[:, -1]                                  # prefill, (B, V)
+        out = [idx]
+        for t in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k)                               # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            out.append(nxt[:, None])
+            if t == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):  # the one host sync: stopping
+                break
+            logits = self(nxt[:, None], input_pos=torch.tensor([T0 + t], device=idx.device))[:, -1]
+        self.clear_caches()
+        return torch.cat(out, dim=1)
+
+    # --- checkpoints: Hugging Face folders of safetensors ---
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load an HF Llama folder (config.json + model.safetensors or a sharded index), a folder this project
+        wrote (MLA fields in config.json), or a hub id (downloaded through huggingface_hub when a hub is reachable).
+        The model is built on the meta device and the tensors assigned one by one: one copy of the weights at most."""
+        from safetensors import safe_open
+        path = _resolve_checkpoint(path)
+        with open(os.path.join(path, "config.json")) as f:
+            config = ModelConfig.from_hf(json.load(f))
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if config.tie_embeddings:
+            expected.pop("lm_head.weight")
+        files = _safetensors_files(path)
+        sd, unexpected, mis_shaped = {}, [], []
+        for fname in files:
+            with safe_open(os.path.join(path, fname), framework="pt", device=str(device)) as f:
+                for k in f.keys():
+                    if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and config.tie_embeddings):
+                        continue  # derived buffers of old checkpoints; a tied head duplicates the embedding
+                    if k not in expected:
+                        unexpected.append(k)
+                        continue
+                    t = f.get_tensor(k)
+                    if tuple(t.shape) != tuple(expected[k]):
+                        mis_shaped.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k])}")
+                        continue
+                    sd[k] = t.to(dtype)
+        missing = sorted(set(expected) - set(sd) - {m.split(':')[0] for m in mis_shaped})
+        if missing or unexpected or mis_shaped:
+            raise ValueError(f"checkpoint {path} does not match its config.json:\n"
+                             + (f"  missing tensors: {missing}\n" if missing else "")
+                             + (f"  unexpected tensors: {sorted(unexpected)}\n" if unexpected else "")
+                             + (f"  wrong shapes: {mis_shaped}\n" if mis_shaped else "")
+                             + "Fix: use the config.json that was saved with these weights.")
+        model.load_state_dict(sd, strict=False, assign=True)  # strict=False: the tied head is not in `sd`
+        if config.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model._init_rope(device)
+        return model
+
+    def save_pretrained(self, path, run_config=None, max_shard_bytes=5 * 2**30):
+        """Write config.json + safetensors (sharded with an index above max_shard_bytes) into `path`, atomically:
+        everything goes to a temporary folder beside it, which then replaces `path`. A pure Llama folder loads in
+        transformers' LlamaForCausalLM as is. `run_config` (a dict, e.g. the resolved training config) is saved as
+        run_config.json beside it."""
+        from safetensors.torch import save_file
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        try:
+            sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            if self.config.tie_embeddings:
+                sd.pop("lm_head.weight")
+            shards, cur, size = [], {}, 0
+            for k, v in sd.items():
+                nbytes = v.numel() * v.element_size()
+                if cur and size + nbytes > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[k], size = v, size + nbytes
+            shards.append(cur)
+            meta = {"format": "pt"}
+            if len(shards) == 1:
+                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, os.path.join(tmp, name), metadata=meta)
+                    weight_map.update({k: name for k in shard})
+                total = sum(v.numel() * v.element_size() for v in sd.values())
+                _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                            {"metadata": {"total_size": total}, "weight_map": weight_map})
+            hf = self.config.to_hf()
+            hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+            _write_json(os.path.join(tmp, "config.json"), hf)
+            if run_config is not None:
+                _write_json(os.path.join(tmp, "run_config.json"), run_config)
+            # swap in: the old folder (if any) is only removed once the new one is complete
+            old = None
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+                os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            if old:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def sample(logits, temperature=0.0, top_k=None):
+    """logits (B, V) -> next ids (B,). temperature 0: argmax."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _resolve_checkpoint(path):
+    """A local folder as is; otherwise a hub id, fetched by huggingface_hub (config, safetensors, tokenizer)."""
+    path = str(path)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise FileNotFoundError(f"{path!r} is neither a model folder nor a hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "original/tokenizer.model"])
+
+
+def _safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors are read, never pickled .bin files)")
+
+
+def load_vocab_decoder(path):
+    """A decode function for a model folder: its Llama 3 tokenizer (original/tokenizer.model), or the
+    SentencePiece-style id -> piece table of llama2.c models (tokenizer_tok512.json, as stories260K ships)."""
+    tm = os.path.join(path, "original", "tokenizer.model")
+    if os.path.exists(tm):
+        from tokenizer import Tokenizer
+        return Tokenizer.llama3(tm).decode
+    table = os.path.join(path, "tokenizer_tok512.json")
+    if os.path.exists(table):
+        with open(table) as f:
+            pieces = [p for p, _ in json.load(f)["pieces"]]
+        return lambda ids: "".join(pieces[i] for i in ids).replace("\u2581", " ")
+    return lambda ids: str(list(ids))
+
+
+if __name__ == "__main__":
+    # python model.py [PATH_OR_HUB_ID] [--key=value ...]: greedy (or sampled) text from BOS
+    from configurator import configure
+    init_from = "tests/fixtures/stories260K"
+    device = "cpu"
+    dtype = "float32"
+    max_new_tokens = 60
+    temperature = 0.0
+    top_k = None
+    seed = 1337
+    _argv = sys.argv[1:]
+    if _argv and not _argv[0].startswith("--"):  # a bare first argument is the checkpoint
+        init_from, _argv = _argv[0], _argv[1:]
+    configure(globals(), _argv)
+    torch.manual_seed(seed)
+    m = Transformer.from_pretrained(init_from, dtype=getattr(torch, dtype), device=device).eval()
+    start = torch.tensor([[m.config.bos_id]], device=device)
+    out = m.generate(start, max_new_tokens, temperature=temperature, top_k=top_k)
+    print(load_vocab_decoder(_resolve_checkpoint(init_from))(out[0, 1:].tolist()))
+    print(f"KV cache: {m.kv_cache_elements_per_token()} numbers per token over {m.config.n_layers} layers")

@@ -1,0 +1,45 @@
+"""configurator.py: config file then --key=value, clear errors for unknown keys and wrong types."""
+import pytest
+
+from configurator import configure
+
+
+def settings():
+    return dict(lr=1e-3, batch_size=8, compile=False, out_dir="out", mla_layers=[0, 1], q_energy=None,
+                _private=3, os=pytest)  # the last two are not settings
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "cfg.py"
+    f.write_text("import math\nlr = 3e-4\nbatch_size = 4\nmla_layers = (1, 3)\n_tmp = math.pi\n")
+    ns = settings()
+    cfg = configure(ns, [str(f), "--batch_size=16", "--compile=True", "--out_dir=runs/a", "--q_energy=0.95",
+                         "--lr=1"])
+    assert cfg == dict(lr=1.0, batch_size=16, compile=True, out_dir="runs/a", mla_layers=[1, 3], q_energy=0.95)
+    assert ns["batch_size"] == 16 and isinstance(ns["lr"], float)
+
+
+def test_unknown_key_lists_valid(tmp_path):
+    with pytest.raises(KeyError, match="unknown setting 'batchsize'.*Valid settings: .*batch_size"):
+        configure(settings(), ["--batchsize=3"])
+    f = tmp_path / "cfg.py"
+    f.write_text("learning_rate = 1.0\n")
+    with pytest.raises(KeyError, match="cfg.py: unknown setting 'learning_rate'"):
+        configure(settings(), [str(f)])
+
+
+@pytest.mark.parametrize("arg,msg", [("--batch_size=2.5", "batch_size takes a int"),
+                                     ("--compile=1", "compile takes a bool"),
+                                     ("--lr=True", "lr takes a float"),
+                                     ("--mla_layers=3", "mla_layers takes a list")])
+def test_wrong_types(arg, msg):
+    with pytest.raises(TypeError, match=msg):
+        configure(settings(), [arg])
+
+
+def test_strings_and_malformed():
+    assert configure(settings(), ["--out_dir=123"])["out_dir"] == "123"
+    with pytest.raises(ValueError, match="--key=value"):
+        configure(settings(), ["--compile"])
+    with pytest.raises(FileNotFoundError, match="config file"):
+        configure(settings(), ["nope.py"])
