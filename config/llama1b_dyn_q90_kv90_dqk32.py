@@ -1,0 +1,9 @@
+# Table 7: Llama-3.2-1B-Instruct, SVD dynamic delta_q 0.9, delta_kv 0.9, d_qk = d_r = 32
+# python svd_init.py config/llama1b_dyn_q90_kv90_dqk32.py --out_dir=out/llama1b_dyn_q90_kv90_dqk32
+init_from = 'meta-llama/Llama-3.2-1B-Instruct'
+mla_layers = None
+q_energy = 0.9
+kv_energy = 0.9
+qk_nope_dim = 32
+qk_rope_dim = 32
+init = 'svd'

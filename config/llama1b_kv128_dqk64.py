@@ -1,0 +1,11 @@
+# Table 6: Llama-3.2-1B-Instruct, r_q 864, r_kv 128, d_qk = d_r = 64 = d_h (the two slices are the whole head
+# each: allow_qk_overlap), KV 18.8%
+# python svd_init.py config/llama1b_kv128_dqk64.py --out_dir=out/llama1b_kv128_dqk64
+init_from = 'meta-llama/Llama-3.2-1B-Instruct'
+mla_layers = None
+q_rank = 864
+kv_rank = 128
+qk_nope_dim = 64
+qk_rope_dim = 64
+init = 'svd'
+allow_qk_overlap = True

@@ -1,0 +1,9 @@
+# Tables 2, 6: Llama-3.2-1B-Instruct, r_q 1184, r_kv 256, d_qk = d_r = 32, KV 28.1%
+# python svd_init.py config/llama1b_kv256.py --out_dir=out/llama1b_kv256
+init_from = 'meta-llama/Llama-3.2-1B-Instruct'
+mla_layers = None
+q_rank = 1184
+kv_rank = 256
+qk_nope_dim = 32
+qk_rope_dim = 32
+init = 'svd'

@@ -1,0 +1,11 @@
+# Table 6: Llama-3.2-1B-Instruct, r_q 480, r_kv 512, d_qk = d_r = 64 = d_h (the two slices are the whole head
+# each: allow_qk_overlap), KV 56.3%
+# python svd_init.py config/llama1b_kv512_dqk64.py --out_dir=out/llama1b_kv512_dqk64
+init_from = 'meta-llama/Llama-3.2-1B-Instruct'
+mla_layers = None
+q_rank = 480
+kv_rank = 512
+qk_nope_dim = 64
+qk_rope_dim = 64
+init = 'svd'
+allow_qk_overlap = True

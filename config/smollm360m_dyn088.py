@@ -1,0 +1,9 @@
+# Table 1: SmolLM-360M, SVD dynamic delta_kv 0.88, KV 49.3%. delta_q is not given; we use delta_q = delta_kv
+# python svd_init.py config/smollm360m_dyn088.py --out_dir=out/smollm360m_dyn088
+init_from = 'HuggingFaceTB/SmolLM-360M-Instruct'
+mla_layers = None
+q_energy = 0.88
+kv_energy = 0.88
+qk_nope_dim = 32
+qk_rope_dim = 32
+init = 'svd'

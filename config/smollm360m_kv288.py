@@ -1,0 +1,10 @@
+# Table 1: SmolLM-360M, SVD fixed r_kv 288, KV 50%. r_q is not given in the paper; chosen so the attention keeps
+# the source's parameter count (our choice)
+# python svd_init.py config/smollm360m_kv288.py --out_dir=out/smollm360m_kv288
+init_from = 'HuggingFaceTB/SmolLM-360M-Instruct'
+mla_layers = None
+q_rank = 424
+kv_rank = 288
+qk_nope_dim = 32
+qk_rope_dim = 32
+init = 'svd'
