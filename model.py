@@ -615,6 +615,19 @@ def _resolve_checkpoint(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "original/tokenizer.model"])
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "original/tokenizer.model", "tokenizer_tok512.json")
+
+
+def copy_tokenizer_files(src, dst):
+    """Carry a model folder's tokenizer (and generation config) over to a derived folder, so it stays usable."""
+    src = _resolve_checkpoint(src)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
 def _safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -637,7 +650,10 @@ def load_vocab_decoder(path):
     if os.path.exists(table):
         with open(table) as f:
             pieces = [p for p, _ in json.load(f)["pieces"]]
-        return lambda ids: "".join(pieces[i] for i in ids).replace("\u2581", " ")
+        # byte-fallback pieces <0xNN> are raw bytes; U+2581 marks a space
+        raw = [bytes([int(p[3:5], 16)]) if p.startswith("<0x") and len(p) == 6 else p.replace("\u2581", " ").encode()
+               for p in pieces]
+        return lambda ids: b"".join(raw[i] for i in ids).decode("utf-8", errors="replace")
     return lambda ids: str(list(ids))
 
 

@@ -36,7 +36,6 @@ Choices where the paper is silent or ambiguous (each said again where it is made
       SVD in structure only, at any model size.
 """
 import ast
-import math
 import os
 import resource
 import sys
@@ -44,7 +43,7 @@ import time
 
 import torch
 
-from model import MLAttention, ModelConfig, Transformer
+from model import ModelConfig, Transformer, copy_tokenizer_files
 
 
 # -----------------------------------------------------------------------------
@@ -118,11 +117,13 @@ def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm=False) -> M
 @torch.no_grad()
 def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
             qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm=False, allow_qk_overlap=False, seed=0,
-            report=None) -> Transformer:
+            report=None, copy=True) -> Transformer:
     """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
-    every other tensor is copied (cloned: training the result never touches `model`). Fixed ranks (q_rank, kv_rank)
-    or dynamic ones (q_energy, kv_energy: delta in (0, 1]). d_qk, d_r default to d_h / 2 each. If `report` is a
-    list, one dict per converted layer is appended (ranks, energy kept, parameters, cache per token)."""
+    every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
+    `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
+    Fixed ranks (q_rank, kv_rank) or dynamic ones (q_energy, kv_energy: delta in (0, 1]); d_qk, d_r default to
+    d_h / 2 each. If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters,
+    cache per token)."""
     cfg = model.config
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
@@ -140,8 +141,9 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         W_V = src[p + "v_proj.weight"].T            # (d, n_kv d_h)
         out_dtype = W_Q.dtype
         U_q, S_q, Vh_q = _svd(W_Q)                               # (d, m), (m,), (m, H d_h)
-        U_kv, S_kv, Vh_kv = _svd(torch.cat([W_K, W_V], dim=1))  # un-repeated: (d, m'), (m',), (m', 2 n_kv d_h)
-        S_kv = S_kv * math.sqrt(g)                               # the singular values of the repeated matrix
+        # un-repeated: (d, m'), (m',), (m', 2 n_kv d_h). The repeated matrix has the same U and singular values
+        # sqrt(g) S_kv: no energy fraction changes, and its S V^T is this S V^T with each head's columns repeated
+        U_kv, S_kv, Vh_kv = _svd(torch.cat([W_K, W_V], dim=1))
         r_q = q_rank if q_rank is not None else energy_rank(S_q, q_energy)
         r_kv = kv_rank if kv_rank is not None else energy_rank(S_kv, kv_energy)
         ranks[i] = (r_q, r_kv)
@@ -150,7 +152,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         W_UQ = W_UQR[:, :, :d_qk].reshape(r_q, H * d_qk)
         W_QR = W_UQR[:, :, d_h - d_r:].reshape(r_q, H * d_r)            # the LAST d_r dims, literally (eq. 9)
         W_DKV = U_kv[:, :r_kv]                                          # (d, r_kv)
-        W_UKV = (S_kv[:r_kv, None] / math.sqrt(g)) * Vh_kv[:r_kv]       # (r_kv, 2 n_kv d_h): S_rep V_repᵀ, un-repeated
+        W_UKV = S_kv[:r_kv, None] * Vh_kv[:r_kv]                        # (r_kv, 2 n_kv d_h), heads not yet repeated
         W_UK = W_UKV[:, :n_kv * d_h].view(r_kv, n_kv, 1, d_h).expand(r_kv, n_kv, g, d_h)  # KV head j -> heads j*g..
         W_UK = W_UK.reshape(r_kv, H, d_h)[:, :, :d_qk].reshape(r_kv, H * d_qk)           # first d_qk dims (eq. 11)
         W_UV = W_UKV[:, n_kv * d_h:].view(r_kv, n_kv, 1, d_h).expand(r_kv, n_kv, g, d_h).reshape(r_kv, H * d_h)
@@ -160,7 +162,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             if init == "random":  # same shape and RMS as the SVD factor it replaces: only the structure differs
                 W = torch.randn(W.shape, generator=gen).to(W.device) * W.float().pow(2).mean().sqrt()
             new_sd[p + name + ".weight"] = W.T.contiguous().to(out_dtype)  # nn.Linear holds (out, in)
-        new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone()
+        new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
         if latent_norm:
             new_sd[p + "q_norm.weight"] = torch.ones(r_q, dtype=out_dtype, device=W_Q.device)
             new_sd[p + "kv_norm.weight"] = torch.ones(r_kv, dtype=out_dtype, device=W_Q.device)
@@ -176,7 +178,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     converted = tuple(f"model.layers.{i}.self_attn." for i in layers)
     for k, v in src.items():                  # everything that is not a converted attention is copied as is
         if not k.startswith(converted) and not (k == "lm_head.weight" and cfg.tie_embeddings):
-            new_sd[k] = v.clone()
+            new_sd[k] = v.clone() if copy else v
     student.load_state_dict(new_sd, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         student.lm_head.weight = student.model.embed_tokens.weight
@@ -269,7 +271,8 @@ def bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    student = upcycle(src, q_rank=q_rank, kv_rank=kv_rank, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim)
+    student = upcycle(src, q_rank=q_rank, kv_rank=kv_rank, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim,
+                      copy=False)  # as the command line converts: no second copy of the untouched weights
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.time() - t0
@@ -322,7 +325,8 @@ if __name__ == "__main__":
     t0 = time.time()
     student = upcycle(teacher, mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy,
                       kv_energy=kv_energy, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init,
-                      latent_norm=latent_norm, allow_qk_overlap=allow_qk_overlap, seed=seed, report=report).eval()
+                      latent_norm=latent_norm, allow_qk_overlap=allow_qk_overlap, seed=seed, report=report,
+                      copy=False).eval()  # the teacher's untouched tensors are shared, not duplicated
     print(f"upcycled {init_from} in {time.time() - t0:.1f} s ({init} init)")
     print_table(report, teacher.config, student)
     if teacher.config.vocab_size <= 1024 and teacher.config.bos_id is not None:  # tiny model: measure it right away
@@ -331,4 +335,6 @@ if __name__ == "__main__":
         print(f"KL(teacher||student) at init: {kl:.3f} nats/token on 8 x 128 teacher-sampled tokens "
               f"(teacher entropy {ent:.3f})")
     student.save_pretrained(out_dir, run_config=config)
-    print(f"saved {out_dir} (config.json, model.safetensors, run_config.json)")
+    copy_tokenizer_files(init_from, out_dir)
+    print(f"saved {out_dir} (config.json, safetensors, run_config.json, the source's tokenizer files); "
+          f"sample from it with: python model.py {out_dir}")

@@ -110,6 +110,8 @@ def test_hybrid_changes_only_listed_layers(stories):
     with torch.no_grad():
         student.model.layers[0].mlp.up_proj.weight.add_(1.0)
     assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, stories.model.layers[0].mlp.up_proj.weight)
+    shared = upcycle(stories, mla_layers=[1, 3], q_rank=32, kv_rank=16, copy=False)   # convert-and-save mode
+    assert shared.model.layers[0].mlp.up_proj.weight.data_ptr() == stories.model.layers[0].mlp.up_proj.weight.data_ptr()
     # a second pass converts more layers of the hybrid and keeps the first ones' ranks
     more = upcycle(student, mla_layers=[0], q_rank=8, kv_rank=4)
     assert more.config.mla_layers == (0, 1, 3) and more.config.kv_rank == (4, 16, 16)
@@ -213,6 +215,6 @@ def test_command_line(tmp_path):
     assert "18.75%" in r.stdout and "KL(teacher||student) at init" in r.stdout
     m = Transformer.from_pretrained(out)
     assert m.config.kv_rank == (8,) * 5 and m.kv_cache_elements_per_token() == 5 * 12
-    assert (out / "run_config.json").exists()
+    assert (out / "run_config.json").exists() and (out / "tokenizer_tok512.json").exists()
     r = subprocess.run([sys.executable, "svd_init.py", "--kv_rnak=3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "unknown setting 'kv_rnak'" in r.stderr
