@@ -1,4 +1,5 @@
-# Tables 1, 7, 8: Llama-3.2-1B-Instruct, SVD dynamic delta_q = delta_kv = 0.95, d_qk 32, KV 54.7%
+# Tables 1, 7 (its delta_q = delta_kv = 0.95, d_qk 32 row) and 8: Llama-3.2-1B-Instruct, SVD dynamic
+# delta_q = delta_kv = 0.95, d_qk = d_r = 32, KV 54.7%
 # python svd_init.py config/llama1b_dyn095.py --out_dir=out/llama1b_dyn095
 init_from = 'meta-llama/Llama-3.2-1B-Instruct'
 mla_layers = None
