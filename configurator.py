@@ -11,11 +11,18 @@ Unlike nanoGPT's exec-into-globals, unknown keys and wrong types are errors that
     - a key must already exist in the script's settings (a typo never silently does nothing);
     - the value must have the default's type: bool stays bool, int stays int, a float setting also takes an int,
       list/tuple settings take a list or tuple, and a setting whose default is None takes anything.
+A config file describes a run of the whole pipeline, so one file can serve several scripts
+(`python svd_init.py config/llama1b_kv64.py`, `torchrun distill.py config/llama1b_kv64.py`): a key in a FILE that this
+script lacks but another of the project's scripts has (svd_init.py, distill.py, dpo.py, evaluate.py) is skipped;
+a key no script has is an error. On the command line every key must be this script's.
 Values after `=` are Python literals (`--lr=3e-4`, `--mla_layers=[1,3,5]`, `--init_from=None`); anything that is not
 a literal is taken as a string (`--out_dir=out/run1`).
 """
 import ast
+import os
 import sys
+
+PIPELINE_SCRIPTS = ("svd_init.py", "distill.py", "dpo.py", "evaluate.py")
 
 _SETTING_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 
@@ -28,6 +35,22 @@ class UnknownSettingError(KeyError):
 def settings_of(namespace):
     """The configurable settings of a script: public module-level names bound to plain values."""
     return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES)}
+
+
+def pipeline_settings(root=os.path.dirname(os.path.abspath(__file__))):
+    """Names the project's scripts define as settings: their module-level assignments, and those directly inside
+    an `if __name__ == "__main__":` block (read with ast, nothing is run)."""
+    names = set()
+    for script in PIPELINE_SCRIPTS:
+        path = os.path.join(root, script)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        body = list(tree.body)
+        body += [n for node in tree.body if isinstance(node, ast.If) for n in node.body]
+        names |= {t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    return names
 
 
 def _check(key, value, default, source):
@@ -71,8 +94,12 @@ def configure(namespace, argv=None):
                     exec(compile(f.read(), arg, "exec"), scope)
             except FileNotFoundError:
                 raise FileNotFoundError(f"config file {arg!r} not found (settings are --key=value; files are paths)")
+            others = None
             for key, value in settings_of(scope).items():
                 if key not in defaults:
+                    others = pipeline_settings() if others is None else others
+                    if key in others:
+                        continue  # another script's setting (e.g. distill.py's lr in a file svd_init.py reads)
                     raise _unknown(key, defaults, arg)
                 namespace[key] = _check(key, value, defaults[key], arg)
         else:

@@ -424,13 +424,24 @@ class Transformer(nn.Module):
             mask = torch.arange(self.cache_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, S)
         x = self.model.embed_tokens(idx)                                           # (B, T, d)
         for block in self.model.layers:
-            x = block(x, rope, input_pos, mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; recompute its activations in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, input_pos, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, input_pos, mask)
         return self.model.norm(x)
 
-    def forward(self, idx, targets=None, input_pos=None):
+    activation_checkpointing = False
+
+    def forward(self, idx, targets=None, input_pos=None, head_fn=None):
         """idx (B, T) -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (targets == -100 ignored)
-        and the return value is (logits, loss)."""
-        logits = self.lm_head(self.forward_hidden(idx, input_pos))
+        and the return value is (logits, loss). With head_fn, returns head_fn(hidden (B, T, d), lm_head.weight)
+        instead of logits: the training losses run there (kernels.linear_kl) because under FSDP the head's weight
+        is only gathered while the model's forward runs."""
+        h = self.forward_hidden(idx, input_pos)
+        if head_fn is not None:
+            return head_fn(h, self.lm_head.weight)
+        logits = self.lm_head(h)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -43,3 +43,15 @@ def test_strings_and_malformed():
         configure(settings(), ["--compile"])
     with pytest.raises(FileNotFoundError, match="config file"):
         configure(settings(), ["nope.py"])
+
+
+def test_a_file_may_hold_other_scripts_settings(tmp_path):
+    """config/llama1b_kv64.py serves svd_init.py and distill.py: distill's keys are skipped by svd_init, typos not."""
+    f = tmp_path / "cfg.py"
+    f.write_text("batch_size = 2\nkl_weight = 1.0\ntokens_per_step = 4096\n")   # kl_weight etc. are distill.py's
+    assert configure(settings(), [str(f)])["batch_size"] == 2
+    f.write_text("kl_wieght = 1.0\n")
+    with pytest.raises(KeyError, match="unknown setting 'kl_wieght'"):
+        configure(settings(), [str(f)])
+    with pytest.raises(KeyError, match="unknown setting 'kl_weight'"):             # the command line is strict
+        configure(settings(), ["--kl_weight=1.0"])

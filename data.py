@@ -1,0 +1,274 @@
+"""
+Training data, nanoGPT-style: rows from Hugging Face `datasets` ids or local files are normalised to chat messages
+(or plain text), rendered with the Llama 3 chat template, tokenised ONCE into memory-mapped token files, and served
+as packed fixed-length sequences, each rank its own slice of a deterministic shuffle.
+
+    python data.py assets/data/sft/alpaca_en_demo.json --tokenizer=bytes     # build the cache, print statistics
+
+Its own file because distill.py (SFT mix) and the tiny teacher's pre-training both read through it.
+
+Row shapes understood (anything else is counted as malformed and skipped, never a crash):
+    {"messages": [{"role", "content"}, ...]}                      OpenAI / HF chat (sftdatasetv3, GenQA, ...)
+    {"conversations": [{"from": "human"|"gpt"|"system", "value"}]} ShareGPT (OpenHermes-2.5, Infinity-Instruct)
+    {"instruction", "input", "output"}                            Alpaca
+    {"instruction", "instances": [{"input", "output"}, ...]}      self-instruct (one conversation per instance)
+    {"prompt", "response" | "completion"}                         prompt/response pairs
+    {"text": "..."}  and .txt files                               plain text (pre-training)
+Packing: every document starts with BOS (the chat template's <|begin_of_text|>) and is followed by EOS
+(<|end_of_text|>); documents are concatenated and cut into sequences of seq_len + 1 tokens (inputs, shifted targets).
+Attention is not masked at document boundaries (the student and its teacher see the same packed context, so the
+KL target is still exact; the cost is some attention across unrelated documents).
+"""
+import gzip
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from tokenizer import Tokenizer
+
+# The paper's SFT mix on the hub: name -> (dataset id, config, splits)
+HUB_SETS = {
+    "openhermes": ("teknium/OpenHermes-2.5", None, ["train"]),
+    "genqa": ("tomg-group-umd/GenQA", None, ["academic", "code", "dialog", "general", "math", "mmlu",
+                                             "multiple_choice", "task", "writing"]),
+    "infinity_instruct": ("BAAI/Infinity-Instruct", "7M", ["train"]),
+    "sftdatasetv3": ("JunxiongWang/sftdatasetv3", None, ["train"]),  # the three above, prepared by MambaInLlama
+}
+CACHE_VERSION = 2  # bump when tokenisation or packing changes: old caches are then rebuilt, never reused
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system"}
+
+
+# -----------------------------------------------------------------------------
+# Reading rows
+
+
+def iter_rows(source):
+    """Rows of a source: a local .json / .jsonl(.gz) / .txt / .parquet file, a HUB_SETS name, or a hub id written
+    "org/name[:config][@split]" (all splits of HUB_SETS entries; "train" for bare ids)."""
+    if os.path.exists(source):
+        yield from _iter_file(source)
+        return
+    import datasets
+    if source in HUB_SETS:
+        hub_id, config, splits = HUB_SETS[source]
+    else:
+        if source.count("/") != 1 and ":" not in source and "@" not in source:
+            raise FileNotFoundError(f"data source {source!r} is neither a file, a known set "
+                                    f"({', '.join(HUB_SETS)}) nor a hub id 'org/name[:config][@split]'")
+        hub_id, _, split = source.partition("@")
+        hub_id, _, config = hub_id.partition(":")
+        config, splits = config or None, [split or "train"]
+    for split in splits:
+        yield from datasets.load_dataset(hub_id, config, split=split)
+
+
+def _iter_file(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    base = path[:-3] if path.endswith(".gz") else path
+    if base.endswith(".txt"):
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield from ({"text": t} for t in _text_documents(f.read()))
+    elif base.endswith(".jsonl"):
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        yield None  # counted as malformed
+    elif base.endswith(".json"):
+        with opener(path, "rt", encoding="utf-8") as f:
+            obj = json.load(f)
+        yield from (obj if isinstance(obj, list) else next(v for v in obj.values() if isinstance(v, list)))
+    elif base.endswith(".parquet"):
+        import datasets
+        yield from datasets.load_dataset("parquet", data_files=path, split="train")
+    else:
+        raise ValueError(f"{path}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
+
+
+def _text_documents(text, max_chars=4000):
+    """A long plain text cut into documents of at most ~max_chars, at line breaks (a blank line ends a document
+    once it holds half of max_chars, so paragraphs stay whole where the text has them)."""
+    docs, cur = [], []
+    size = 0
+    lines = []
+    for line in text.split("\n"):  # a line longer than max_chars (a whole article) is cut at sentence ends
+        while len(line) > max_chars:
+            cut = line.rfind(". ", 0, max_chars) + 1 or max_chars
+            lines.append(line[:cut])
+            line = line[cut:].lstrip()
+        lines.append(line)
+    for line in lines:
+        if cur and (size + len(line) > max_chars or (not line.strip() and size > max_chars // 2)):
+            docs.append("\n".join(cur).strip())
+            cur, size = [], 0
+        cur.append(line)
+        size += len(line) + 1
+    docs.append("\n".join(cur).strip())
+    return [t for t in docs if t]
+
+
+def to_documents(row):
+    """A row -> a list of documents, each a list of {role, content} messages or a plain string.
+    [] means malformed (no assistant reply, unknown roles, wrong types)."""
+    if not isinstance(row, dict):
+        return []
+    try:
+        if isinstance(row.get("messages"), list) or isinstance(row.get("conversations"), list):
+            turns = row.get("messages") if isinstance(row.get("messages"), list) else row["conversations"]
+            msgs = []
+            for t in turns:
+                role = ROLES.get(str(t.get("role", t.get("from", ""))).lower())
+                content = t.get("content", t.get("value"))
+                if role is None or not isinstance(content, str):
+                    return []
+                msgs.append({"role": role, "content": content})
+            return [msgs] if _has_reply(msgs) else []
+        if "instances" in row and isinstance(row.get("instruction"), str):
+            return [d for inst in row["instances"] for d in to_documents({"instruction": row["instruction"], **inst})]
+        if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+            user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+            return [msgs] if _has_reply(msgs) else []
+        if isinstance(row.get("prompt"), str):
+            reply = row.get("response", row.get("completion"))
+            msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": reply}]
+            return [msgs] if isinstance(reply, str) and _has_reply(msgs) else []
+        if isinstance(row.get("text"), str) and row["text"].strip():
+            return [row["text"]]
+    except (AttributeError, TypeError):
+        pass
+    return []
+
+
+def _has_reply(msgs):
+    return any(m["role"] == "assistant" and m["content"].strip() for m in msgs)
+
+
+def tokenize_document(tok: Tokenizer, doc):
+    """-> (ids, assistant_mask) starting with BOS; plain text has every token marked."""
+    if isinstance(doc, str):
+        ids = tok.encode(doc, bos=True)
+        return ids, [1] * len(ids)
+    return tok.render_chat(doc)
+
+
+# -----------------------------------------------------------------------------
+# The token cache: tokenise once, memory-map afterwards
+
+
+def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
+    """Tokenise `sources` into cache_dir/<hash>/{train,val}.bin (+ _mask.bin) and meta.json; reuse it if it exists.
+    Document k goes to the held-out split when k % val_every == val_every - 1. Written to a temporary folder that
+    is renamed into place, so an interrupted build is never mistaken for a finished one. Returns the folder."""
+    tok = Tokenizer.from_name(tokenizer)
+    stamp = [(s, os.path.getsize(s), os.path.getmtime(s)) if os.path.exists(s) else (s,) for s in sources]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, stamp, tokenizer, val_every]).encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir, key)
+    if os.path.exists(os.path.join(out, "meta.json")):
+        return out
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    streams = {"train": ([], []), "val": ([], [])}
+    n_docs = n_bad = n_rows = 0
+    per_source = {}
+    for src in sources:
+        good = bad = 0
+        for row in iter_rows(src):
+            n_rows += 1
+            docs = to_documents(row)
+            if not docs:
+                bad += 1
+                continue
+            for doc in docs:
+                ids, mask = tokenize_document(tok, doc)
+                split = "val" if n_docs % val_every == val_every - 1 else "train"
+                streams[split][0].append(np.asarray(ids + [tok.eos_id], dtype=dtype))
+                streams[split][1].append(np.asarray(mask + [0], dtype=np.uint8))
+                n_docs += 1
+                good += 1
+        per_source[src] = {"documents": good, "malformed_rows": bad}
+        n_bad += bad
+        log(f"data: {src}: {good} documents, {bad} malformed rows skipped")
+    if n_docs == 0:
+        raise ValueError(f"no usable documents in {sources} ({n_rows} rows read, {n_bad} malformed): check the "
+                         "paths and the row format (see data.py's docstring for the shapes understood)")
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = out + f".tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    meta = {"sources": sources, "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "documents": n_docs, "malformed_rows": n_bad, "per_source": per_source, "val_every": val_every}
+    for split, (ids, masks) in streams.items():
+        ids = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+        masks = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
+        ids.tofile(os.path.join(tmp, f"{split}.bin"))
+        masks.tofile(os.path.join(tmp, f"{split}_mask.bin"))
+        meta[f"{split}_tokens"] = int(len(ids))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same cache first: theirs is as good
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class PackedData:
+    """Packed sequences of one split of a token cache. Sequence i covers tokens [i T, (i + 1) T + 1): inputs are
+    its first T tokens, targets the last T. The order of the train split is a permutation by (seed, epoch); the
+    batch of (step, micro-step, rank) is a pure function of them, so resuming at a step needs no data state."""
+
+    def __init__(self, cache, split, seq_len, loss_on="all"):
+        with open(os.path.join(cache, "meta.json")) as f:
+            self.meta = json.load(f)
+        dtype = np.dtype(self.meta["dtype"])
+        n = self.meta[f"{split}_tokens"]
+        self.tokens = np.memmap(os.path.join(cache, f"{split}.bin"), dtype=dtype, mode="r", shape=(n,)) if n else None
+        self.mask = np.memmap(os.path.join(cache, f"{split}_mask.bin"), dtype=np.uint8, mode="r", shape=(n,)) if n else None
+        if loss_on not in ("all", "assistant"):
+            raise ValueError(f"loss_on={loss_on!r}: use 'all' (every token, as the paper) or 'assistant'")
+        self.seq_len, self.loss_on = seq_len, loss_on
+        self.n_seq = max(0, (n - 1) // seq_len)
+        if self.n_seq == 0:
+            raise ValueError(f"the {split} split has {n} tokens: not one sequence of seq_len {seq_len} + 1. "
+                             "Add data, lower seq_len, or (for val) lower val_every")
+
+    def get(self, indices):
+        """-> x (B, T) int64 inputs, y (B, T) int64 targets (-100 where the loss is off)."""
+        T = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[i * T:(i + 1) * T + 1], dtype=np.int64) for i in indices])
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        if self.loss_on == "assistant":
+            m = np.stack([np.asarray(self.mask[i * T + 1:(i + 1) * T + 1]) for i in indices])
+            y[torch.from_numpy(m == 0)] = -100
+        return x, y
+
+    def order(self, epoch, seed):
+        return np.random.default_rng([seed, epoch]).permutation(self.n_seq)
+
+    def batch_indices(self, step, micro, rank, world, micro_batch, accum, seed):
+        """Sequence ids of (step, micro-step, rank): consecutive slices of the global order, wrapping epochs.
+        A step covers the same sequences for any split of accum x world, so 1 and N processes agree."""
+        start = ((step * accum + micro) * world + rank) * micro_batch
+        ids = []
+        for p in range(start, start + micro_batch):
+            epoch, i = divmod(p, self.n_seq)
+            if getattr(self, "_order", (None,))[0] != (epoch, seed):
+                self._order = ((epoch, seed), self.order(epoch, seed))
+            ids.append(int(self._order[1][i]))
+        return ids
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    cache = build_cache(args or ["assets/data/sft/alpaca_en_demo.json"], opts.get("tokenizer", "bytes"),
+                        opts.get("cache_dir", "out/data_cache"))
+    print(cache)
+    print(open(os.path.join(cache, "meta.json")).read())

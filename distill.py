@@ -1,0 +1,272 @@
+"""
+End-to-end distillation of an upcycled MLA student from a frozen teacher (X-EcoMLA §4.2): minimise
+KL(teacher || student) per token over every token of an SFT chat mix (+ an optional CE term).
+
+    python distill.py config/tiny_kv8.py                                          # CPU, a world of one
+    torchrun --standalone --nproc_per_node=2 distill.py config/tiny_kv8.py        # CPU, 2 processes (gloo)
+    torchrun --standalone --nproc_per_node=8 distill.py config/llama1b_kv64.py    # one 8-GPU node (NCCL)
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        distill.py config/llama1b_kv64.py                                         # 4 nodes (same command on each)
+    python distill.py config/tiny_kv8.py --resume=True                            # continue from the last checkpoint
+
+The same script pre-trains the tiny CPU teacher with CE only (config/tiny_teacher.py: init_from="scratch",
+kl_weight=0, ce_weight=1). Settings below; a config file, then --key=value, overrides them (configurator.py).
+"""
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from configurator import configure
+from data import PackedData, build_cache
+from kernels import linear_kl
+from model import ModelConfig, Transformer, copy_tokenizer_files
+from svd_init import upcycle
+from trainer import (RunLog, barrier, export_model, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
+                     make_optimizer, peak_memory_gib, save_checkpoint, shard)
+
+# -----------------------------------------------------------------------------
+# settings
+# student: upcycled from init_from with the MLA settings below, or loaded ready-made from student_from
+init_from = "assets/models/tiny_teacher"   # HF Llama folder / hub id the student is built from; "scratch": random
+student_from = ""          # an already converted (MLA) folder: skips upcycling
+model_config = {}          # ModelConfig fields for init_from="scratch"
+mla_layers = None          # MLA settings as in svd_init.py; all None: no conversion (plain fine-tuning)
+q_rank = None
+kv_rank = None
+q_energy = None
+kv_energy = None
+qk_nope_dim = None
+qk_rope_dim = None
+init = "svd"
+latent_norm = False
+allow_qk_overlap = False
+# teacher: any Llama with the same vocabulary; "" = init_from (self-distillation)
+teacher = ""
+# loss: kl_weight KL(teacher || student) + ce_weight CE, averaged over the target tokens
+kl_weight = 1.0
+ce_weight = 0.0
+kl_chunk = 1024            # tokens per chunk of the chunked loss (kernels.linear_kl)
+loss_on = "all"            # "all" tokens (the paper) or "assistant" tokens only
+# data
+sft_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
+            "assets/data/sft/fastchat_dummy_conversation.json"]
+tokenizer = "bytes"        # "llama3" (Llama 3 models), "bytes" (the tiny byte-level models) or a tokenizer.model path
+data_cache = "out/data_cache"
+val_every = 50             # every 50th document is held out
+seq_len = 256
+# optimisation
+tokens_per_step = 16384    # global batch in tokens; gradient accumulation is derived from it
+micro_batch = 8            # sequences per micro-batch per process
+max_steps = -1             # -1: `epochs` passes over the training split
+epochs = 1.0
+lr = 1e-3
+min_lr_ratio = 0.1         # cosine decays to lr * min_lr_ratio
+warmup_frac = 0.01
+betas = (0.9, 0.98)
+weight_decay = 0.0
+grad_clip = 1.0
+# system
+device = "auto"            # "cuda", "cpu" or "auto"
+dtype = "auto"             # compute dtype: "bfloat16" on GPU, "float32" on CPU when "auto"
+compile = False            # torch.compile each block
+activation_checkpointing = False
+seed = 1337
+# output
+out_dir = "out/distill"
+export_dtype = "float32"   # dtype of the exported final model
+log_every = 10
+eval_every = 100
+eval_batches = 8
+ckpt_every = 200
+keep_ckpts = 2
+resume = False
+debug_kill_at_step = -1    # tests only: SIGKILL this process right after that step's optimizer update
+debug_kill_in_save = -1    # tests only: SIGKILL mid-way through that step's checkpoint save
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+d = init_distributed(device)
+torch.manual_seed(seed)
+cdtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
+          "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+mp_dtype = cdtype if cdtype != torch.float32 else None  # FSDP2 mixed precision: fp32 master weights, bf16 compute
+log = RunLog(out_dir, d, "distill")
+log.print(f"world {d.world} on {d.device}, compute {cdtype}; settings: {config}")
+
+# --- data: rank 0 tokenises once into the cache; the others wait, then memory-map it
+if d.master:
+    build_cache(sft_data, tokenizer, data_cache, val_every, log=log.print)
+barrier()
+cache = build_cache(sft_data, tokenizer, data_cache, val_every, log=lambda *a: None)
+train_data = PackedData(cache, "train", seq_len, loss_on)
+val_data = PackedData(cache, "val", seq_len, loss_on)
+per_micro = micro_batch * seq_len * d.world
+if tokens_per_step % per_micro:
+    raise ValueError(f"tokens_per_step={tokens_per_step} must be a multiple of micro_batch x seq_len x world = "
+                     f"{micro_batch} x {seq_len} x {d.world} = {per_micro}")
+accum = tokens_per_step // per_micro
+if max_steps < 0:
+    max_steps = max(1, int(epochs * train_data.n_seq) // (micro_batch * accum * d.world))
+warmup = max(1, int(warmup_frac * max_steps))
+log.print(f"data: {train_data.n_seq} train / {val_data.n_seq} held-out sequences of {seq_len}; "
+          f"{tokens_per_step} tokens per step = {accum} micro-batches x {micro_batch} x {seq_len} x {d.world} ranks; "
+          f"{max_steps} steps")
+
+# --- models
+teacher_from = teacher or init_from
+tmodel = None
+if kl_weight > 0:
+    tmodel = Transformer.from_pretrained(teacher_from, dtype=cdtype, device=d.device).eval().requires_grad_(False)
+    shard(tmodel, d, shard_root=False)  # frozen: no optimizer state; its head stays whole for the chunked loss
+if student_from:
+    student = Transformer.from_pretrained(student_from, device=d.device)
+elif init_from == "scratch":
+    student = Transformer(ModelConfig(**model_config)).to(d.device)
+else:
+    source = Transformer.from_pretrained(init_from, device=d.device)
+    if q_rank is None and q_energy is None:
+        student = source  # no MLA settings: fine-tune the source as it is
+    else:
+        student = upcycle(source, mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy,
+                          kv_energy=kv_energy, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init,
+                          latent_norm=latent_norm, allow_qk_overlap=allow_qk_overlap, seed=seed, copy=False)
+    del source
+if tmodel is not None and tmodel.config.vocab_size != student.config.vocab_size:
+    raise ValueError(f"teacher vocabulary {tmodel.config.vocab_size} != student {student.config.vocab_size}: "
+                     "distillation compares distributions over the same tokens")
+if train_data.meta["vocab_size"] > student.config.vocab_size:
+    raise ValueError(f"tokenizer {tokenizer!r} has {train_data.meta['vocab_size']} ids but the model only "
+                     f"{student.config.vocab_size}: use the model's own tokenizer")
+kv_src = tmodel.kv_cache_elements_per_token() if tmodel is not None else None
+kv_stu = student.kv_cache_elements_per_token()
+n_params = sum(p.numel() for p in student.parameters())
+log.print(f"student: {n_params:,} parameters, {len(student.config.mla_layers)}/{student.config.n_layers} MLA layers, "
+          f"KV cache {kv_stu} numbers/token" + (f" = {100 * kv_stu / kv_src:.1f}% of the teacher's {kv_src}"
+                                                if kv_src else ""))
+student.train()
+shard(student, d, param_dtype=mp_dtype, compile=compile, checkpointing=activation_checkpointing)
+optimizer = make_optimizer(student, lr, betas, weight_decay)
+
+start_step = 0
+if resume:
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        log.print(f"resume: no complete checkpoint in {out_dir}; starting from step 0")
+    else:
+        start_step = load_checkpoint(path, student, optimizer, d)["step"]
+        log.print(f"resume: {path} (step {start_step})")
+
+
+def loss_on_batch(x, y, weight):
+    """Student forward with the chunked loss; the teacher's hidden states come first, without gradients."""
+    x, y, weight = x.to(d.device), y.to(d.device), weight.to(d.device)
+    h_t = W_t = None
+    if tmodel is not None:
+        with torch.no_grad():
+            h_t, W_t = tmodel.forward_hidden(x).flatten(0, 1), tmodel.lm_head.weight
+    return student(x, head_fn=lambda h, W: linear_kl(h.flatten(0, 1), W, h_t, W_t, y.flatten(), weight.flatten(),
+                                                     kl_weight, ce_weight, kl_chunk))
+
+
+@torch.no_grad()
+def evaluate():
+    """Held-out per-token KL(teacher || student), student CE and teacher CE, over eval_batches batches."""
+    student.eval()
+    stats = torch.zeros(4, device=d.device)
+    n = min(eval_batches, max(1, val_data.n_seq // (micro_batch * d.world)))
+    for i in range(n):
+        ids = [(((i * d.world) + d.rank) * micro_batch + j) % val_data.n_seq for j in range(micro_batch)]
+        x, y = val_data.get(ids)
+        stats += loss_on_batch(x, y, (y != -100).float())[1]
+    dist.all_reduce(stats)
+    student.train()
+    kl, ce, tce, ntok = stats.tolist()
+    return {"kl": kl / ntok, "student_ce": ce / ntok, "teacher_ce": tce / ntok if tmodel is not None else None}
+
+
+def fmt(ev):
+    if ev["teacher_ce"] is None:  # CE-only training (no teacher)
+        return f"loss {ev['student_ce']:.4f}"
+    return f"KL {ev['kl']:.4f}  student loss {ev['student_ce']:.4f}  teacher loss {ev['teacher_ce']:.4f}"
+
+
+ev0 = evaluate()
+log.print(f"held-out at step {start_step}: {fmt(ev0)}")
+log.record("eval", step=start_step, **ev0)
+
+# --- the loop
+flops_per_token = 6 * n_params + (2 * sum(p.numel() for p in tmodel.parameters()) if tmodel is not None else 0)
+stats = torch.zeros(4, device=d.device)
+grad_norm = torch.zeros((), device=d.device)
+t_last, steps_since = time.time(), 0
+for step in range(start_step, max_steps):
+    cur_lr = lr_at(step, lr, max_steps, warmup, lr * min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = cur_lr
+    batches = [train_data.get(train_data.batch_indices(step, m, d.rank, d.world, micro_batch, accum, seed))
+               for m in range(accum)]
+    # normalise by the step's global number of target tokens; x world because FSDP averages gradients over ranks
+    n_tok = torch.tensor(float(sum(int((y != -100).sum()) for _, y in batches)), device=d.device)
+    dist.all_reduce(n_tok)
+    for m, (x, y) in enumerate(batches):
+        student.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter once per step, not per micro-batch
+        loss, s = loss_on_batch(x, y, (y != -100).float() * (d.world / n_tok))
+        loss.backward()
+        stats += s
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    steps_since += 1
+    done = step + 1
+    if done == debug_kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if done % log_every == 0 or done == max_steps:
+        dist.all_reduce(stats)
+        kl, ce, _, ntok = stats.tolist()  # the one host sync per log interval
+        gn = grad_norm.item()
+        dt = time.time() - t_last
+        tok_s = steps_since * tokens_per_step / dt
+        if not (math.isfinite(kl) and math.isfinite(ce) and math.isfinite(gn)):
+            log.print(f"step {done}: non-finite loss or gradient (KL {kl}, CE {ce}, grad norm {gn}); stopping. "
+                      f"The last good checkpoint is {latest_checkpoint(out_dir)}; lower lr or check the data")
+            raise SystemExit(1)
+        mfu = ""
+        if d.device.type == "cuda":
+            mfu = f"  MFU {100 * flops_per_token * tok_s / (d.world * 989e12):.1f}% (H100 bf16 peak)"
+        eta = (max_steps - done) * dt / steps_since
+        log.print(f"step {done}/{max_steps}  loss {(kl_weight * kl + ce_weight * ce) / ntok:.4f}  KL {kl / ntok:.4f}  "
+                  f"CE {ce / ntok:.4f}  lr {cur_lr:.2e}  grad norm {gn:.3f}  {tok_s:,.0f} tok/s{mfu}  "
+                  f"peak mem {peak_memory_gib(d.device):.2f} GiB  ETA {eta / 60:.1f} min")
+        log.record("train", step=done, loss=(kl_weight * kl + ce_weight * ce) / ntok, kl=kl / ntok, ce=ce / ntok,
+                   lr=cur_lr, grad_norm=gn, tokens_per_s=tok_s, peak_mem_gib=peak_memory_gib(d.device))
+        stats.zero_()
+        t_last, steps_since = time.time(), 0
+    if done % eval_every == 0 and done != max_steps:
+        ev = evaluate()
+        log.print(f"held-out at step {done}: {fmt(ev)}")
+        log.record("eval", step=done, **ev)
+    if done % ckpt_every == 0 or done == max_steps:
+        kill = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if done == debug_kill_in_save else None
+        path = save_checkpoint(out_dir, done, student, optimizer, {"config": config}, d, keep_ckpts, kill)
+        log.print(f"checkpoint {path}")
+
+# --- the end: held-out numbers beside the start's, and the exported model
+ev = evaluate()
+log.record("eval", step=max_steps, **ev)
+log.print(f"held-out at init : {fmt(ev0)}")
+log.print(f"held-out at end  : {fmt(ev)}")
+if kv_src:
+    log.print(f"KV cache: {kv_stu} vs {kv_src} numbers per token ({100 * kv_stu / kv_src:.1f}% of the teacher's, "
+              f"{kv_src / kv_stu:.1f}x smaller)")
+final = os.path.join(out_dir, "final")
+export_model(student, final, d, run_config=config, dtype=getattr(torch, export_dtype), make_model=Transformer)
+if d.master:
+    src = student_from or (init_from if init_from != "scratch" else None)
+    if src:
+        copy_tokenizer_files(src, final)
+log.print(f"exported {final} (load with Transformer.from_pretrained)")
+dist.destroy_process_group()

@@ -1,0 +1,121 @@
+"""
+Performance-critical pieces, each with a plain reference it is tested against.
+
+    python kernels.py          # benchmark: peak memory and time of the chunked KL vs the naive formula (CPU/GPU)
+
+1. linear_kl: the distillation loss from final hidden states, without ever holding the full (N, V) logits.
+   The naive loss materialises student and teacher logits in fp32 at once: for a Llama-3 vocabulary (128,256) and a
+   micro-batch of 8 x 2048 tokens that is 2 x 8.4 GB, plus their softmaxes and gradients. Here logits are formed one
+   chunk of tokens at a time, in forward and again (recomputed) in backward, so the peak extra memory is a few
+   (chunk, V) fp32 blocks.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+class _LinearKL(torch.autograd.Function):
+    """loss = sum_i w_i (kl_weight KL(p_t,i || p_s,i) + ce_weight CE_i), with p_s = softmax(h_s W_sᵀ),
+    p_t = softmax(h_t W_tᵀ) computed chunk by chunk. Gradients flow to h_s and W_s only (the teacher is frozen):
+    d loss / d logits_s = w (kl_weight (p_s - p_t) + ce_weight (p_s - onehot(y)))."""
+
+    @staticmethod
+    def forward(ctx, h_s, W_s, h_t, W_t, targets, weight, kl_weight, ce_weight, chunk):
+        N = h_s.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        stats = torch.zeros(4, dtype=torch.float32, device=h_s.device)  # sum KL, sum CE, sum teacher CE, n tokens
+        for a in range(0, N, chunk):
+            b = min(a + chunk, N)
+            valid = weight[a:b] != 0
+            lp_s = (h_s[a:b] @ W_s.T).float().log_softmax(-1)                     # (n, V)
+            y = targets[a:b].clamp(min=0)
+            ce = -lp_s.gather(1, y[:, None])[:, 0] * (targets[a:b] >= 0)
+            kl = torch.zeros_like(ce)
+            if h_t is not None:
+                lp_t = (h_t[a:b] @ W_t.T).float().log_softmax(-1)
+                kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)
+                stats[2] += (-lp_t.gather(1, y[:, None])[:, 0] * (targets[a:b] >= 0) * valid).sum()
+            loss += (weight[a:b] * (kl_weight * kl + ce_weight * ce)).sum()
+            stats[0] += (kl * valid).sum()
+            stats[1] += (ce * valid).sum()
+            stats[3] += (valid & (targets[a:b] >= 0)).sum()
+        ctx.save_for_backward(h_s, W_s, h_t if h_t is not None else torch.empty(0), W_t if W_t is not None
+                              else torch.empty(0), targets, weight)
+        ctx.teacher, ctx.kl_weight, ctx.ce_weight, ctx.chunk = h_t is not None, kl_weight, ce_weight, chunk
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        h_s, W_s, h_t, W_t, targets, weight = ctx.saved_tensors
+        N = h_s.shape[0]
+        grad_h = torch.empty_like(h_s)
+        grad_W = torch.zeros(W_s.shape, dtype=torch.float32, device=W_s.device)
+        for a in range(0, N, ctx.chunk):
+            b = min(a + ctx.chunk, N)
+            p_s = (h_s[a:b] @ W_s.T).float().softmax(-1)                          # recomputed, (n, V)
+            g = torch.zeros_like(p_s)
+            if ctx.teacher and ctx.kl_weight:
+                g += ctx.kl_weight * (p_s - (h_t[a:b] @ W_t.T).float().softmax(-1))
+            if ctx.ce_weight:
+                onehot = torch.zeros_like(p_s).scatter_(1, targets[a:b].clamp(min=0)[:, None], 1.0)
+                g += ctx.ce_weight * (p_s - onehot) * (targets[a:b] >= 0)[:, None]
+            g *= (weight[a:b] * grad_loss)[:, None]
+            grad_h[a:b] = (g.to(h_s.dtype) @ W_s).to(h_s.dtype)
+            grad_W += g.T @ h_s[a:b].float()
+        return grad_h, grad_W.to(W_s.dtype), None, None, None, None, None, None, None
+
+
+def linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weight=0.0, chunk=1024):
+    """Chunked distillation loss from final hidden states.
+    h_s (N, d) student hidden states, W_s (V, d) its output head; h_t (N, d_t), W_t (V, d_t) the teacher's (None for
+    CE only); targets (N,) next-token ids (-100: no CE there); weight (N,) per-token loss weight (0 for padding; it
+    also carries the normalisation, e.g. 1 / n_tokens). Returns (loss, stats): loss differentiable w.r.t. h_s, W_s;
+    stats = [sum KL, sum student CE, sum teacher CE, n tokens] over tokens with weight != 0 (detached, for logging)."""
+    if h_t is None and kl_weight:
+        raise ValueError("kl_weight > 0 needs teacher hidden states")
+    return _LinearKL.apply(h_s, W_s, h_t, W_t, targets, weight.float(), float(kl_weight), float(ce_weight), int(chunk))
+
+
+def naive_linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weight=0.0):
+    """The same loss the obvious way: full logits of both models in fp32 (the reference for tests and benchmarks)."""
+    lp_s = (h_s @ W_s.T).float().log_softmax(-1)
+    ce = F.cross_entropy(lp_s, targets, ignore_index=-100, reduction="none")
+    kl = torch.zeros_like(ce)
+    if h_t is not None:
+        lp_t = (h_t @ W_t.T).float().log_softmax(-1)
+        kl = F.kl_div(lp_s, lp_t, log_target=True, reduction="none").sum(-1)
+    return (weight.float() * (kl_weight * kl + ce_weight * ce)).sum()
+
+
+def _bench():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    N, d, V = (8 * 2048, 2048, 128256) if dev == "cuda" else (512, 256, 32000)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    torch.manual_seed(0)
+    h_s = torch.randn(N, d, device=dev, dtype=dt, requires_grad=True)
+    W_s = (torch.randn(V, d, device=dev, dtype=dt) * d ** -0.5).requires_grad_()
+    h_t, W_t = torch.randn(N, d, device=dev, dtype=dt), torch.randn(V, d, device=dev, dtype=dt) * d ** -0.5
+    y = torch.randint(0, V, (N,), device=dev)
+    w = torch.full((N,), 1.0 / N, device=dev)
+    for name, fn in (("naive", lambda: naive_linear_kl(h_s, W_s, h_t, W_t, y, w)),
+                     ("chunked", lambda: linear_kl(h_s, W_s, h_t, W_t, y, w, chunk=1024)[0])):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.time()
+        try:
+            fn().backward()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            mem = f", peak extra memory {(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB" if dev == "cuda" else ""
+            print(f"{name:8s} N={N} d={d} V={V} on {dev}: {time.time() - t0:.3f} s forward+backward{mem}")
+        except torch.OutOfMemoryError:
+            print(f"{name:8s} N={N} d={d} V={V} on {dev}: out of memory")
+        h_s.grad = W_s.grad = None
+
+
+if __name__ == "__main__":
+    _bench()
