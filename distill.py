@@ -12,10 +12,7 @@ KL(teacher || student) per token over every token of an SFT chat mix (+ an optio
 The same script pre-trains the tiny CPU teacher with CE only (config/tiny_teacher.py: init_from="scratch",
 kl_weight=0, ce_weight=1). Settings below; a config file, then --key=value, overrides them (configurator.py).
 """
-import math
 import os
-import signal
-import time
 
 import torch
 import torch.distributed as dist
@@ -25,8 +22,8 @@ from data import PackedData, build_cache
 from kernels import linear_kl
 from model import ModelConfig, Transformer, copy_tokenizer_files
 from svd_init import upcycle
-from trainer import (RunLog, barrier, export_model, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
-                     make_optimizer, peak_memory_gib, save_checkpoint, shard)
+from trainer import (RunLog, barrier, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
+                     make_optimizer, shard)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -44,7 +41,8 @@ qk_rope_dim = None
 init = "svd"
 latent_norm = False
 allow_qk_overlap = False
-# teacher: any Llama with the same vocabulary; "" = init_from (self-distillation)
+# teacher: any Llama with the same vocabulary; "" = init_from (self-distillation); "none" = no teacher (CE only;
+# with a teacher and kl_weight = 0 it is still used to measure the held-out KL)
 teacher = ""
 # loss: kl_weight KL(teacher || student) + ce_weight CE, averaged over the target tokens
 kl_weight = 1.0
@@ -86,6 +84,7 @@ keep_ckpts = 2
 resume = False
 debug_kill_at_step = -1    # tests only: SIGKILL this process right after that step's optimizer update
 debug_kill_in_save = -1    # tests only: SIGKILL mid-way through that step's checkpoint save
+peak_flops = 989e12        # the accelerator's dense bf16 peak, for MFU (H100 SXM; H200 the same; MI300X 1307e12)
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -118,8 +117,10 @@ log.print(f"data: {train_data.n_seq} train / {val_data.n_seq} held-out sequences
 
 # --- models
 teacher_from = teacher or init_from
+if kl_weight > 0 and (teacher == "none" or teacher_from == "scratch"):
+    raise ValueError("kl_weight > 0 needs a teacher: set teacher= to a model folder or hub id")
 tmodel = None
-if kl_weight > 0:
+if teacher != "none" and teacher_from != "scratch":
     tmodel = Transformer.from_pretrained(teacher_from, dtype=cdtype, device=d.device).eval().requires_grad_(False)
     shard(tmodel, d, shard_root=False)  # frozen: no optimizer state; its head stays whole for the chunked loss
 if student_from:
@@ -147,6 +148,9 @@ n_params = sum(p.numel() for p in student.parameters())
 log.print(f"student: {n_params:,} parameters, {len(student.config.mla_layers)}/{student.config.n_layers} MLA layers, "
           f"KV cache {kv_stu} numbers/token" + (f" = {100 * kv_stu / kv_src:.1f}% of the teacher's {kv_src}"
                                                 if kv_src else ""))
+with torch.no_grad():  # every rank built the student; GPU SVDs need not be bit-identical, so take rank 0's
+    for t in student.state_dict().values():
+        dist.broadcast(t, src=0)
 student.train()
 shard(student, d, param_dtype=mp_dtype, compile=compile, checkpointing=activation_checkpointing)
 optimizer = make_optimizer(student, lr, betas, weight_decay)
@@ -161,11 +165,11 @@ if resume:
         log.print(f"resume: {path} (step {start_step})")
 
 
-def loss_on_batch(x, y, weight):
+def loss_on_batch(x, y, weight, with_teacher):
     """Student forward with the chunked loss; the teacher's hidden states come first, without gradients."""
     x, y, weight = x.to(d.device), y.to(d.device), weight.to(d.device)
     h_t = W_t = None
-    if tmodel is not None:
+    if with_teacher:
         with torch.no_grad():
             h_t, W_t = tmodel.forward_hidden(x).flatten(0, 1), tmodel.lm_head.weight
     return student(x, head_fn=lambda h, W: linear_kl(h.flatten(0, 1), W, h_t, W_t, y.flatten(), weight.flatten(),
@@ -181,7 +185,7 @@ def evaluate():
     for i in range(n):
         ids = [(((i * d.world) + d.rank) * micro_batch + j) % val_data.n_seq for j in range(micro_batch)]
         x, y = val_data.get(ids)
-        stats += loss_on_batch(x, y, (y != -100).float())[1]
+        stats += loss_on_batch(x, y, (y != -100).float(), tmodel is not None)[1]
     dist.all_reduce(stats)
     student.train()
     kl, ce, tce, ntok = stats.tolist()
@@ -189,70 +193,49 @@ def evaluate():
 
 
 def fmt(ev):
-    if ev["teacher_ce"] is None:  # CE-only training (no teacher)
+    if ev["teacher_ce"] is None:  # no teacher: CE only
         return f"loss {ev['student_ce']:.4f}"
     return f"KL {ev['kl']:.4f}  student loss {ev['student_ce']:.4f}  teacher loss {ev['teacher_ce']:.4f}"
+
+
+def micro_batches(step):
+    """This rank's micro-batches of `step`, each as a closure computing its loss. The loss is normalised by the
+    step's global number of target tokens, x world because FSDP averages gradients over ranks."""
+    batches = [train_data.get(train_data.batch_indices(step, m, d.rank, d.world, micro_batch, accum, seed))
+               for m in range(accum)]
+    n_tok = torch.tensor(float(sum(int((y != -100).sum()) for _, y in batches)), device=d.device)
+    dist.all_reduce(n_tok)
+    return [lambda x=x, y=y: loss_on_batch(x, y, (y != -100).float() * (d.world / n_tok), kl_weight > 0)
+            for x, y in batches]
+
+
+flops_per_token = 6 * n_params + (2 * sum(p.numel() for p in tmodel.parameters()) if kl_weight > 0 else 0)
+
+
+def report(stats, seconds, steps):
+    kl, ce, _, ntok = stats.tolist()
+    tok_s = steps * tokens_per_step / seconds
+    text = (f"loss {(kl_weight * kl + ce_weight * ce) / ntok:.4f}  "
+            + (f"KL {kl / ntok:.4f}  CE {ce / ntok:.4f}" if kl_weight > 0 else f"CE {ce / ntok:.4f}")
+            + f"  {tok_s:,.0f} tok/s")
+    if d.device.type == "cuda":  # model FLOPs utilisation: 6 N per token for the student, 2 N for the teacher
+        text += f"  MFU {100 * flops_per_token * tok_s / (d.world * peak_flops):.1f}%"
+    return text, dict(loss=(kl_weight * kl + ce_weight * ce) / ntok, kl=kl / ntok, ce=ce / ntok, tokens_per_s=tok_s)
+
+
+def evaluate_and_format():
+    ev = evaluate()
+    return fmt(ev), ev
 
 
 ev0 = evaluate()
 log.print(f"held-out at step {start_step}: {fmt(ev0)}")
 log.record("eval", step=start_step, **ev0)
-
-# --- the loop
-flops_per_token = 6 * n_params + (2 * sum(p.numel() for p in tmodel.parameters()) if tmodel is not None else 0)
-stats = torch.zeros(4, device=d.device)
-grad_norm = torch.zeros((), device=d.device)
-t_last, steps_since = time.time(), 0
-for step in range(start_step, max_steps):
-    cur_lr = lr_at(step, lr, max_steps, warmup, lr * min_lr_ratio)
-    for group in optimizer.param_groups:
-        group["lr"] = cur_lr
-    batches = [train_data.get(train_data.batch_indices(step, m, d.rank, d.world, micro_batch, accum, seed))
-               for m in range(accum)]
-    # normalise by the step's global number of target tokens; x world because FSDP averages gradients over ranks
-    n_tok = torch.tensor(float(sum(int((y != -100).sum()) for _, y in batches)), device=d.device)
-    dist.all_reduce(n_tok)
-    for m, (x, y) in enumerate(batches):
-        student.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter once per step, not per micro-batch
-        loss, s = loss_on_batch(x, y, (y != -100).float() * (d.world / n_tok))
-        loss.backward()
-        stats += s
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    steps_since += 1
-    done = step + 1
-    if done == debug_kill_at_step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if done % log_every == 0 or done == max_steps:
-        dist.all_reduce(stats)
-        kl, ce, _, ntok = stats.tolist()  # the one host sync per log interval
-        gn = grad_norm.item()
-        dt = time.time() - t_last
-        tok_s = steps_since * tokens_per_step / dt
-        if not (math.isfinite(kl) and math.isfinite(ce) and math.isfinite(gn)):
-            log.print(f"step {done}: non-finite loss or gradient (KL {kl}, CE {ce}, grad norm {gn}); stopping. "
-                      f"The last good checkpoint is {latest_checkpoint(out_dir)}; lower lr or check the data")
-            raise SystemExit(1)
-        mfu = ""
-        if d.device.type == "cuda":
-            mfu = f"  MFU {100 * flops_per_token * tok_s / (d.world * 989e12):.1f}% (H100 bf16 peak)"
-        eta = (max_steps - done) * dt / steps_since
-        log.print(f"step {done}/{max_steps}  loss {(kl_weight * kl + ce_weight * ce) / ntok:.4f}  KL {kl / ntok:.4f}  "
-                  f"CE {ce / ntok:.4f}  lr {cur_lr:.2e}  grad norm {gn:.3f}  {tok_s:,.0f} tok/s{mfu}  "
-                  f"peak mem {peak_memory_gib(d.device):.2f} GiB  ETA {eta / 60:.1f} min")
-        log.record("train", step=done, loss=(kl_weight * kl + ce_weight * ce) / ntok, kl=kl / ntok, ce=ce / ntok,
-                   lr=cur_lr, grad_norm=gn, tokens_per_s=tok_s, peak_mem_gib=peak_memory_gib(d.device))
-        stats.zero_()
-        t_last, steps_since = time.time(), 0
-    if done % eval_every == 0 and done != max_steps:
-        ev = evaluate()
-        log.print(f"held-out at step {done}: {fmt(ev)}")
-        log.record("eval", step=done, **ev)
-    if done % ckpt_every == 0 or done == max_steps:
-        kill = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if done == debug_kill_in_save else None
-        path = save_checkpoint(out_dir, done, student, optimizer, {"config": config}, d, keep_ckpts, kill)
-        log.print(f"checkpoint {path}")
+fit(student, optimizer, d, log, micro_batches, report, evaluate_and_format,
+    start_step=start_step, max_steps=max_steps, lr_fn=lambda s: lr_at(s, lr, max_steps, warmup, lr * min_lr_ratio),
+    grad_clip=grad_clip, n_stats=4, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every,
+    out_dir=out_dir, keep_ckpts=keep_ckpts, meta={"config": config}, debug_kill_at_step=debug_kill_at_step,
+    debug_kill_in_save=debug_kill_in_save)
 
 # --- the end: held-out numbers beside the start's, and the exported model
 ev = evaluate()

@@ -35,8 +35,6 @@ Choices where the paper is silent or ambiguous (each said again where it is made
       of a tiny one, where it silences attention altogether; matching the scale makes the baseline differ from
       SVD in structure only, at any model size.
 """
-import ast
-import os
 import resource
 import sys
 import time

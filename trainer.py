@@ -10,6 +10,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 
@@ -209,6 +210,69 @@ def export_model(model, path, d: Dist, run_config=None, dtype=None, make_model=N
             plain.lm_head.weight = plain.model.embed_tokens.weight
         plain.save_pretrained(path, run_config=run_config)
     barrier()
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, start_step, max_steps, lr_fn,
+        grad_clip, n_stats, log_every, eval_every, ckpt_every, out_dir, keep_ckpts, meta,
+        debug_kill_at_step=-1, debug_kill_in_save=-1):
+    """The optimisation loop of distill.py and dpo.py; what differs between them comes in as functions:
+        micro_batches(step) -> list of closures, one per micro-batch of this rank; each returns (loss, stats)
+                               with the loss already normalised for the whole step and stats a (n_stats,) tensor
+        report(stats, seconds, steps) -> (text, numbers): stats summed over ranks and steps since the last report
+        evaluate() -> (text, numbers) on held-out data
+    Per step: set the LR, accumulate gradients (reduce-scattered once, on the last micro-batch), clip, update.
+    Per interval: one host sync to log, a held-out evaluation, an atomic checkpoint. Non-finite numbers stop the
+    run before anything is saved, so the last checkpoint is always a good one."""
+    stats = torch.zeros(n_stats, device=d.device)
+    grad_norm = torch.zeros((), device=d.device)
+    t_last, since = time.time(), 0
+
+    def stop_if_not_finite(step, numbers):
+        if not all(math.isfinite(v) for v in numbers.values() if isinstance(v, float)):
+            log.print(f"step {step}: non-finite loss or gradient norm {numbers}; stopping. The last good "
+                      f"checkpoint is {latest_checkpoint(out_dir)} (resume from it with a lower lr, or check the data)")
+            raise SystemExit(1)
+
+    for step in range(start_step, max_steps):
+        lr = lr_fn(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        closures = micro_batches(step)
+        for m, micro in enumerate(closures):
+            model.set_requires_gradient_sync(m == len(closures) - 1)  # reduce-scatter once per step
+            loss, s = micro()
+            loss.backward()
+            stats += s
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        since += 1
+        done = step + 1
+        if done == debug_kill_at_step:  # tests: a crash right after an update, before its checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        if done % log_every == 0 or done == max_steps:
+            dist.all_reduce(stats)
+            dt = time.time() - t_last
+            text, numbers = report(stats, dt, since)  # the one host sync per interval happens in here
+            numbers.update(lr=lr, grad_norm=grad_norm.item(), peak_mem_gib=peak_memory_gib(d.device))
+            stop_if_not_finite(done, numbers)
+            log.print(f"step {done}/{max_steps}  {text}  lr {lr:.2e}  grad norm {numbers['grad_norm']:.3f}  "
+                      f"peak mem {numbers['peak_mem_gib']:.2f} GiB  ETA {(max_steps - done) * dt / since / 60:.1f} min")
+            log.record("train", step=done, **numbers)
+            stats.zero_()
+            t_last, since = time.time(), 0
+        if done % eval_every == 0 and done != max_steps:
+            text, numbers = evaluate()
+            log.print(f"held-out at step {done}: {text}")
+            log.record("eval", step=done, **numbers)
+        if done % ckpt_every == 0 or done == max_steps:
+            stop_if_not_finite(done, {"loss": loss.item(), "grad_norm": grad_norm.item()})
+            kill = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if done == debug_kill_in_save else None
+            log.print(f"checkpoint {save_checkpoint(out_dir, done, model, optimizer, meta, d, keep_ckpts, kill)}")
 
 
 # -----------------------------------------------------------------------------

@@ -26,3 +26,4 @@ eval_every = 50
 ckpt_every = 50
 out_dir = "out/tiny_teacher"
 export_dtype = "bfloat16"
+teacher = "none"

@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch.testing import assert_close
 
 from conftest import STORIES, mla_kw, random_model, tiny_config
 from model import Transformer

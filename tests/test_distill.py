@@ -111,3 +111,23 @@ def test_bad_batch_settings(setup):
     cfg, _ = write_cfg(setup, "bad", tokens_per_step=100)
     r = run(cfg, check=False)
     assert r.returncode != 0 and "must be a multiple of micro_batch x seq_len x world" in r.stderr
+
+
+def test_non_finite_loss_stops_without_saving(setup):
+    bad = random_model(tiny_config(vocab_size=512, bos_id=256, eos_id=(257,), max_seq_len=128))
+    with torch.no_grad():
+        bad.model.norm.weight[0] = float("nan")                     # the teacher's distribution becomes NaN
+    bad.save_pretrained(setup / "nan_teacher")
+    cfg, out = write_cfg(setup, "nan", teacher=str(setup / "nan_teacher"))
+    r = run(cfg, check=False)
+    assert r.returncode == 1 and "non-finite loss or gradient norm" in r.stdout
+    assert latest_checkpoint(out) is None and not os.path.exists(os.path.join(out, "final"))
+
+
+def test_lr_schedule():
+    from trainer import lr_at
+    lrs = [lr_at(s, 1.0, 100, 10, 0.1) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0                          # linear warmup over 10 steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))           # then non-increasing (cosine)
+    assert abs(lr_at(55, 1.0, 100, 10, 0.1) - 0.55) < 1e-9          # halfway: the mean of max and min
+    assert lr_at(100, 1.0, 100, 10, 0.1) == 0.1 and lr_at(500, 1.0, 100, 10, 0.1) == 0.1

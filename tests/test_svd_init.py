@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import STORIES, mla_kw, random_model, tiny_config
+from conftest import STORIES, random_model, tiny_config
 from configurator import configure
 from model import Attention, MLAttention, ModelConfig, Transformer
 from svd_init import energy_rank, kl_per_token, mla_config, teacher_text, upcycle
