@@ -19,10 +19,12 @@ Packing: every document starts with BOS (the chat template's <|begin_of_text|>) 
 Attention is not masked at document boundaries (the student and its teacher see the same packed context, so the
 KL target is still exact; the cost is some attention across unrelated documents).
 """
+import functools
 import gzip
 import hashlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -37,6 +39,11 @@ HUB_SETS = {
                                              "multiple_choice", "task", "writing"]),
     "infinity_instruct": ("BAAI/Infinity-Instruct", "7M", ["train"]),
     "sftdatasetv3": ("JunxiongWang/sftdatasetv3", None, ["train"]),  # the three above, prepared by MambaInLlama
+    # preference pairs for DPO (the paper's three sets)
+    "ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", None, ["train_prefs"]),
+    "ultrafeedback_test": ("HuggingFaceH4/ultrafeedback_binarized", None, ["test_prefs"]),
+    "orca_dpo_pairs": ("HuggingFaceH4/orca_dpo_pairs", None, ["train_prefs"]),
+    "llama3_ultrafeedback_armorm": ("JunxiongWang/llama3-ultrafeedback-armorm", None, ["train"]),
 }
 CACHE_VERSION = 2  # bump when tokenisation or packing changes: old caches are then rebuilt, never reused
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
@@ -249,20 +256,138 @@ class PackedData:
             y[torch.from_numpy(m == 0)] = -100
         return x, y
 
-    def order(self, epoch, seed):
-        return np.random.default_rng([seed, epoch]).permutation(self.n_seq)
-
     def batch_indices(self, step, micro, rank, world, micro_batch, accum, seed):
-        """Sequence ids of (step, micro-step, rank): consecutive slices of the global order, wrapping epochs.
-        A step covers the same sequences for any split of accum x world, so 1 and N processes agree."""
-        start = ((step * accum + micro) * world + rank) * micro_batch
-        ids = []
-        for p in range(start, start + micro_batch):
-            epoch, i = divmod(p, self.n_seq)
-            if getattr(self, "_order", (None,))[0] != (epoch, seed):
-                self._order = ((epoch, seed), self.order(epoch, seed))
-            ids.append(int(self._order[1][i]))
-        return ids
+        return batch_indices(self.n_seq, step, micro, rank, world, micro_batch, accum, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _order(n, epoch, seed):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n, step, micro, rank, world, micro_batch, accum, seed):
+    """Item ids of (step, micro-step, rank) out of n: consecutive slices of a permutation by (seed, epoch), wrapping
+    epochs. A step covers the same items for any split of accum x world, so 1 and N processes agree, and the data
+    position is a pure function of the step: resuming needs no data state."""
+    start = ((step * accum + micro) * world + rank) * micro_batch
+    return [int(_order(n, p // n, seed)[p % n]) for p in range(start, start + micro_batch)]
+
+
+# -----------------------------------------------------------------------------
+# Preference pairs (DPO): (prompt messages, chosen reply, rejected reply)
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_messages(transcript):
+    """Anthropic HH-RLHF transcript "\n\nHuman: ...\n\nAssistant: ..." -> messages."""
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip() or len(parts) < 3:
+        return None
+    return [{"role": "user" if who == "Human" else "assistant", "content": text}
+            for who, text in zip(parts[1::2], parts[2::2])]
+
+
+def _messages(turns):
+    out = []
+    for t in turns:
+        role = ROLES.get(str(t.get("role", t.get("from", ""))).lower()) if isinstance(t, dict) else None
+        content = t.get("content", t.get("value")) if isinstance(t, dict) else None
+        if role is None or not isinstance(content, str):
+            return None
+        out.append({"role": role, "content": content})
+    return out
+
+
+def to_pair(row):
+    """A preference row -> (prompt messages, chosen reply, rejected reply), or None when malformed. Shapes:
+    chosen/rejected as full conversations sharing the prompt (ultrafeedback_binarized, orca_dpo_pairs,
+    llama3-ultrafeedback-armorm); HH-RLHF transcripts whose prompt is the shared prefix; LLaMA-Factory
+    {conversations, chosen: {from, value}, rejected: {from, value}}; {prompt | question (+ system), chosen, rejected}
+    strings."""
+    if not isinstance(row, dict):
+        return None
+    c, r = row.get("chosen"), row.get("rejected")
+    prompt = None
+    if isinstance(c, list) and isinstance(r, list):
+        c, r = _messages(c), _messages(r)
+        if not c or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+            return None
+        prompt, c, r = c[:-1], c[-1]["content"], r[-1]["content"]
+        if not prompt and isinstance(row.get("prompt"), str):
+            prompt = [{"role": "user", "content": row["prompt"]}]
+        if _messages(row["rejected"])[:-1] not in (prompt, []):
+            return None
+    elif isinstance(c, str) and isinstance(r, str) and c.startswith("\n\nHuman:"):
+        cm, rm = _hh_messages(c), _hh_messages(r)
+        if not cm or not rm or cm[:-1] != rm[:-1] or cm[-1]["role"] != "assistant" or rm[-1]["role"] != "assistant":
+            return None
+        prompt, c, r = cm[:-1], cm[-1]["content"], rm[-1]["content"]
+    elif isinstance(c, dict) and isinstance(r, dict) and isinstance(row.get("conversations"), list):
+        prompt = _messages(row["conversations"])
+        c, r = c.get("value", c.get("content")), r.get("value", r.get("content"))
+    elif isinstance(c, str) and isinstance(r, str):
+        q = row.get("prompt", row.get("question"))
+        if isinstance(q, str):
+            prompt = ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + \
+                     [{"role": "user", "content": q}]
+    if not prompt or not isinstance(c, str) or not isinstance(r, str):
+        return None
+    if not c.strip() or not r.strip() or c.strip() == r.strip():
+        return None                                   # empty reply, or nothing to prefer
+    return prompt, c, r
+
+
+def tokenize_pair(tok: Tokenizer, pair, max_length, max_prompt_length, long_prompts="truncate"):
+    """-> (prompt ids, chosen ids, rejected ids) within the limits, or None (dropped). A prompt longer than
+    max_prompt_length keeps BOS and its END (the turns right before the reply; long_prompts="drop" drops the pair
+    instead); each reply (+ <|eot_id|>) keeps its START, cut so prompt + reply <= max_length."""
+    prompt, chosen, rejected = pair
+    p = tok.render_chat(prompt, add_generation_prompt=True)[0]
+    if len(p) > max_prompt_length:
+        if long_prompts == "drop":
+            return None
+        p = p[:1] + p[len(p) - max_prompt_length + 1:]
+    room = max_length - len(p)
+    c = (tok.encode(chosen.strip()) + [tok.eot_id])[:room]
+    r = (tok.encode(rejected.strip()) + [tok.eot_id])[:room]
+    return (p, c, r) if room > 0 and c != r else None
+
+
+def load_pairs(sources, tok, max_length, max_prompt_length, long_prompts="truncate", log=print):
+    """Tokenised pairs of all sources, with counts of what was dropped and why."""
+    pairs, dropped = [], {"malformed": 0, "prompt_too_long_or_identical_after_truncation": 0}
+    for src in sources:
+        n0 = len(pairs)
+        for row in iter_rows(src):
+            pair = to_pair(row)
+            if pair is None:
+                dropped["malformed"] += 1
+                continue
+            t = tokenize_pair(tok, pair, max_length, max_prompt_length, long_prompts)
+            if t is None:
+                dropped["prompt_too_long_or_identical_after_truncation"] += 1
+                continue
+            pairs.append(t)
+        log(f"data: {src}: {len(pairs) - n0} pairs")
+    log(f"data: {len(pairs)} pairs kept; dropped {dropped} (malformed: identical or empty replies, no shared prompt)")
+    if not pairs:
+        raise ValueError(f"no usable preference pairs in {sources}: check paths and row shapes (see data.to_pair)")
+    return pairs, dropped
+
+
+def collate_pairs(pairs, pad_id):
+    """B pairs -> x (2B, T), y (2B, T): chosen sequences first, then rejected; y holds the next token on reply
+    positions and -100 elsewhere (prompt and padding), so summed log-probs cover the response only."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    T = max(len(p) + len(a) for p, a in seqs) - 1
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (p, a) in enumerate(seqs):
+        ids = torch.tensor(p + a)
+        x[i, :len(ids) - 1] = ids[:-1]
+        y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]
+    return x, y
 
 
 if __name__ == "__main__":

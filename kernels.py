@@ -8,6 +8,7 @@ Performance-critical pieces, each with a plain reference it is tested against.
    micro-batch of 8 x 2048 tokens that is 2 x 8.4 GB, plus their softmaxes and gradients. Here logits are formed one
    chunk of tokens at a time, in forward and again (recomputed) in backward, so the peak extra memory is a few
    (chunk, V) fp32 blocks.
+2. linear_logprobs: log p(target) per token from hidden states, the same way (DPO sums them per response).
 """
 import time
 
@@ -87,6 +88,42 @@ def naive_linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weigh
         lp_t = (h_t @ W_t.T).float().log_softmax(-1)
         kl = F.kl_div(lp_s, lp_t, log_target=True, reduction="none").sum(-1)
     return (weight.float() * (kl_weight * kl + ce_weight * ce)).sum()
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """lp_i = log softmax(h_i Wᵀ)[y_i], chunk by chunk; backward recomputes the softmax:
+    d lp_i / d logits_i = onehot(y_i) - softmax(logits_i)."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, chunk):
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        for a in range(0, h.shape[0], chunk):
+            b = min(a + chunk, h.shape[0])
+            lp = (h[a:b] @ W.T).float().log_softmax(-1)
+            out[a:b] = lp.gather(1, targets[a:b].clamp(min=0)[:, None])[:, 0] * (targets[a:b] >= 0)
+        ctx.save_for_backward(h, W, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, W, targets = ctx.saved_tensors
+        grad_h = torch.empty_like(h)
+        grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        for a in range(0, h.shape[0], ctx.chunk):
+            b = min(a + ctx.chunk, h.shape[0])
+            g = -(h[a:b] @ W.T).float().softmax(-1)
+            g.scatter_add_(1, targets[a:b].clamp(min=0)[:, None], torch.ones_like(g[:, :1]))
+            g *= (grad_out[a:b] * (targets[a:b] >= 0))[:, None]
+            grad_h[a:b] = (g.to(h.dtype) @ W).to(h.dtype)
+            grad_W += g.T @ h[a:b].float()
+        return grad_h, grad_W.to(W.dtype), None, None
+
+
+def linear_logprobs(h, W, targets, chunk=1024):
+    """h (N, d), W (V, d), targets (N,) -> (N,) fp32 log-probabilities of the targets (0 where target is -100),
+    without materialising the (N, V) logits."""
+    return _LinearLogprobs.apply(h, W, targets, int(chunk))
 
 
 def _bench():

@@ -1,5 +1,8 @@
 """Shared test settings: offline hubs (a hub id must fail fast, never hang), deterministic CPU torch."""
+import json
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -45,3 +48,29 @@ def random_model(cfg, seed=0):
 @pytest.fixture
 def stories():
     return Transformer.from_pretrained(STORIES).eval()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_config(path, **settings):
+    with open(path, "w") as f:
+        f.write("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    return str(path)
+
+
+def run_script(script, cfg, nproc=1, extra=(), check=True):
+    """python SCRIPT CFG (a world of one) or torchrun with nproc CPU processes; returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    r = subprocess.run(launcher + [script, cfg, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def read_log(out_dir, name, kind):
+    with open(os.path.join(out_dir, f"{name}.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]

@@ -3,18 +3,14 @@ resumed reaches the same weights as an uninterrupted one; a checkpoint killed mi
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from conftest import random_model, tiny_config
+from conftest import random_model, read_log, run_script, tiny_config, write_config
 from trainer import latest_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +30,15 @@ def write_cfg(setup, name, **over):
                seq_len=32, micro_batch=2, tokens_per_step=128, max_steps=6, lr=3e-3, warmup_frac=0.2, kl_chunk=24,
                log_every=1, eval_every=100, eval_batches=2, ckpt_every=2, out_dir=str(setup / name))
     cfg.update(over)
-    path = setup / f"{name}.py"
-    path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items()))
-    return str(path), cfg["out_dir"]
+    return write_config(setup / f"{name}.py", **cfg), cfg["out_dir"]
 
 
 def run(cfg, nproc=1, extra=(), check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    r = subprocess.run(launcher + ["distill.py", cfg, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return run_script("distill.py", cfg, nproc, extra, check)
 
 
 def train_log(out_dir):
-    return [json.loads(l) for l in open(os.path.join(out_dir, "distill.jsonl")) if '"train"' in l]
+    return read_log(out_dir, "distill", "train")
 
 
 def weights(out_dir):
@@ -77,7 +64,7 @@ def test_one_vs_two_processes(setup):
 def test_kill_and_resume_matches_uninterrupted(setup):
     ref_cfg, ref_out = write_cfg(setup, "ref")
     run(ref_cfg)
-    evals = [json.loads(l) for l in open(os.path.join(ref_out, "distill.jsonl")) if '"eval"' in l]
+    evals = read_log(ref_out, "distill", "eval")
     assert evals[-1]["kl"] < evals[0]["kl"]                          # training lowers the held-out KL
     cfg, out = write_cfg(setup, "killed")
     r = run(cfg, extra=["--debug_kill_at_step=5"], check=False)

@@ -69,3 +69,17 @@ def test_bf16_inputs():
     assert_close(a, ref, rtol=2e-2, atol=2e-2)                  # logits in bf16, softmax in fp32
     a.backward()
     assert hs.grad.dtype == torch.bfloat16 and Ws.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_linear_logprobs_equals_naive(chunk):
+    from kernels import linear_logprobs
+    h_s, W_s, _, _, y, w = make()
+    a = linear_logprobs(h_s, W_s, y, chunk)
+    ref = (h_s @ W_s.T).log_softmax(-1).gather(1, y.clamp(min=0)[:, None])[:, 0] * (y >= 0)
+    assert_close(a, ref, rtol=1e-5, atol=1e-5)
+    assert a[3] == 0                                                  # target -100
+    ga = torch.autograd.grad((a * w).sum(), (h_s, W_s))
+    gb = torch.autograd.grad((ref * w).sum(), (h_s, W_s))
+    assert_close(ga[0], gb[0], rtol=1e-5, atol=1e-6)
+    assert_close(ga[1], gb[1], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,232 @@
+"""
+Direct Preference Optimisation of the distilled MLA student (X-EcoMLA §4.2, stage 2), with the distilled model
+itself as the frozen reference: minimise  -log sigmoid(beta [(log pi(y_w|x) - log pi_ref(y_w|x))
+                                                              - (log pi(y_l|x) - log pi_ref(y_l|x))]).
+
+    python dpo.py config/tiny_dpo.py                                              # CPU, a world of one
+    torchrun --standalone --nproc_per_node=2 dpo.py config/tiny_dpo.py            # CPU, 2 processes
+    torchrun --standalone --nproc_per_node=8 dpo.py config/llama1b_kv64_dpo.py    # one 8-GPU node
+    python dpo.py config/tiny_dpo.py --resume=True
+
+It runs on the same machinery as distill.py (trainer.py: set-up, FSDP2, schedule, the loop, checkpoints,
+logging); what is DPO's is here: preference data, the sequence log-probabilities and the loss.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO loss per pair, and the implicit rewards beta (log pi - log pi_ref) of both replies.
+    Inputs: (B,) summed log-probabilities of each reply under the policy and the reference."""
+    chosen_reward = beta * (pi_chosen - ref_chosen)
+    rejected_reward = beta * (pi_rejected - ref_rejected)
+    return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
+
+
+def reply_logps(token_logps, targets):
+    """(N,) per-token log-probs of a (S, T) batch -> (S,) sums over the reply tokens (targets != -100)."""
+    return (token_logps.view(targets.shape) * (targets != -100)).sum(-1)
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from configurator import configure
+    from data import batch_indices, collate_pairs, load_pairs
+    from kernels import linear_logprobs
+    from model import Transformer, copy_tokenizer_files
+    from tokenizer import Tokenizer
+    from trainer import (RunLog, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
+                         make_optimizer, shard)
+
+    # -----------------------------------------------------------------------------
+    # settings
+    init_from = "out/tiny_kv8/final"   # the distilled student: the policy, and (frozen) the reference
+    ref_from = ""              # another reference model ("" = init_from, as the paper does)
+    pref_data = ["assets/data/dpo/hh_rlhf_harmless_base_test.jsonl.gz", "assets/data/dpo/llamafactory_dpo_en_demo.json"]
+    val_data = []              # held-out pairs; [] = every val_every-th pair of pref_data
+    val_every = 20
+    tokenizer = "bytes"
+    max_length = 1024          # prompt + reply tokens
+    max_prompt_length = 512    # longer prompts keep BOS and their end
+    long_prompts = "truncate"  # or "drop"
+    beta = 0.01
+    precompute_ref = False     # compute the reference log-probs once, cache them in out_dir (halves the work)
+    logp_chunk = 1024          # tokens per chunk of the log-prob kernel
+    # optimisation (official: lr 5e-7, cosine, warmup 10%, 1 epoch)
+    pairs_per_step = 64        # global batch in preference pairs
+    micro_batch = 4            # pairs per micro-batch per process (2x sequences: chosen and rejected)
+    max_steps = -1
+    epochs = 1.0
+    lr = 5e-7
+    min_lr_ratio = 0.0
+    warmup_frac = 0.1
+    betas = (0.9, 0.98)
+    weight_decay = 0.0
+    grad_clip = 1.0
+    # system and output (as distill.py)
+    device = "auto"
+    dtype = "auto"
+    compile = False
+    activation_checkpointing = False
+    seed = 1337
+    out_dir = "out/dpo"
+    export_dtype = "float32"
+    log_every = 10
+    eval_every = 50
+    eval_pairs = 256           # held-out pairs per evaluation (all of them if fewer)
+    ckpt_every = 200
+    keep_ckpts = 2
+    resume = False
+    debug_kill_at_step = -1
+    debug_kill_in_save = -1
+    config = configure(globals())
+    # -----------------------------------------------------------------------------
+
+    d = init_distributed(device)
+    torch.manual_seed(seed)
+    cdtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
+              "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    log = RunLog(out_dir, d, "dpo")
+    log.print(f"world {d.world} on {d.device}, compute {cdtype}; settings: {config}")
+
+    # --- data: every rank tokenises the (small) preference sets the same way
+    tok = Tokenizer.from_name(tokenizer)
+    quiet = log.print if d.master else (lambda *a: None)
+    pairs, _ = load_pairs(pref_data, tok, max_length, max_prompt_length, long_prompts, log=quiet)
+    if val_data:
+        val_pairs, _ = load_pairs(val_data, tok, max_length, max_prompt_length, long_prompts, log=quiet)
+    else:
+        val_pairs = [p for i, p in enumerate(pairs) if i % val_every == val_every - 1]
+        pairs = [p for i, p in enumerate(pairs) if i % val_every != val_every - 1]
+    val_pairs = val_pairs[:eval_pairs]
+    if pairs_per_step % (micro_batch * d.world):
+        raise ValueError(f"pairs_per_step={pairs_per_step} must be a multiple of micro_batch x world = "
+                         f"{micro_batch} x {d.world}")
+    accum = pairs_per_step // (micro_batch * d.world)
+    if max_steps < 0:
+        max_steps = max(1, int(epochs * len(pairs)) // pairs_per_step)
+    warmup = max(1, int(warmup_frac * max_steps))
+    log.print(f"data: {len(pairs)} train / {len(val_pairs)} held-out pairs; {pairs_per_step} pairs per step = "
+              f"{accum} x {micro_batch} x {d.world} ranks; {max_steps} steps")
+
+    # --- models: the policy (trained) and the reference (frozen, sharded, no optimizer state)
+    policy = Transformer.from_pretrained(init_from, device=d.device)
+    if policy.config.vocab_size < tok.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the model {policy.config.vocab_size}")
+    # always loaded: it fills the precomputed cache and scores the held-out pairs
+    ref = Transformer.from_pretrained(ref_from or init_from, dtype=cdtype, device=d.device).eval().requires_grad_(False)
+    shard(ref, d, shard_root=False)
+    policy.train()
+    shard(policy, d, param_dtype=cdtype if cdtype != torch.float32 else None, compile=compile,
+          checkpointing=activation_checkpointing)
+    optimizer = make_optimizer(policy, lr, betas, weight_decay)
+
+    def sequence_logps(model, x, y):
+        """Summed reply log-probs of each sequence of (x, y), via the chunked kernel inside the model's forward."""
+        x, y = x.to(d.device), y.to(d.device)
+        return model(x, head_fn=lambda h, W: reply_logps(linear_logprobs(h.flatten(0, 1), W, y.flatten(),
+                                                                         logp_chunk), y))
+
+    # --- optional: the reference's log-probs of every training pair, once (rank r does pairs r, r + world, ...)
+    ref_cache = None
+    if precompute_ref:
+        path = os.path.join(out_dir, "ref_logps.safetensors")
+        if os.path.exists(path):
+            ref_cache = load_file(path)["logps"].to(d.device)
+        else:
+            mine = list(range(d.rank, len(pairs), d.world))
+            local = torch.zeros(len(pairs), 2, device=d.device)
+            with torch.no_grad():
+                for i in range(0, len(mine), micro_batch):
+                    ids = mine[i:i + micro_batch]
+                    x, y = collate_pairs([pairs[j] for j in ids], tok.pad_id)
+                    lp = sequence_logps(ref, x, y).float()
+                    local[ids] = torch.stack([lp[:len(ids)], lp[len(ids):]], 1)
+            dist.all_reduce(local)   # each pair was computed by exactly one rank
+            ref_cache = local
+            if d.master:
+                os.makedirs(out_dir, exist_ok=True)
+                save_file({"logps": local.cpu()}, path)
+        log.print(f"reference log-probs of {len(pairs)} pairs cached in {path}")
+
+    start_step = 0
+    if resume and (path := latest_checkpoint(out_dir)):
+        start_step = load_checkpoint(path, policy, optimizer, d)["step"]
+        log.print(f"resume: {path} (step {start_step})")
+
+    def pair_stats(batch, idx=None, scale=1.0):
+        """Loss (scaled for the step) and stats [loss, accuracy, margin, chosen reward, rejected reward, pairs,
+        tokens] summed over the pairs of `batch`."""
+        x, y = collate_pairs(batch, tok.pad_id)
+        B = len(batch)
+        lp = sequence_logps(policy, x, y)
+        if ref_cache is not None and idx is not None:
+            r = ref_cache[idx]
+            ref_c, ref_r = r[:, 0], r[:, 1]
+        else:
+            with torch.no_grad():
+                r = sequence_logps(ref, x, y).float()
+            ref_c, ref_r = r[:B], r[B:]
+        loss, rc, rr = dpo_loss(lp[:B], lp[B:], ref_c, ref_r, beta)
+        stats = torch.stack([loss.sum(), (rc > rr).float().sum(), (rc - rr).sum(), rc.sum(), rr.sum(),
+                             torch.tensor(float(B), device=d.device),
+                             (x != tok.pad_id).sum().float()])
+        return loss.sum() * scale, stats.detach()
+
+    def micro_batches(step):
+        """This rank's micro-batches of `step`; the loss is the step's mean over pairs (x world: FSDP averages)."""
+        out = []
+        for m in range(accum):
+            idx = batch_indices(len(pairs), step, m, d.rank, d.world, micro_batch, accum, seed)
+            out.append(lambda idx=idx: pair_stats([pairs[i] for i in idx], torch.tensor(idx, device=d.device),
+                                                  d.world / pairs_per_step))
+        return out
+
+    def summary(stats):
+        loss, acc, margin, rc, rr, n, ntok = stats.tolist()
+        return dict(loss=loss / n, reward_accuracy=acc / n, reward_margin=margin / n, chosen_reward=rc / n,
+                    rejected_reward=rr / n), ntok
+
+    def fmt(s):
+        return (f"loss {s['loss']:.4f}  reward acc {100 * s['reward_accuracy']:.1f}%  margin {s['reward_margin']:.4f}"
+                f"  chosen {s['chosen_reward']:.4f}  rejected {s['rejected_reward']:.4f}")
+
+    def report(stats, seconds, steps):
+        s, ntok = summary(stats)
+        s["tokens_per_s"] = ntok / seconds
+        return f"{fmt(s)}  {s['tokens_per_s']:,.0f} tok/s", s
+
+    @torch.no_grad()
+    def evaluate():
+        policy.eval()
+        stats = torch.zeros(7, device=d.device)
+        mine = list(range(d.rank, len(val_pairs), d.world))
+        for i in range(0, len(mine), micro_batch):
+            stats += pair_stats([val_pairs[j] for j in mine[i:i + micro_batch]])[1]
+        dist.all_reduce(stats)
+        policy.train()
+        s = summary(stats)[0]
+        return fmt(s), s
+
+    text0, ev0 = evaluate()
+    log.print(f"held-out at step {start_step}: {text0}")
+    log.record("eval", step=start_step, **ev0)
+    fit(policy, optimizer, d, log, micro_batches, report, evaluate, start_step=start_step, max_steps=max_steps,
+        lr_fn=lambda s: lr_at(s, lr, max_steps, warmup, lr * min_lr_ratio), grad_clip=grad_clip, n_stats=7,
+        log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every, out_dir=out_dir, keep_ckpts=keep_ckpts,
+        meta={"config": config}, debug_kill_at_step=debug_kill_at_step, debug_kill_in_save=debug_kill_in_save)
+
+    text, ev = evaluate()
+    log.record("eval", step=max_steps, **ev)
+    log.print(f"held-out at init : {text0}")
+    log.print(f"held-out at end  : {text}")
+    final = os.path.join(out_dir, "final")
+    export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), make_model=Transformer)
+    if d.master:
+        copy_tokenizer_files(init_from, final)
+    log.print(f"exported {final}")
+    dist.destroy_process_group()
