@@ -55,3 +55,31 @@ def test_a_file_may_hold_other_scripts_settings(tmp_path):
         configure(settings(), [str(f)])
     with pytest.raises(KeyError, match="unknown setting 'kl_weight'"):             # the command line is strict
         configure(settings(), ["--kl_weight=1.0"])
+
+
+def script_defaults(script):
+    """A script's settings and their defaults, read with ast (module level and the __main__ block)."""
+    import ast
+    import os
+    tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "..", script)).read())
+    body = list(tree.body) + [n for node in tree.body if isinstance(node, ast.If) for n in node.body]
+    out = {}
+    for n in body:
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+            try:
+                out[n.targets[0].id] = ast.literal_eval(n.value)
+            except ValueError:
+                pass
+    return out
+
+
+def test_every_config_file_loads_in_every_script():
+    import glob
+    import os
+    files = glob.glob(os.path.join(os.path.dirname(__file__), "..", "config", "*.py"))
+    assert len(files) > 30
+    for script in ("svd_init.py", "distill.py", "dpo.py"):
+        defaults = script_defaults(script)
+        assert "init_from" in defaults and len(defaults) > 10
+        for f in files:
+            configure(dict(defaults), [f])   # raises on a key no script knows or a wrong type

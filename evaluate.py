@@ -1,0 +1,446 @@
+"""
+Evaluation: zero-shot multiple choice exactly as lm-evaluation-harness scores it (the paper's tables), perplexity,
+KL to a teacher, KV-cache size, and decode speed against the source model.
+
+    python evaluate.py --model=assets/models/tiny_kv8 --tasks=all --data_dir=tests/fixtures/eval   # bundled slices
+    python evaluate.py --model=meta-llama/Llama-3.2-1B-Instruct --tasks=all --device=cuda --tokenizer=llama3
+    python evaluate.py --model=DIR --tasks=none --ppl_data=assets/data/corpus/tinyshakespeare.txt --teacher=DIR2
+    python evaluate.py --model=DIR --tasks=none --speed=True --source=DIR2      # decode tokens/s, MLA vs GQA
+    python evaluate.py --convert_from=PATH/eval --data_dir=out/eval_full     # local raw sets -> hub field names
+
+Multiple choice, as lm-eval does it (v0.4 task configs; the paper used its big-refactor branch):
+  - each choice is a (context, continuation) request; the continuation is the target delimiter " " + the choice
+    (winogrande: the option fills the blank in the context and the rest of the sentence is the continuation);
+  - context and continuation are tokenised together and split at the context's length, after moving trailing
+    spaces of the context to the continuation (so merges across the boundary behave as in lm-eval); no BOS,
+    as lm-eval's HF backend by default;
+  - acc = argmax of the summed continuation log-likelihood; acc_norm = argmax of it divided by the length of the
+    choice string (lm-eval's len(choice)); standard errors are sample std / sqrt(n); MMLU's groups and total
+    weigh subjects by size, with pooled standard errors, as lm-eval reports them.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Tasks: where the documents come from, and how a document becomes requests
+
+HUB = {  # task -> (dataset id, config, split), the ids lm-eval uses
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation"),
+    "mmlu": ("cais/mmlu", "all", "test"),
+    "openbookqa": ("allenai/openbookqa", "main", "test"),
+    "piqa": ("ybisk/piqa", None, "validation"),
+    "pubmedqa": ("bigbio/pubmed_qa", "pubmed_qa_labeled_fold0_source", "test"),  # big-refactor's: 500 test items
+    "race": ("EleutherAI/race", "high", "test"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+}
+TASKS = ["arc_challenge", "arc_easy", "hellaswag", "mmlu", "openbookqa", "piqa", "pubmedqa", "race", "winogrande"]
+NORM = {"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa"}  # tasks lm-eval reports acc_norm for
+
+MMLU_GROUPS = {
+    "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+            "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+            "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+            "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                  "prehistory professional_law world_religions",
+    "social_sciences": "econometrics high_school_geography high_school_government_and_politics "
+                       "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
+                       "professional_psychology public_relations security_studies sociology us_foreign_policy",
+    "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+}
+MMLU_GROUP_OF = {s: g for g, subjects in MMLU_GROUPS.items() for s in subjects.split()}
+
+
+def _hellaswag_clean(text):
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+
+def build_requests(task, doc):
+    """A document in the hub's field names -> (contexts, continuations, gold, choices) with one entry per choice;
+    `choices` are the strings acc_norm divides by."""
+    if task in ("arc_easy", "arc_challenge"):
+        ctx, choices = f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"])
+        gold = list(doc["choices"]["label"]).index(doc["answerKey"])
+    elif task == "hellaswag":
+        if "query" in doc:      # already processed (lm-eval's process_docs output)
+            ctx, choices, gold = doc["query"], list(doc["choices"]), int(doc["gold"])
+        else:
+            ctx = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+            choices, gold = [_hellaswag_clean(e) for e in doc["endings"]], int(doc["label"])
+    elif task == "piqa":
+        ctx, choices, gold = f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"])
+    elif task == "openbookqa":
+        ctx, choices = doc["question_stem"], list(doc["choices"]["text"])
+        gold = list(doc["choices"]["label"]).index(doc["answerKey"].lstrip())
+    elif task == "pubmedqa":
+        ctx = "Abstract: {}\nQuestion: {}\nAnswer:".format("\n".join(doc["CONTEXTS"]), doc["QUESTION"])
+        choices = ["yes", "no", "maybe"]
+        gold = choices.index(doc["final_decision"])
+    elif task == "mmlu":
+        subject = doc["subject"].replace("_", " ")
+        q = doc["question"].strip()
+        c = doc["choices"]
+        ctx = (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+               f"{q}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:")
+        choices, gold = ["A", "B", "C", "D"], int(doc["answer"])
+    elif task == "race":
+        problems = doc["problems"] if isinstance(doc["problems"], list) else _literal(doc["problems"])
+        ctx = "Article: " + doc["article"] + "\n\n"
+        for p in problems[:-1]:
+            answer = p["options"]["ABCD".index(p["answer"])]
+            if p["question"][-6:] == "  _  .":
+                ctx += p["question"][-5:] + answer + "\n"
+            else:
+                ctx += "Question: " + p["question"] + "\n" + "Answer: " + answer + "\n"
+        last = problems[-1]
+        ctx += last["question"]
+        choices, gold = list(last["options"][:4]), "ABCD".index(last["answer"])
+    elif task == "winogrande":  # partial scoring: the option completes the context, the rest is the continuation
+        i = doc["sentence"].index("_")
+        contexts = [doc["sentence"][:i] + o for o in (doc["option1"], doc["option2"])]
+        cont = " " + doc["sentence"][i + 1:].strip()
+        return contexts, [cont, cont], {"1": 0, "2": 1}[str(doc["answer"])], contexts
+    else:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return [ctx] * len(choices), [" " + c for c in choices], gold, choices
+
+
+def _literal(s):
+    import ast
+    return ast.literal_eval(s)
+
+
+def load_docs(task, data_dir=None, limit=None):
+    """Documents of a task: data_dir/<task>.jsonl (hub field names) if given, else the hub dataset lm-eval uses."""
+    if data_dir:
+        path = os.path.join(data_dir, f"{task}.jsonl")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: convert local sets with --convert_from, or drop --data_dir "
+                                    "to read the hub")
+        with open(path) as f:
+            docs = [json.loads(line) for line in f if line.strip()]
+    else:
+        import datasets
+        hub_id, config, split = HUB[task]
+        docs = list(datasets.load_dataset(hub_id, config, split=split))
+        if task == "race":  # lm-eval scores one document per article: its questions in order, the last one asked
+            by_article = {}
+            for d in docs:
+                by_article.setdefault(d["article"], []).append(
+                    {"question": d["question"], "options": d["options"], "answer": d["answer"]})
+            docs = [{"article": a, "problems": p} for a, p in by_article.items()]
+    return docs[:limit] if limit else docs
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def encode_pair(tok, context, continuation, add_bos=False):
+    """lm-eval's _encode_pair: trailing spaces of the context move to the continuation; the whole string is
+    tokenised and split at the context's token length."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
+    prefix = [tok.bos_id] if add_bos or not ctx else []  # an empty context is scored after BOS (lm-eval's prefix)
+    return prefix + ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, tok, pairs, batch_size=16, add_bos=False, progress=None):
+    """[(context, continuation)] -> [summed log p(continuation | context)], scored in batches sorted by length
+    (longest first, as lm-eval), truncated on the left to the model's max_seq_len."""
+    dev = model.lm_head.weight.device
+    enc = [encode_pair(tok, c, x, add_bos) for c, x in pairs]
+    L = model.config.max_seq_len
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]) - len(enc[i][1]))
+    out = [0.0] * len(enc)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        seqs = [(enc[i][0] + enc[i][1])[-(L + 1):] for i in idx]
+        T = max(len(s) for s in seqs) - 1
+        x = torch.zeros(len(idx), T, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            x[j, :len(s) - 1] = torch.tensor(s[:-1])
+        logp = model(x.to(dev)).float().log_softmax(-1)          # (B, T, V)
+        for j, (i, s) in enumerate(zip(idx, seqs)):
+            n = len(enc[i][1])
+            tgt = torch.tensor(s[-n:], device=dev)
+            out[i] = logp[j, len(s) - 1 - n:len(s) - 1].gather(1, tgt[:, None]).sum().item()
+        if progress:
+            progress(min(b + batch_size, len(order)), len(order))
+    return out
+
+
+def mean_stderr(xs):
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def score_task(model, tok, task, docs, batch_size=16, add_bos=False, progress=None):
+    """Per-document correctness and task metrics {acc, acc_stderr, [acc_norm, acc_norm_stderr], n}."""
+    reqs, spans = [], []
+    for doc in docs:
+        ctxs, conts, gold, choices = build_requests(task, doc)
+        spans.append((len(reqs), len(ctxs), gold, choices))
+        reqs.extend(zip(ctxs, conts))
+    lls = loglikelihoods(model, tok, reqs, batch_size, add_bos, progress)
+    acc, acc_norm = [], []
+    for start, k, gold, choices in spans:
+        ll = lls[start:start + k]
+        acc.append(float(max(range(k), key=lambda i: ll[i]) == gold))
+        acc_norm.append(float(max(range(k), key=lambda i: ll[i] / len(choices[i])) == gold))
+    res = {"acc": sum(acc) / len(acc), "acc_stderr": mean_stderr(acc), "n": len(acc)}
+    if task in NORM:
+        res.update(acc_norm=sum(acc_norm) / len(acc_norm), acc_norm_stderr=mean_stderr(acc_norm))
+    return res, acc
+
+
+def aggregate_mmlu(docs, correct):
+    """Per subject, per group and overall accuracy, weighted by size, with pooled standard errors (lm-eval)."""
+    per = {}
+    for doc, c in zip(docs, correct):
+        per.setdefault(doc["subject"], []).append(c)
+    subjects = {s: {"acc": sum(v) / len(v), "acc_stderr": mean_stderr(v), "n": len(v)} for s, v in per.items()}
+
+    def pool(names):
+        rows = [subjects[s] for s in names if s in subjects]
+        n = sum(r["n"] for r in rows)
+        acc = sum(r["acc"] * r["n"] for r in rows) / n
+        ok = [r for r in rows if not math.isnan(r["acc_stderr"])]
+        var = (sum((r["n"] - 1) * r["acc_stderr"] ** 2 * r["n"] for r in ok) / (sum(r["n"] for r in ok) - len(ok))
+               if ok and sum(r["n"] for r in ok) > len(ok) else float("nan"))
+        return {"acc": acc, "acc_stderr": math.sqrt(var / n), "n": n}
+
+    groups = {g: pool(s.split()) for g, s in MMLU_GROUPS.items() if any(x in subjects for x in s.split())}
+    return pool(list(subjects)), groups, subjects
+
+
+# -----------------------------------------------------------------------------
+# Beyond accuracy: perplexity and KL, KV cache, decode speed
+
+
+@torch.no_grad()
+def perplexity_and_kl(model, tok, text, seq_len, teacher=None, max_tokens=None):
+    """Token-level perplexity of `text` in windows of seq_len (each window starts with BOS), and the mean
+    KL(teacher || model) per token when a teacher is given."""
+    ids = tok.encode(text)[:max_tokens]
+    dev = model.lm_head.weight.device
+    nll = kl = n = 0.0
+    for s in range(0, len(ids) - 1, seq_len - 1):
+        chunk = [tok.bos_id] + ids[s:s + seq_len - 1]
+        if len(chunk) < 2:
+            break
+        x = torch.tensor([chunk[:-1]], device=dev)
+        y = torch.tensor([chunk[1:]], device=dev)
+        lp = model(x).float().log_softmax(-1)
+        nll += -lp.gather(2, y[..., None]).sum().item()
+        if teacher is not None:
+            lt = teacher(x).float().log_softmax(-1)
+            kl += (lt.exp() * (lt - lp)).sum().item()
+        n += y.numel()
+    return {"tokens": int(n), "nll": nll / n, "perplexity": math.exp(nll / n),
+            **({"kl_teacher_student": kl / n} if teacher is not None else {})}
+
+
+def kv_report(model, source=None, batch=1, context=32768, dtype=torch.bfloat16):
+    per_layer = [b.self_attn.cache_elements_per_token() for b in model.model.layers]
+    rep = {"elements_per_token_per_layer": per_layer, "elements_per_token": sum(per_layer),
+           "bytes": model.kv_cache_bytes(batch, context, dtype), "batch": batch, "context": context,
+           "dtype": str(dtype).replace("torch.", "")}
+    if source is not None:
+        rep["source_elements_per_token"] = source.kv_cache_elements_per_token()
+        rep["percent_of_source"] = 100 * rep["elements_per_token"] / rep["source_elements_per_token"]
+    return rep
+
+
+@torch.no_grad()
+def decode_speed(model, batch, context, new_tokens=32, repeats=1):
+    """Tokens/s of generate's decode steps (prefill timed apart) with the model's real cache, random prompt ids."""
+    dev = model.lm_head.weight.device
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), device=dev,
+                           generator=torch.Generator(device=dev).manual_seed(0))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats):
+        model.setup_caches(batch, context + new_tokens)
+        sync()
+        t0 = time.time()
+        logits = model(prompt, input_pos=torch.arange(context, device=dev))[:, -1]
+        sync()
+        t1 = time.time()
+        for t in range(new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, input_pos=torch.tensor([context + t], device=dev))[:, -1]
+        sync()
+        best = min(best, time.time() - t1)
+        model.clear_caches()
+    return {"batch": batch, "context": context, "new_tokens": new_tokens, "prefill_s": t1 - t0,
+            "decode_tokens_per_s": batch * new_tokens / best}
+
+
+# -----------------------------------------------------------------------------
+# Local raw sets -> hub field names (the formats in the project's data notes)
+
+
+def convert_local(raw, out_dir, limit=None):
+    """Convert the raw local evaluation files under `raw` into out_dir/<task>.jsonl with the hub's field names."""
+    import bz2
+    import csv
+    import glob
+    os.makedirs(out_dir, exist_ok=True)
+    out = {}
+    for task in ("arc_easy", "arc_challenge"):
+        rows = [json.loads(l) for l in open(os.path.join(raw, "llm_foundry", f"{task}.jsonl"))]
+        labels = "ABCDE"
+        out[task] = [{"question": r["query"].removeprefix("Question: ").removesuffix("\nAnswer:"),
+                      "choices": {"text": r["choices"], "label": list(labels[:len(r["choices"])])},
+                      "answerKey": labels[r["gold"]]} for r in rows]
+    lines = bz2.open(os.path.join(raw, "hellaswag_val_full.txt.bz2"), "rt").read().split("\n")
+    out["hellaswag"] = [{"query": lines[i], "choices": lines[i + 2:i + 6], "gold": int(lines[i + 1])}
+                        for i in range(0, len(lines) - 5, 6)]
+    labels = open(os.path.join(raw, "piqa_valid_labels.lst")).read().split()
+    out["piqa"] = [{**json.loads(l), "label": int(y)} for l, y in zip(open(os.path.join(raw, "piqa_valid.jsonl")), labels)]
+    pq = json.load(open(os.path.join(raw, "pubmedqa_ori_pqal.json")))
+    test = json.load(open(os.path.join(raw, "pubmedqa_test_ground_truth.json")))
+    out["pubmedqa"] = [{"QUESTION": pq[k]["QUESTION"], "CONTEXTS": pq[k]["CONTEXTS"],
+                        "final_decision": test[k]} for k in test]
+    rows = list(csv.reader(open(os.path.join(raw, "openbookqa_test.tsv")), delimiter="\t"))[1:]
+    out["openbookqa"] = []
+    for r in rows:
+        opts = re.findall(r"\(([A-D])\) (.*?)(?= \([A-D]\) |$)", r[2])
+        out["openbookqa"].append({"question_stem": r[1], "choices": {"text": [t for _, t in opts],
+                                                                     "label": [l for l, _ in opts]},
+                                  "answerKey": r[4]})
+    out["winogrande"] = []
+    for l in open(os.path.join(raw, "llm_foundry", "winogrande.jsonl")):
+        r = json.loads(l)
+        a, b = r["context_options"]
+        k = len(os.path.commonprefix([a, b]))
+        k = a.rfind(" ", 0, k + 1) + 1 if k < len(a) else k  # back off to the word boundary before the blank
+        out["winogrande"].append({"sentence": a[:k] + "_ " + r["continuation"], "option1": a[k:], "option2": b[k:],
+                                  "answer": str(r["gold"] + 1)})
+    out["mmlu"] = []
+    for path in sorted(glob.glob(os.path.join(raw, "mmlu", "test", "*_test.csv"))):
+        subject = os.path.basename(path)[:-len("_test.csv")]
+        for r in list(csv.reader(open(path)))[1:]:
+            out["mmlu"].append({"question": r[0], "choices": r[1:5], "answer": int(r[5]), "subject": subject})
+    for task, docs in out.items():
+        with open(os.path.join(out_dir, f"{task}.jsonl"), "w") as f:
+            for d in (docs[:limit] if limit and task != "mmlu" else docs):
+                f.write(json.dumps(d) + "\n")
+    return {t: len(d) for t, d in out.items()}
+
+
+def markdown_table(results, tasks):
+    head = "| model | " + " | ".join(tasks) + " | avg |"
+    rows = [head, "|" + "---|" * (len(tasks) + 2)]
+    for name, res in results.items():
+        vals = []
+        for t in tasks:
+            r = res[t]
+            vals.append(100 * r.get("acc_norm", r["acc"]))
+        cells = [f"{100 * res[t]['acc']:.2f}" + (f" / {100 * res[t]['acc_norm']:.2f}" if "acc_norm" in res[t] else "")
+                 for t in tasks]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {sum(vals) / len(vals):.2f} |")
+    return "\n".join(rows) + "\n\n(acc / acc_norm where lm-eval reports both; avg over acc_norm where present, " \
+                              "else acc, as the paper's tables)"
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    # -----------------------------------------------------------------------------
+    # settings
+    model = "assets/models/tiny_kv8"     # HF Llama folder, project checkpoint or hub id
+    tokenizer = "bytes"        # "llama3" for Llama 3 models, "bytes" for the tiny ones, or a tokenizer.model path
+    tasks = "all"              # comma-separated, "all" (the paper's nine) or "none"
+    data_dir = ""              # local <task>.jsonl in hub field names; "" = the hub datasets
+    limit = 0                  # documents per task (0 = all)
+    batch_size = 16
+    add_bos = False            # lm-eval's HF backend adds no BOS by default
+    device = "auto"
+    dtype = "auto"             # bfloat16 on GPU, float32 on CPU
+    ppl_data = ""              # a text file (or .jsonl of {"text"}) for perplexity
+    ppl_tokens = 100000
+    teacher = ""               # with ppl_data: also KL(teacher || model) per token
+    source = ""                # the source Llama: KV-cache percentage and decode-speed ratio
+    speed = False              # decode tokens/s at speed_batches x speed_contexts (model, and source if given)
+    speed_batches = [1, 8]
+    speed_contexts = [256, 1024]
+    kv_context = 32768         # context for the KV-cache bytes report
+    out = "out/eval/results.json"
+    convert_from = ""          # convert raw local sets (see convert_local) into data_dir, then exit
+    config = configure(globals())
+    # -----------------------------------------------------------------------------
+    if convert_from:
+        print(convert_local(convert_from, data_dir or "out/eval_data"))
+        sys.exit(0)
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dt = {"auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32, "bfloat16": torch.bfloat16,
+          "float32": torch.float32}[dtype]
+    m = Transformer.from_pretrained(model, dtype=dt, device=dev).eval()
+    tok = Tokenizer.from_name(tokenizer)
+    results = {"config": config, "model_config": m.config.to_hf(), "tokenizer": tok.name, "tasks": {}}
+    names = TASKS if tasks == "all" else [t for t in tasks.split(",") if t and t != "none"]
+    for task in names:
+        docs = load_docs(task, data_dir or None, limit or None)
+        t0 = time.time()
+        show = lambda i, n: print(f"\r{task}: {i}/{n} requests", end="", file=sys.stderr, flush=True)
+        res, correct = score_task(m, tok, task, docs, batch_size, add_bos, show)
+        print(file=sys.stderr)
+        if task == "mmlu":
+            res_all, groups, subjects = aggregate_mmlu(docs, correct)
+            res = {**res_all, "groups": groups, "subjects": subjects}
+        res["seconds"] = round(time.time() - t0, 1)
+        results["tasks"][task] = res
+        print(f"{task}: acc {100 * res['acc']:.2f} ± {100 * res['acc_stderr']:.2f}"
+              + (f"  acc_norm {100 * res['acc_norm']:.2f} ± {100 * res['acc_norm_stderr']:.2f}"
+                 if "acc_norm" in res else "") + f"  (n={res['n']})")
+    if names:
+        print(markdown_table({os.path.basename(model.rstrip("/")): results["tasks"]}, names))
+    src = Transformer.from_pretrained(source, dtype=dt, device=dev).eval() if source else None
+    if ppl_data:
+        text = open(ppl_data).read() if not ppl_data.endswith(".jsonl") else \
+            "\n\n".join(json.loads(l)["text"] for l in open(ppl_data))
+        t = Transformer.from_pretrained(teacher, dtype=dt, device=dev).eval() if teacher else None
+        results["perplexity"] = perplexity_and_kl(m, tok, text, min(m.config.max_seq_len, 1024), t, ppl_tokens)
+        print(f"perplexity: {results['perplexity']}")
+    results["kv_cache"] = kv_report(m, src, context=kv_context)
+    print(f"KV cache: {results['kv_cache']['elements_per_token']} numbers per token"
+          + (f" = {results['kv_cache']['percent_of_source']:.1f}% of the source's" if src else "")
+          + f"; {results['kv_cache']['bytes'] / 2**20:.1f} MiB at batch 1, context {kv_context}, bf16")
+    if speed:
+        results["speed"] = []
+        for b in speed_batches:
+            for c in speed_contexts:
+                row = {"model": decode_speed(m, b, c)}
+                if src is not None:
+                    row["source"] = decode_speed(src, b, c)
+                    row["ratio"] = row["model"]["decode_tokens_per_s"] / row["source"]["decode_tokens_per_s"]
+                results["speed"].append(row)
+                print(f"decode batch {b} context {c}: {row['model']['decode_tokens_per_s']:,.0f} tok/s"
+                      + (f" vs source {row['source']['decode_tokens_per_s']:,.0f} ({row['ratio']:.2f}x)"
+                         if src is not None else ""))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {out}")
