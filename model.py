@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import latent_attention
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -231,17 +233,18 @@ class KVCache(nn.Module):
 
 
 class LatentCache(nn.Module):
-    """MLA layer: only the latent c_kv (B, S, r_kv) and the shared RoPE key (B, S, d_r): r_kv + d_r per token."""
+    """MLA layer: only the latent c_kv and the shared RoPE key, side by side in one (B, S, r_kv + d_r) buffer:
+    r_kv + d_r numbers per token. One buffer because the fast decode (kernels.latent_attention) reads a token's row
+    whole as its key ([c_kv ; k_rope]) and its first r_kv numbers as its value."""
 
     def __init__(self, B, S, r_kv, d_r, dtype, device):
         super().__init__()
-        self.register_buffer("c_kv", torch.zeros(B, S, r_kv, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("k_rope", torch.zeros(B, S, d_r, dtype=dtype, device=device), persistent=False)
+        self.r_kv = r_kv
+        self.register_buffer("kv", torch.zeros(B, S, r_kv + d_r, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, c_kv, k_rope):  # c_kv (B, T, r_kv), k_rope (B, T, d_r)
-        self.c_kv.index_copy_(1, input_pos, c_kv.to(self.c_kv.dtype))
-        self.k_rope.index_copy_(1, input_pos, k_rope.to(self.k_rope.dtype))
-        return self.c_kv, self.k_rope
+        self.kv.index_copy_(1, input_pos, torch.cat([c_kv, k_rope], dim=-1).to(self.kv.dtype))
+        return self.kv[..., :self.r_kv], self.kv[..., self.r_kv:]
 
 
 # -----------------------------------------------------------------------------
@@ -285,11 +288,14 @@ class Attention(nn.Module):
 class MLAttention(nn.Module):
     """Multi-head Latent Attention (paper eqs. 3-7) with per-layer ranks r_q, r_kv.
 
-    Two mathematically equal paths:
+    Mathematically equal paths:
       naive    up-project the latent into per-head K (d_qk + shared d_r) and V (d_v), then SDPA. Training, prefill.
       absorbed never materialise per-head K/V: fold W_UK into the query, attend over the latent itself, apply W_UV
-               after the attention. Decode: per token it reads only r_kv + d_r numbers of cache.
-    `path` = "auto" picks naive for a full forward and multi-token prefill, absorbed for one-token decode steps.
+               after the attention; written as plain einsums (the reference). Per token it reads only r_kv + d_r
+               numbers of cache.
+      latent   the absorbed math as one multi-query SDPA call with the heads folded into the query rows
+               (kernels.latent_attention): the fast decode path.
+    `path` = "auto" picks naive for a full forward and multi-token prefill, latent for one-token decode steps.
     """
 
     def __init__(self, cfg: ModelConfig, r_q, r_kv):
@@ -326,10 +332,22 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(self.W_KR(x).view(B, T, 1, self.d_r), cos, sin)[:, :, 0]  # (B, T, d_r), one per token
         if input_pos is not None:
             c_kv, k_rope = self.cache.update(input_pos, c_kv, k_rope)              # (B, S, r_kv), (B, S, d_r)
-        path = self.path if self.path != "auto" else ("absorbed" if T == 1 and input_pos is not None else "naive")
-        attend = self._absorbed if path == "absorbed" else self._naive
-        y = attend(q_nope, q_rope, c_kv, k_rope, mask)                             # (B, T, H, d_v)
+        path = self.path if self.path != "auto" else ("latent" if T == 1 and input_pos is not None else "naive")
+        if path == "latent":
+            kv = self.cache.kv if input_pos is not None else torch.cat([c_kv, k_rope], dim=-1)  # (B, S, r_kv + d_r)
+            y = self._latent(q_nope, q_rope, kv, mask)
+        else:
+            y = (self._absorbed if path == "absorbed" else self._naive)(q_nope, q_rope, c_kv, k_rope, mask)
+        # y: (B, T, H, d_v)
         return self.o_proj(y.reshape(B, T, self.H * self.d_v))
+
+    def _latent(self, q_nope, q_rope, kv, mask):
+        """The absorbed path as one multi-query SDPA call over the latent cache kv (B, S, r_kv + d_r): decode."""
+        W_UK = self.W_UK.weight.view(self.H, self.d_qk, self.r_kv)
+        W_UV = self.W_UV.weight.view(self.H, self.d_v, self.r_kv)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, W_UK)                       # (B, T, H, r_kv)
+        o_lat = latent_attention(torch.cat([q_lat, q_rope], dim=-1), kv, self.r_kv, self.scale, mask)
+        return torch.einsum("bthr,hdr->bthd", o_lat, W_UV)                         # (B, T, H, d_v)
 
     def _naive(self, q_nope, q_rope, c_kv, k_rope, mask):
         B, S, H = c_kv.shape[0], c_kv.shape[1], self.H
@@ -451,17 +469,23 @@ class Transformer(nn.Module):
     cache_len = None
 
     def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
-        """Allocate every layer's static cache: (B, n_kv, S, d_h) x2 for GQA, (B, S, r_kv) + (B, S, d_r) for MLA."""
+        """Allocate every layer's static cache: (B, n_kv, S, d_h) x2 for GQA, (B, S, r_kv + d_r) for MLA. Caches of
+        the same shape are kept (a compiled decode step, CUDA graphs especially, wants the same buffers); what an
+        earlier sequence left in them is overwritten before it can be read (the mask covers positions <= input_pos)."""
         p = self.lm_head.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        key = (batch_size, max_seq_len, dtype, str(device))
+        if self.cache_len is not None and getattr(self, "_cache_key", None) == key:
+            return
         for block in self.model.layers:
             attn = block.self_attn
-            attn.cache = attn.make_cache(batch_size, max_seq_len, dtype or p.dtype, device or p.device)
-        self.cache_len = max_seq_len
+            attn.cache = attn.make_cache(batch_size, max_seq_len, dtype, device)
+        self.cache_len, self._cache_key = max_seq_len, key
 
     def clear_caches(self):
         for block in self.model.layers:
             block.self_attn.cache = None
-        self.cache_len = None
+        self.cache_len = self._cache_key = None
 
     def kv_cache_elements_per_token(self) -> int:
         """Numbers cached per token, summed over layers: 2 n_kv d_h per GQA layer, r_kv + d_r per MLA layer."""
@@ -476,15 +500,31 @@ class Transformer(nn.Module):
                    for b in blk.self_attn.cache.buffers())
 
     # --- generation ---
+    def decode_step(self, idx, input_pos):
+        """One decode step: idx (B, 1) at position input_pos (1,) -> next-token logits (B, V), via the caches."""
+        return self(idx, input_pos=input_pos)[:, -1]
+
+    _compiled_step = None
+
+    def compiled_decode_step(self):
+        """decode_step under torch.compile (gpt-fast style: only the decode step is compiled; static shapes thanks
+        to the static caches). CUDA: mode "reduce-overhead" (CUDA graphs; HIP graphs on ROCm); elsewhere default."""
+        if self._compiled_step is None:
+            mode = "reduce-overhead" if self.lm_head.weight.device.type == "cuda" else None
+            self._compiled_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled_step
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, compile=False):
         """Prefill the prompt idx (B, T0), then decode one token at a time from the caches. temperature 0 is greedy.
-        Rows that emit eos_id keep emitting it; decoding stops once every row has. Returns (B, T0 + n) ids."""
+        Rows that emit eos_id keep emitting it; decoding stops once every row has. compile=True runs the decode
+        steps through torch.compile (compiled once per model and cache shape). Returns (B, T0 + n) ids."""
         B, T0 = idx.shape
         if T0 + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt {T0} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
         self.setup_caches(B, T0 + max_new_tokens)
+        step = self.compiled_decode_step() if compile else self.decode_step
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         pos = torch.arange(T0, device=idx.device)
         logits = self(idx, input_pos=pos)[:, -1]                                  # prefill, (B, V)
@@ -497,8 +537,7 @@ class Transformer(nn.Module):
             out.append(nxt[:, None])
             if t == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):  # the one host sync: stopping
                 break
-            logits = self(nxt[:, None], input_pos=torch.tensor([T0 + t], device=idx.device))[:, -1]
-        self.clear_caches()
+            logits = step(nxt[:, None], torch.tensor([T0 + t], device=idx.device))
         return torch.cat(out, dim=1)
 
     # --- checkpoints: Hugging Face folders of safetensors ---

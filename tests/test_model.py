@@ -57,18 +57,19 @@ def test_mla_naive_equals_absorbed_full_forward(name):
     m = random_model(CONFIGS[name])
     idx = torch.randint(0, m.config.vocab_size, (B, T))
     outs = {}
-    for path in ("naive", "absorbed"):
+    for path in ("naive", "absorbed", "latent"):
         for blk in m.model.layers:
             if isinstance(blk.self_attn, MLAttention):
                 blk.self_attn.path = path
         outs[path] = m(idx)
     assert_close(outs["absorbed"], outs["naive"], rtol=1e-5, atol=1e-5)
+    assert_close(outs["latent"], outs["naive"], rtol=1e-5, atol=1e-5)
     # and the test is not vacuous: the MLA layers do change the output
     assert outs["naive"].abs().max() > 1.0
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("path", ["auto", "naive", "absorbed"])
+@pytest.mark.parametrize("path", ["auto", "naive", "absorbed", "latent"])
 def test_incremental_decode_equals_full_forward(name, path):
     m = random_model(CONFIGS[name])
     for blk in m.model.layers:
