@@ -2,6 +2,8 @@
 Performance-critical pieces, each with a plain reference it is tested against.
 
     python kernels.py          # benchmark: peak memory and time of the chunked KL vs the naive formula (CPU/GPU)
+    python kernels.py decode --batches=1,4 --contexts=1024,4096        # decode step: GQA vs MLA naive vs latent
+    python kernels.py decode --batches=1,8,64 --contexts=1024,8192,32768 --budget_gib=60   # the full grid (GPU)
 
 1. linear_kl: the distillation loss from final hidden states, without ever holding the full (N, V) logits.
    The naive loss materialises student and teacher logits in fp32 at once: for a Llama-3 vocabulary (128,256) and a
@@ -175,5 +177,112 @@ def _bench():
         h_s.grad = W_s.grad = None
 
 
+@torch.no_grad()
+def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repeats=5):
+    """One Llama-3.2-1B-shaped attention layer (d 2048, 32 heads, 8 KV heads of 64), one decode step against a
+    filled cache of S tokens: GQA (SDPA over its own K/V cache), MLA naive (per-head K/V expanded into the cache,
+    as the official X-EcoMLA code caches them) and MLA latent (this project: r_kv + d_r per token, one SDPA call).
+    Prints step time, tokens/s (batch / step time), cache bytes read per step / step time, and cache memory."""
+    from model import Attention, KVCache, MLAttention, ModelConfig, rope_cos_sin, rope_inv_freq
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    esize = torch.empty((), dtype=dt).element_size()
+    rq = {512: 864, 256: 1184, 128: 1344, 64: 1424, 48: 1440}
+    base = dict(vocab_size=8, dim=2048, n_layers=1, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8,
+                rope_theta=500000.0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        fn()
+        sync()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), dtype {dt}, "
+          f"{torch.get_num_threads()} threads; one attention layer, one decode step")
+    print("| variant | cache numbers/token | batch | context | layer step ms | tokens/s | attention core ms | "
+          "cache GB/s (core) | core vs GQA |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B in batches:
+        for S in contexts:
+            x = torch.randn(B, 1, 2048, device=dev, dtype=dt)
+            pos = torch.tensor([S - 1], device=dev)
+            mask = torch.arange(S, device=dev)[None, :] <= pos[:, None]
+            rope = {"gqa": rope_cos_sin(rope_inv_freq(64, 500000.0).to(dev), pos),
+                    "mla": rope_cos_sin(rope_inv_freq(32, 500000.0).to(dev), pos)}
+            rows = []
+            gqa = Attention(ModelConfig(**base)).to(dev, dt)
+            gqa.cache = KVCache(B, S, 8, 64, dt, dev)
+            q = torch.randn(B, 32, 1, 64, device=dev, dtype=dt)
+            rows.append(("GQA (SDPA)", 1024, timed(lambda: gqa(x, rope, pos, mask)), timed(
+                lambda: F.scaled_dot_product_attention(q, gqa.cache.k, gqa.cache.v, attn_mask=mask, enable_gqa=True))))
+            for r_kv in ranks:
+                cfg = ModelConfig(**base, mla_layers=(0,), q_rank=(rq.get(r_kv, 1024),), kv_rank=(r_kv,),
+                                  qk_nope_dim=32, qk_rope_dim=32)
+                mla = MLAttention(cfg, rq.get(r_kv, 1024), r_kv).to(dev, dt)
+                # naive, as the official code: per-head K (d_qk + d_r) and V (d_v) cached, attention over them
+                k_exp = torch.randn(B, 32, S, 64, device=dev, dtype=dt)
+                v_exp = torch.randn(B, 32, S, 64, device=dev, dtype=dt)
+
+                def naive_step(mla=mla, k_exp=k_exp, v_exp=v_exp):
+                    c_q, c_kv = mla.W_DQ(x), mla.W_DKV(x)
+                    qh = torch.cat([mla.W_UQ(c_q).view(B, 1, 32, 32), mla.W_QR(c_q).view(B, 1, 32, 32)], -1)
+                    k_exp[:, :, S - 1:] = torch.cat([mla.W_UK(c_kv).view(B, 1, 32, 32),
+                                                     mla.W_KR(x).view(B, 1, 1, 32).expand(B, 1, 32, 32)], -1
+                                                    ).transpose(1, 2)
+                    v_exp[:, :, S - 1:] = mla.W_UV(c_kv).view(B, 1, 32, 64).transpose(1, 2)
+                    y = F.scaled_dot_product_attention(qh.transpose(1, 2), k_exp, v_exp, attn_mask=mask,
+                                                       scale=mla.scale)
+                    return mla.o_proj(y.transpose(1, 2).reshape(B, 1, 2048))
+                qn = torch.randn(B, 32, 1, 64, device=dev, dtype=dt)
+                rows.append((f"MLA r_kv {r_kv} naive (expanded cache)", 4096, timed(naive_step), timed(
+                    lambda k_exp=k_exp, v_exp=v_exp: F.scaled_dot_product_attention(qn, k_exp, v_exp, attn_mask=mask,
+                                                                                    scale=0.125))))
+                mla.cache = mla.make_cache(B, S, dt, dev)
+                mla.path = "latent"
+                ql = torch.randn(B, 1, 32, r_kv + 32, device=dev, dtype=dt)
+                rows.append((f"MLA r_kv {r_kv} latent", r_kv + 32, timed(lambda mla=mla: mla(x, rope, pos, mask)),
+                             timed(lambda mla=mla, ql=ql, r_kv=r_kv: latent_attention(ql, mla.cache.kv, r_kv, 0.125,
+                                                                                      mask))))
+            t_gqa = rows[0][3]
+            for name, per_tok, t, core in rows:
+                gbs = B * S * per_tok * esize / core / 1e9
+                print(f"| {name} | {per_tok} | {B} | {S} | {1e3 * t:.2f} | {B / t:,.0f} | {1e3 * core:.3f} | "
+                      f"{gbs:.1f} | {t_gqa / core:.2f}x |", flush=True)
+    print("\nprefill of the whole prompt through one MLA layer (writes the latent cache): naive vs latent path")
+    for S in [c for c in contexts if c <= 4096]:  # the latent path's (T H, S) scores grow too large beyond
+        for r_kv in ranks:
+            cfg = ModelConfig(**base, mla_layers=(0,), q_rank=(rq.get(r_kv, 1024),), kv_rank=(r_kv,), qk_nope_dim=32,
+                              qk_rope_dim=32)
+            mla = MLAttention(cfg, rq.get(r_kv, 1024), r_kv).to(dev, dt)
+            mla.cache = mla.make_cache(1, S, dt, dev)
+            pos = torch.arange(S, device=dev)
+            x = torch.randn(1, S, 2048, device=dev, dtype=dt)
+            rope = {"mla": rope_cos_sin(rope_inv_freq(32, 500000.0).to(dev), pos)}
+            mask = pos[None, :] <= pos[:, None]
+            t = {}
+            for path in ("naive", "latent"):
+                mla.path = path
+                t[path] = timed(lambda mla=mla: mla(x, rope, pos, mask))
+            print(f"  r_kv {r_kv:4d}, prompt {S:6d}: naive {1e3 * t['naive']:9.2f} ms   latent {1e3 * t['latent']:9.2f} ms")
+    L = 16
+    print(f"\ncache memory per sequence at 32K context, 16 layers, {dt}; largest batch in {budget_gib:.0f} GiB:")
+    for name, per_tok in [("GQA", 1024), ("MLA naive (expanded)", 4096)] + [(f"MLA r_kv {r}", r + 32) for r in ranks]:
+        per_seq = L * per_tok * 32768 * esize
+        print(f"  {name:22s} {per_seq / 2**30:6.2f} GiB/seq   max batch {int(budget_gib * 2**30 // per_seq)}")
+
+
 if __name__ == "__main__":
-    _bench()
+    import sys
+    if sys.argv[1:2] == ["decode"]:
+        opts = dict(a[2:].split("=", 1) for a in sys.argv[2:] if a.startswith("--"))
+        _bench_decode([int(v) for v in opts.get("batches", "1,4").split(",")],
+                      [int(v) for v in opts.get("contexts", "1024,4096").split(",")],
+                      budget_gib=float(opts.get("budget_gib", 40)))
+    else:
+        _bench()

@@ -622,6 +622,9 @@ class Transformer(nn.Module):
             _write_json(os.path.join(tmp, "config.json"), hf)
             if run_config is not None:
                 _write_json(os.path.join(tmp, "run_config.json"), run_config)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is as readable as any other
+            for name in os.listdir(tmp):
+                os.chmod(os.path.join(tmp, name), 0o644)
             # swap in: the old folder (if any) is only removed once the new one is complete
             old = None
             if os.path.exists(path):
