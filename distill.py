@@ -23,7 +23,7 @@ from kernels import linear_kl
 from model import ModelConfig, Transformer, copy_tokenizer_files
 from svd_init import upcycle
 from trainer import (RunLog, barrier, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
-                     make_optimizer, shard)
+                     make_optimizer, shard, start_out_dir)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -93,6 +93,7 @@ torch.manual_seed(seed)
 cdtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
           "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 mp_dtype = cdtype if cdtype != torch.float32 else None  # FSDP2 mixed precision: fp32 master weights, bf16 compute
+start_out_dir(out_dir, resume, d)
 log = RunLog(out_dir, d, "distill")
 log.print(f"world {d.world} on {d.device}, compute {cdtype}; settings: {config}")
 

@@ -31,6 +31,9 @@ def reply_logps(token_logps, targets):
 
 
 if __name__ == "__main__":
+    import hashlib
+    import json
+
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
@@ -40,7 +43,7 @@ if __name__ == "__main__":
     from model import Transformer, copy_tokenizer_files
     from tokenizer import Tokenizer
     from trainer import (RunLog, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
-                         make_optimizer, shard)
+                         make_optimizer, shard, start_out_dir)
 
     # -----------------------------------------------------------------------------
     # settings
@@ -90,6 +93,7 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     cdtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
               "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    start_out_dir(out_dir, resume, d)
     log = RunLog(out_dir, d, "dpo")
     log.print(f"world {d.world} on {d.device}, compute {cdtype}; settings: {config}")
 
@@ -134,7 +138,10 @@ if __name__ == "__main__":
     # --- optional: the reference's log-probs of every training pair, once (rank r does pairs r, r + world, ...)
     ref_cache = None
     if precompute_ref:
-        path = os.path.join(out_dir, "ref_logps.safetensors")
+        # keyed by everything that decides the numbers, so a changed setting can never reuse a stale file
+        key = hashlib.sha256(json.dumps([ref_from or init_from, pref_data, val_data, val_every, tokenizer, max_length,
+                                         max_prompt_length, long_prompts, len(pairs)]).encode()).hexdigest()[:12]
+        path = os.path.join(out_dir, f"ref_logps-{key}.safetensors")
         if os.path.exists(path):
             ref_cache = load_file(path)["logps"].to(d.device)
         else:

@@ -142,7 +142,10 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
         for name in os.listdir(tmp):                          # make the files durable before the rename
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved before (a re-run): swap, then remove the old one
+            os.replace(final, final + ".old")
         os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
         for old in sorted(c for c in os.listdir(out_dir) if c.startswith("ckpt-") and not c.endswith(".tmp"))[:-keep]:
             shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
     barrier()
@@ -158,6 +161,22 @@ def _untie(sd):
         seen[v.data_ptr()] = k
         out[k] = v
     return out
+
+
+def start_out_dir(out_dir, resume, d: Dist):
+    """A fresh run (resume=False) in a folder that holds an earlier run moves that run's checkpoints, logs and export
+    into out_dir/replaced-<time>/ first: nothing is deleted, and a later --resume can never pick a stale checkpoint."""
+    if d.master and not resume and os.path.isdir(out_dir):
+        old = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") or n == "final"
+               or n.endswith((".jsonl", ".txt"))]
+        if old:
+            dest = os.path.join(out_dir, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(dest)
+            for n in old:
+                os.replace(os.path.join(out_dir, n), os.path.join(dest, n))
+            print(f"{out_dir} held an earlier run: moved {', '.join(sorted(old))} to {dest} (use --resume=True to "
+                  "continue a run instead)", flush=True)
+    barrier()
 
 
 def latest_checkpoint(out_dir):

@@ -118,3 +118,14 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))           # then non-increasing (cosine)
     assert abs(lr_at(55, 1.0, 100, 10, 0.1) - 0.55) < 1e-9          # halfway: the mean of max and min
     assert lr_at(100, 1.0, 100, 10, 0.1) == 0.1 and lr_at(500, 1.0, 100, 10, 0.1) == 0.1
+
+
+def test_a_fresh_run_moves_an_earlier_one_aside(setup):
+    cfg, out = write_cfg(setup, "rerun", max_steps=4)
+    run(cfg)
+    r = run(cfg, extra=["--max_steps=2"])                            # the same out_dir, no --resume
+    assert "held an earlier run: moved" in r.stdout
+    assert sorted(c for c in os.listdir(out) if c.startswith("ckpt-")) == ["ckpt-0000002"]   # no stale ckpt-4
+    moved = [n for n in os.listdir(out) if n.startswith("replaced-")]
+    assert len(moved) == 1 and "ckpt-0000004" in os.listdir(os.path.join(out, moved[0]))
+    assert latest_checkpoint(out).endswith("ckpt-0000002")
