@@ -4,6 +4,7 @@
 # stated settings.
 # python svd_init.py config/llama1b_hybrid50_kv512.py --out_dir=out/llama1b_hybrid50_kv512
 # torchrun --nproc_per_node=8 distill.py config/llama1b_hybrid50_kv512.py
+from config._distill_llama1b import *  # noqa: F401,F403  shared settings; this file overrides
 init_from = 'meta-llama/Llama-3.2-1B-Instruct'
 mla_layers = [1, 3, 5, 7, 8, 10, 12, 14]
 q_rank = 864
@@ -11,20 +12,4 @@ kv_rank = 512
 qk_nope_dim = 32
 qk_rope_dim = 32
 init = 'svd'
-
-# --- distillation (distill.py; the official X-EcoMLA settings) ---
-teacher = ""               # "" = the source itself; or meta-llama/Llama-3.2-3B-Instruct, meta-llama/Llama-3.1-8B-Instruct
-kl_weight = 1.0
-ce_weight = 0.0
-sft_data = ["sftdatasetv3"]  # JunxiongWang/sftdatasetv3: OpenHermes-2.5 + GenQA + Infinity-Instruct (see data.py)
-tokenizer = "llama3"
-seq_len = 2048
-micro_batch = 12
-tokens_per_step = 393216    # 12 per GPU x 8 GPUs x 2 accumulation x 2048
-epochs = 1.0
-lr = 8e-5
-warmup_frac = 0.01
-betas = (0.9, 0.98)
-dtype = "bfloat16"
-activation_checkpointing = True
 out_dir = "out/llama1b_hybrid50_kv512"

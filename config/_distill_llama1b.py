@@ -1,0 +1,16 @@
+# Distillation settings shared by the config files of Llama-3.2-1B students (official X-EcoMLA 1B settings).
+# Each row file imports them: `from config._distill_...  import *`.
+teacher = ""               # "" = the source itself; or meta-llama/Llama-3.2-3B-Instruct, meta-llama/Llama-3.1-8B-Instruct
+kl_weight = 1.0
+ce_weight = 0.0
+sft_data = ["sftdatasetv3"]  # JunxiongWang/sftdatasetv3: OpenHermes-2.5 + GenQA + Infinity-Instruct (see data.py)
+tokenizer = "llama3"
+seq_len = 2048
+micro_batch = 12
+tokens_per_step = 393216    # 12 per GPU x 8 GPUs x 2 accumulation x 2048
+epochs = 1.0
+lr = 8e-5
+warmup_frac = 0.01
+betas = (0.9, 0.98)
+dtype = "bfloat16"
+activation_checkpointing = True
