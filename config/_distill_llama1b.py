@@ -1,9 +1,11 @@
 # Distillation settings shared by the config files of Llama-3.2-1B students (official X-EcoMLA 1B settings).
 # Each row file imports them: `from config._distill_...  import *`.
-teacher = ""               # "" = the source itself; or meta-llama/Llama-3.2-3B-Instruct, meta-llama/Llama-3.1-8B-Instruct
+# teacher: "" = the source itself; or meta-llama/Llama-3.2-3B-Instruct, meta-llama/Llama-3.1-8B-Instruct
+teacher = ""
 kl_weight = 1.0
 ce_weight = 0.0
-sft_data = ["sftdatasetv3"]  # JunxiongWang/sftdatasetv3: OpenHermes-2.5 + GenQA + Infinity-Instruct (see data.py)
+# JunxiongWang/sftdatasetv3: OpenHermes-2.5 + GenQA + Infinity-Instruct (see data.py)
+sft_data = ["sftdatasetv3"]
 tokenizer = "llama3"
 seq_len = 2048
 micro_batch = 12
