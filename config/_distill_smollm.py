@@ -1,6 +1,9 @@
-# Distillation settings shared by the config files of SmolLM students (the paper gives no SmolLM batch or lr: the 1B settings).
+# Distillation settings shared by the SmolLM config files (the paper gives no SmolLM batch or lr: the 1B settings).
 # Each row file imports them: `from config._distill_...  import *`.
-# teacher: "" = the source itself; or meta-llama/Llama-3.2-3B-Instruct, meta-llama/Llama-3.1-8B-Instruct
+# LIMITATION: SmolLM's vocabulary (49,152, a GPT-2-style BPE in tokenizer.json) is not Llama 3's, and tokenizer.py
+# reads only tiktoken files (Llama 3, bytes). So these files serve svd_init.py (conversion, KV report) today;
+# distill.py stops with "tokenizer ... has 128256 ids but the model only 49152" until a SmolLM tokenizer is added.
+# teacher: "" = the source itself (a teacher must share SmolLM's vocabulary, so no Llama teacher)
 teacher = ""
 kl_weight = 1.0
 ce_weight = 0.0
