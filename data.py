@@ -5,7 +5,8 @@ as packed fixed-length sequences, each rank its own slice of a deterministic shu
 
     python data.py assets/data/sft/alpaca_en_demo.json --tokenizer=bytes     # build the cache, print statistics
 
-Its own file because distill.py (SFT mix) and the tiny teacher's pre-training both read through it.
+Its own file because distill.py (the SFT mix, and the tiny teacher's pre-training) and dpo.py (preference pairs) read
+through it.
 
 Row shapes understood (anything else is counted as malformed and skipped, never a crash):
     {"messages": [{"role", "content"}, ...]}                      OpenAI / HF chat (sftdatasetv3, GenQA, ...)
