@@ -20,7 +20,7 @@ import torch.distributed as dist
 from configurator import configure
 from data import PackedData, build_cache
 from kernels import linear_kl
-from model import ModelConfig, Transformer, copy_tokenizer_files
+from model import ModelConfig, Transformer, copy_tokenizer_files, resolve_dtype
 from svd_init import upcycle
 from trainer import (RunLog, barrier, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
                      make_optimizer, shard, start_out_dir)
@@ -90,8 +90,7 @@ config = configure(globals())
 
 d = init_distributed(device)
 torch.manual_seed(seed)
-cdtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
-          "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+cdtype = resolve_dtype(dtype, d.device.type)
 mp_dtype = cdtype if cdtype != torch.float32 else None  # FSDP2 mixed precision: fp32 master weights, bf16 compute
 start_out_dir(out_dir, resume, d)
 log = RunLog(out_dir, d, "distill")

@@ -40,7 +40,7 @@ if __name__ == "__main__":
     from configurator import configure
     from data import batch_indices, collate_pairs, load_pairs
     from kernels import linear_logprobs
-    from model import Transformer, copy_tokenizer_files
+    from model import Transformer, copy_tokenizer_files, resolve_dtype
     from tokenizer import Tokenizer
     from trainer import (RunLog, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
                          make_optimizer, shard, start_out_dir)
@@ -91,8 +91,7 @@ if __name__ == "__main__":
 
     d = init_distributed(device)
     torch.manual_seed(seed)
-    cdtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
-              "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    cdtype = resolve_dtype(dtype, d.device.type)
     start_out_dir(out_dir, resume, d)
     log = RunLog(out_dir, d, "dpo")
     log.print(f"world {d.world} on {d.device}, compute {cdtype}; settings: {config}")

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from kernels import linear_kl, linear_logprobs
+
 # -----------------------------------------------------------------------------
 # Tasks: where the documents come from, and how a document becomes requests
 
@@ -173,13 +175,16 @@ def loglikelihoods(model, tok, pairs, batch_size=16, add_bos=False, progress=Non
         seqs = [(enc[i][0] + enc[i][1])[-(L + 1):] for i in idx]
         T = max(len(s) for s in seqs) - 1
         x = torch.zeros(len(idx), T, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            x[j, :len(s) - 1] = torch.tensor(s[:-1])
-        logp = model(x.to(dev)).float().log_softmax(-1)          # (B, T, V)
+        y = torch.full((len(idx), T), -100, dtype=torch.long)    # targets on the continuation tokens only
         for j, (i, s) in enumerate(zip(idx, seqs)):
             n = len(enc[i][1])
-            tgt = torch.tensor(s[-n:], device=dev)
-            out[i] = logp[j, len(s) - 1 - n:len(s) - 1].gather(1, tgt[:, None]).sum().item()
+            x[j, :len(s) - 1] = torch.tensor(s[:-1])
+            y[j, len(s) - 1 - n:len(s) - 1] = torch.tensor(s[-n:])
+        # per-token log-probs from the hidden states in chunks (kernels.linear_logprobs): no (B, T, V) logits
+        y = y.to(dev)
+        lp = model(x.to(dev), head_fn=lambda h, W: linear_logprobs(h.flatten(0, 1), W, y.flatten()))
+        for j, ll in zip(idx, lp.view(y.shape).sum(-1).tolist()):  # -100 positions contribute 0
+            out[j] = ll
         if progress:
             progress(min(b + batch_size, len(order)), len(order))
     return out
@@ -242,19 +247,19 @@ def perplexity_and_kl(model, tok, text, seq_len, teacher=None, max_tokens=None):
     KL(teacher || model) per token when a teacher is given."""
     ids = tok.encode(text)[:max_tokens]
     dev = model.lm_head.weight.device
-    nll = kl = n = 0.0
+    stats = torch.zeros(4, device=dev)  # sum KL, sum CE, sum teacher CE, tokens (kernels.linear_kl, chunked)
     for s in range(0, len(ids) - 1, seq_len - 1):
         chunk = [tok.bos_id] + ids[s:s + seq_len - 1]
         if len(chunk) < 2:
             break
         x = torch.tensor([chunk[:-1]], device=dev)
-        y = torch.tensor([chunk[1:]], device=dev)
-        lp = model(x).float().log_softmax(-1)
-        nll += -lp.gather(2, y[..., None]).sum().item()
+        y = torch.tensor(chunk[1:], device=dev)
+        h_t = W_t = None
         if teacher is not None:
-            lt = teacher(x).float().log_softmax(-1)
-            kl += (lt.exp() * (lt - lp)).sum().item()
-        n += y.numel()
+            h_t, W_t = teacher.forward_hidden(x)[0], teacher.lm_head.weight
+        stats += model(x, head_fn=lambda h, W: linear_kl(h[0], W, h_t, W_t, y, torch.ones_like(y, dtype=torch.float),
+                                                         kl_weight=float(teacher is not None), ce_weight=1.0))[1]
+    kl, nll, _, n = stats.tolist()
     return {"tokens": int(n), "nll": nll / n, "perplexity": math.exp(nll / n),
             **({"kl_teacher_student": kl / n} if teacher is not None else {})}
 
@@ -286,8 +291,7 @@ def decode_speed(model, batch, context, new_tokens=32, repeats=1):
         sync()
         t1 = time.time()
         for t in range(new_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
-            logits = model(nxt, input_pos=torch.tensor([context + t], device=dev))[:, -1]
+            logits = model.decode_step(logits.argmax(-1, keepdim=True), torch.tensor([context + t], device=dev))
         sync()
         best = min(best, time.time() - t1)
         model.clear_caches()
@@ -365,7 +369,7 @@ def markdown_table(results, tasks):
 
 if __name__ == "__main__":
     from configurator import configure
-    from model import Transformer
+    from model import Transformer, resolve_dtype
     from tokenizer import Tokenizer
 
     # -----------------------------------------------------------------------------
@@ -395,8 +399,7 @@ if __name__ == "__main__":
         print(convert_local(convert_from, data_dir or "out/eval_data"))
         sys.exit(0)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    dt = {"auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32, "bfloat16": torch.bfloat16,
-          "float32": torch.float32}[dtype]
+    dt = resolve_dtype(dtype, torch.device(dev).type)
     m = Transformer.from_pretrained(model, dtype=dt, device=dev).eval()
     tok = Tokenizer.from_name(tokenizer)
     results = {"config": config, "model_config": m.config.to_hf(), "tokenizer": tok.name, "tasks": {}}

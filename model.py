@@ -638,6 +638,15 @@ class Transformer(nn.Module):
             raise
 
 
+def resolve_dtype(name, device_type):
+    """A dtype setting -> torch dtype: "auto" is bfloat16 on GPU and float32 on CPU (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype={name!r}: use 'auto', 'bfloat16', 'float16' or 'float32'")
+    return getattr(torch, name)
+
+
 def sample(logits, temperature=0.0, top_k=None):
     """logits (B, V) -> next ids (B,). temperature 0: argmax."""
     if temperature == 0.0:

@@ -109,7 +109,7 @@ def final_weights(out):
 
 def test_one_vs_two_processes_and_precomputed_reference(setup):
     cfg1, out1 = write_cfg(setup, "p1", max_steps=3)
-    r = run_script("dpo.py", cfg1)
+    assert "held-out at end" in run_script("dpo.py", cfg1).stdout
     first = read_log(out1, "dpo", "eval")[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6                 # policy = reference at the start
     cfg2, out2 = write_cfg(setup, "p2", max_steps=3)
