@@ -20,10 +20,10 @@ import torch.distributed as dist
 from configurator import configure
 from data import PackedData, build_cache
 from kernels import linear_kl
-from model import ModelConfig, Transformer, copy_tokenizer_files, resolve_dtype
+from model import ModelConfig, Transformer, resolve_dtype
 from svd_init import upcycle
-from trainer import (RunLog, barrier, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
-                     make_optimizer, shard, start_out_dir)
+from trainer import (RunLog, barrier, export_model, fit, init_distributed, lr_at, make_optimizer, resume_step, shard,
+                     start_out_dir)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -155,14 +155,7 @@ student.train()
 shard(student, d, param_dtype=mp_dtype, compile=compile, checkpointing=activation_checkpointing)
 optimizer = make_optimizer(student, lr, betas, weight_decay)
 
-start_step = 0
-if resume:
-    path = latest_checkpoint(out_dir)
-    if path is None:
-        log.print(f"resume: no complete checkpoint in {out_dir}; starting from step 0")
-    else:
-        start_step = load_checkpoint(path, student, optimizer, d)["step"]
-        log.print(f"resume: {path} (step {start_step})")
+start_step = resume_step(resume, out_dir, student, optimizer, d, log)
 
 
 def loss_on_batch(x, y, weight, with_teacher):
@@ -246,10 +239,7 @@ if kv_src:
     log.print(f"KV cache: {kv_stu} vs {kv_src} numbers per token ({100 * kv_stu / kv_src:.1f}% of the teacher's, "
               f"{kv_src / kv_stu:.1f}x smaller)")
 final = os.path.join(out_dir, "final")
-export_model(student, final, d, run_config=config, dtype=getattr(torch, export_dtype), make_model=Transformer)
-if d.master:
-    src = student_from or (init_from if init_from != "scratch" else None)
-    if src:
-        copy_tokenizer_files(src, final)
+export_model(student, final, d, run_config=config, dtype=getattr(torch, export_dtype),
+             tokenizer_from=student_from or (init_from if init_from != "scratch" else None))
 log.print(f"exported {final} (load with Transformer.from_pretrained)")
 dist.destroy_process_group()

@@ -40,10 +40,10 @@ if __name__ == "__main__":
     from configurator import configure
     from data import batch_indices, collate_pairs, load_pairs
     from kernels import linear_logprobs
-    from model import Transformer, copy_tokenizer_files, resolve_dtype
+    from model import Transformer, resolve_dtype
     from tokenizer import Tokenizer
-    from trainer import (RunLog, export_model, fit, init_distributed, latest_checkpoint, load_checkpoint, lr_at,
-                         make_optimizer, shard, start_out_dir)
+    from trainer import (RunLog, export_model, fit, init_distributed, lr_at, make_optimizer, resume_step, shard,
+                         start_out_dir)
 
     # -----------------------------------------------------------------------------
     # settings
@@ -159,10 +159,7 @@ if __name__ == "__main__":
                 save_file({"logps": local.cpu()}, path)
         log.print(f"reference log-probs of {len(pairs)} pairs cached in {path}")
 
-    start_step = 0
-    if resume and (path := latest_checkpoint(out_dir)):
-        start_step = load_checkpoint(path, policy, optimizer, d)["step"]
-        log.print(f"resume: {path} (step {start_step})")
+    start_step = resume_step(resume, out_dir, policy, optimizer, d, log)
 
     def pair_stats(batch, idx=None, scale=1.0):
         """Loss (scaled for the step) and stats [loss, accuracy, margin, chosen reward, rejected reward, pairs,
@@ -231,8 +228,6 @@ if __name__ == "__main__":
     log.print(f"held-out at init : {text0}")
     log.print(f"held-out at end  : {text}")
     final = os.path.join(out_dir, "final")
-    export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), make_model=Transformer)
-    if d.master:
-        copy_tokenizer_files(init_from, final)
+    export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer_from=init_from)
     log.print(f"exported {final}")
     dist.destroy_process_group()

@@ -215,19 +215,34 @@ def load_checkpoint(path, model, optimizer, d: Dist):
     return meta
 
 
-def export_model(model, path, d: Dist, run_config=None, dtype=None, make_model=None):
+def resume_step(resume, out_dir, model, optimizer, d: Dist, log):
+    """With resume: restore the newest complete checkpoint in out_dir and return its step; else (or if none) 0."""
+    path = latest_checkpoint(out_dir) if resume else None
+    if resume and path is None:
+        log.print(f"resume: no complete checkpoint in {out_dir}; starting from step 0")
+    if path is None:
+        return 0
+    step = load_checkpoint(path, model, optimizer, d)["step"]
+    log.print(f"resume: {path} (step {step})")
+    return step
+
+
+def export_model(model, path, d: Dist, run_config=None, dtype=None, tokenizer_from=None):
     """Gather the full weights on rank 0 and write an HF folder with save_pretrained (loadable by evaluate.py,
-    dpo.py, Transformer.from_pretrained)."""
+    dpo.py, Transformer.from_pretrained), with the tokenizer files of the folder `tokenizer_from`, if any."""
+    from model import Transformer, copy_tokenizer_files
     msd = get_model_state_dict(model, options=FULL)
     if d.master:
         with torch.device("meta"):
-            plain = make_model(model.config)
+            plain = Transformer(model.config)
         if model.config.tie_embeddings:
             msd.pop("lm_head.weight", None)
         plain.load_state_dict({k: (v.to(dtype) if dtype else v) for k, v in msd.items()}, strict=False, assign=True)
         if model.config.tie_embeddings:
             plain.lm_head.weight = plain.model.embed_tokens.weight
         plain.save_pretrained(path, run_config=run_config)
+        if tokenizer_from:
+            copy_tokenizer_files(tokenizer_from, path)
     barrier()
 
 
