@@ -27,6 +27,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ HUB_SETS = {
     "orca_dpo_pairs": ("HuggingFaceH4/orca_dpo_pairs", None, ["train_prefs"]),
     "llama3_ultrafeedback_armorm": ("JunxiongWang/llama3-ultrafeedback-armorm", None, ["train"]),
 }
-CACHE_VERSION = 2  # bump when tokenisation or packing changes: old caches are then rebuilt, never reused
+CACHE_VERSION = 3  # bump when tokenisation or packing changes: old caches are then rebuilt, never reused
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system"}
 
@@ -75,24 +76,80 @@ def iter_rows(source):
         yield from datasets.load_dataset(hub_id, config, split=split)
 
 
+class Malformed:
+    """A row that could not be read (invalid UTF-8, broken JSON): counted and named (file:line), never a crash."""
+
+    def __init__(self, where, why):
+        self.where, self.why = where, why
+
+
+def check_sources(sources):
+    """Fail before any work on a data source that is neither a file nor a hub name/id."""
+    if isinstance(sources, str):
+        raise ValueError(f"data sources are a list of paths or hub ids, got the string {sources!r}; write [{sources!r}]")
+    for src in sources:
+        if not os.path.exists(src) and src not in HUB_SETS and src.count("/") != 1 and ":" not in src and "@" not in src:
+            raise FileNotFoundError(f"data source {src!r} is neither a file, a known set ({', '.join(HUB_SETS)}) "
+                                    "nor a hub id 'org/name[:config][@split]'")
+        if not os.path.exists(src) and src.count("/") == 1 and os.path.isdir(src.split("/")[0]):
+            raise FileNotFoundError(f"data source {src!r} does not exist ({src.split('/')[0]}/ is a local folder, so "
+                                    "it is not a hub id)")
+        base = src[:-3] if src.endswith(".gz") else src
+        if not os.path.exists(src) and base.endswith((".json", ".jsonl", ".txt", ".parquet")):
+            raise FileNotFoundError(f"data file {src!r} not found")
+        if os.path.exists(src) and not base.endswith((".json", ".jsonl", ".txt", ".parquet")):
+            raise ValueError(f"{src}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
+
+
 def _iter_file(path):
     opener = gzip.open if path.endswith(".gz") else open
     base = path[:-3] if path.endswith(".gz") else path
     if base.endswith(".txt"):
-        with opener(path, "rt", encoding="utf-8") as f:
-            yield from ({"text": t} for t in _text_documents(f.read()))
+        with opener(path, "rb") as f:
+            good = []
+            for n, raw in enumerate(f, 1):
+                try:
+                    good.append(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield Malformed(f"{path}:{n}", f"invalid UTF-8 ({e.reason} at byte {e.start})")
+        yield from ({"text": t} for t in _text_documents("".join(good)))
     elif base.endswith(".jsonl"):
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield Malformed(f"{path}:{n}", f"invalid UTF-8 ({e.reason} at byte {e.start})")
+                    continue
                 if line.strip():
                     try:
                         yield json.loads(line)
-                    except json.JSONDecodeError:
-                        yield None  # counted as malformed
+                    except json.JSONDecodeError as e:
+                        yield Malformed(f"{path}:{n}", f"broken JSON ({e.msg})")
     elif base.endswith(".json"):
-        with opener(path, "rt", encoding="utf-8") as f:
-            obj = json.load(f)
-        yield from (obj if isinstance(obj, list) else next(v for v in obj.values() if isinstance(v, list)))
+        with opener(path, "rb") as f:
+            raw = f.read()
+        # bad bytes become lone surrogates, so the rows holding them can be found and skipped
+        try:
+            text, bad_bytes = raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            text, bad_bytes = raw.decode("utf-8", errors="surrogateescape"), True
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json source is one JSON list of rows "
+                             "(use .jsonl for one row per line, where a broken line is skipped)") from None
+        if isinstance(obj, dict):  # {"data": [...]} style, or a single row
+            lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            obj = lists[0] if len(lists) == 1 else [obj]
+        if not isinstance(obj, list):
+            raise ValueError(f"{path}: a .json source must hold a list of rows (or an object with one list of rows), "
+                             f"got a {type(obj).__name__}")
+        for i, row in enumerate(obj):
+            if bad_bytes and _has_surrogates(row):
+                yield Malformed(f"{path}: row {i}", "invalid UTF-8")
+            else:
+                yield row
     elif base.endswith(".parquet"):
         import datasets
         yield from datasets.load_dataset("parquet", data_files=path, split="train")
@@ -100,18 +157,41 @@ def _iter_file(path):
         raise ValueError(f"{path}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
 
 
+def _cut_line(line, max_chars):
+    """A line longer than max_chars cut at sentence ends ('. '), else at max_chars. Each piece is sliced once from
+    the original, so the work is linear in the line's length (re-slicing the remainder made it quadratic)."""
+    if len(line) <= max_chars:
+        return [line]
+    pieces, start = [], 0
+    while len(line) - start > max_chars:
+        cut = line.rfind(". ", start, start + max_chars) + 1 or start + max_chars
+        pieces.append(line[start:cut])
+        start = cut
+        while start < len(line) and line[start].isspace():
+            start += 1
+    pieces.append(line[start:])
+    return pieces
+
+
+def _has_surrogates(x):
+    if isinstance(x, str):
+        return any("\udc80" <= c <= "\udcff" for c in x)
+    if isinstance(x, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in x.items())
+    if isinstance(x, list):
+        return any(_has_surrogates(v) for v in x)
+    return False
+
+
 def _text_documents(text, max_chars=4000):
     """A long plain text cut into documents of at most ~max_chars, at line breaks (a blank line ends a document
-    once it holds half of max_chars, so paragraphs stay whole where the text has them)."""
+    once it holds half of max_chars, so paragraphs stay whole where the text has them). Linear in the text's size:
+    a line longer than max_chars (a whole article on one line) is cut at sentence ends by index, never re-sliced."""
     docs, cur = [], []
     size = 0
     lines = []
-    for line in text.split("\n"):  # a line longer than max_chars (a whole article) is cut at sentence ends
-        while len(line) > max_chars:
-            cut = line.rfind(". ", 0, max_chars) + 1 or max_chars
-            lines.append(line[:cut])
-            line = line[cut:].lstrip()
-        lines.append(line)
+    for line in text.split("\n"):
+        lines.extend(_cut_line(line, max_chars))
     for line in lines:
         if cur and (size + len(line) > max_chars or (not line.strip() and size > max_chars // 2)):
             docs.append("\n".join(cur).strip())
@@ -175,9 +255,10 @@ def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
     """Tokenise `sources` into cache_dir/<hash>/{train,val}.bin (+ _mask.bin) and meta.json; reuse it if it exists.
     Document k goes to the held-out split when k % val_every == val_every - 1. Written to a temporary folder that
     is renamed into place, so an interrupted build is never mistaken for a finished one. Returns the folder."""
-    tok = Tokenizer.from_name(tokenizer)
+    tok = Tokenizer.from_name(tokenizer) if isinstance(tokenizer, str) else tokenizer
     stamp = [(s, os.path.getsize(s), os.path.getmtime(s)) if os.path.exists(s) else (s,) for s in sources]
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, stamp, tokenizer, val_every]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, stamp, tok.name, tok.fingerprint(), val_every]).encode()
+                         ).hexdigest()[:16]
     out = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(out, "meta.json")):
         return out
@@ -185,13 +266,17 @@ def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
     streams = {"train": ([], []), "val": ([], [])}
     n_docs = n_bad = n_rows = 0
     per_source = {}
+    t_last = time.time()
     for src in sources:
-        good = bad = 0
+        good = bad = n_tok = 0
+        where = []
         for row in iter_rows(src):
             n_rows += 1
             docs = to_documents(row)
             if not docs:
                 bad += 1
+                if isinstance(row, Malformed) and len(where) < 5:
+                    where.append(f"{row.where} ({row.why})")
                 continue
             for doc in docs:
                 ids, mask = tokenize_document(tok, doc)
@@ -200,16 +285,22 @@ def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
                 streams[split][1].append(np.asarray(mask + [0], dtype=np.uint8))
                 n_docs += 1
                 good += 1
-        per_source[src] = {"documents": good, "malformed_rows": bad}
+                n_tok += len(ids) + 1
+            if time.time() - t_last > 10:  # large sources: say how far it got
+                log(f"data: {src}: {n_rows} rows, {good} documents, {n_tok:,} tokens so far ...")
+                t_last = time.time()
+        per_source[src] = {"documents": good, "malformed_rows": bad, "tokens": n_tok, "malformed_first": where}
         n_bad += bad
-        log(f"data: {src}: {good} documents, {bad} malformed rows skipped")
+        log(f"data: {src}: {good} documents ({n_tok:,} tokens), {bad} malformed rows skipped"
+            + (f"; first: {'; '.join(where)}" if where else ""))
     if n_docs == 0:
         raise ValueError(f"no usable documents in {sources} ({n_rows} rows read, {n_bad} malformed): check the "
                          "paths and the row format (see data.py's docstring for the shapes understood)")
     os.makedirs(cache_dir, exist_ok=True)
     tmp = out + f".tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
-    meta = {"sources": sources, "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+    meta = {"sources": sources, "tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint(),
+            "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "documents": n_docs, "malformed_rows": n_bad, "per_source": per_source, "val_every": val_every}
     for split, (ids, masks) in streams.items():
         ids = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
@@ -392,9 +483,17 @@ def collate_pairs(pairs, pad_id):
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
-    cache = build_cache(args or ["assets/data/sft/alpaca_en_demo.json"], opts.get("tokenizer", "bytes"),
-                        opts.get("cache_dir", "out/data_cache"))
+    from configurator import configure
+    sources = ["assets/data/sft/alpaca_en_demo.json"]   # files or hub ids to tokenise
+    tokenizer = "bytes"        # "bytes", "llama3", a model folder or a tokenizer.model path
+    cache_dir = "out/data_cache"
+    val_every = 50             # every val_every-th document is held out
+    _files = [a for a in sys.argv[1:] if not a.startswith("--") and not a.endswith(".py")]
+    sys.argv = [a for a in sys.argv if a not in _files]
+    configure(globals())
+    if _files:
+        sources = _files
+    check_sources(sources)
+    cache = build_cache(sources, tokenizer, cache_dir, val_every)
     print(cache)
     print(open(os.path.join(cache, "meta.json")).read())

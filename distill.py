@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from data import PackedData, build_cache
+from data import PackedData, build_cache, check_sources
 from kernels import linear_kl
-from model import ModelConfig, Transformer, resolve_dtype
-from svd_init import upcycle
-from trainer import (RunLog, barrier, export_model, fit, init_distributed, lr_at, make_optimizer, resume_step, shard,
-                     start_out_dir)
+from model import ModelConfig, Transformer, read_model_config, resolve_checkpoint, resolve_dtype
+from svd_init import check_settings, upcycle
+from tokenizer import Tokenizer, check_tokenizer_for
+from trainer import (RunLog, barrier, check_resume_config, checkpoint_bytes, eval_chunks, export_model, fit,
+                     init_distributed, lr_at, make_optimizer, prepare_out_dir, resume_step, shard)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -31,13 +32,13 @@ from trainer import (RunLog, barrier, export_model, fit, init_distributed, lr_at
 init_from = "assets/models/tiny_teacher"   # HF Llama folder / hub id the student is built from; "scratch": random
 student_from = ""          # an already converted (MLA) folder: skips upcycling
 model_config = {}          # ModelConfig fields for init_from="scratch"
-mla_layers = None          # MLA settings as in svd_init.py; all None: no conversion (plain fine-tuning)
-q_rank = None
-kv_rank = None
-q_energy = None
-kv_energy = None
-qk_nope_dim = None
-qk_rope_dim = None
+mla_layers: list | None = None  # MLA settings as in svd_init.py; all None: no conversion (plain fine-tuning)
+q_rank: int | None = None      # fixed r_q and r_kv, or dynamic energies (q_energy, kv_energy in (0, 1])
+kv_rank: int | None = None
+q_energy: float | None = None
+kv_energy: float | None = None
+qk_nope_dim: int | None = None
+qk_rope_dim: int | None = None
 init = "svd"
 latent_norm = False
 allow_qk_overlap = False
@@ -52,7 +53,7 @@ loss_on = "all"            # "all" tokens (the paper) or "assistant" tokens only
 # data
 sft_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
             "assets/data/sft/fastchat_dummy_conversation.json"]
-tokenizer = "bytes"        # "llama3" (Llama 3 models), "bytes" (the tiny byte-level models) or a tokenizer.model path
+tokenizer = ""             # "" = the model folder's own; or "llama3", "bytes", a folder, a tokenizer.model path
 data_cache = "out/data_cache"
 val_every = 50             # every 50th document is held out
 seq_len = 256
@@ -81,33 +82,77 @@ eval_every = 100
 eval_batches = 8
 ckpt_every = 200
 keep_ckpts = 2
-resume = False
+resume: bool | str = False  # True: continue from the last checkpoint; "auto": if there is one (preemptible jobs)
 debug_kill_at_step = -1    # tests only: SIGKILL this process right after that step's optimizer update
 debug_kill_in_save = -1    # tests only: SIGKILL mid-way through that step's checkpoint save
 peak_flops = 989e12        # the accelerator's dense bf16 peak, for MFU (H100 SXM; H200 the same; MI300X 1307e12)
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
+# settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
+MODEL_KEYS = ("init_from", "student_from", "model_config", "mla_layers", "q_rank", "kv_rank", "q_energy", "kv_energy",
+              "qk_nope_dim", "qk_rope_dim", "init", "latent_norm", "allow_qk_overlap", "teacher", "kl_weight",
+              "ce_weight", "loss_on", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
+SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
+
 d = init_distributed(device)
 torch.manual_seed(seed)
 cdtype = resolve_dtype(dtype, d.device.type)
 mp_dtype = cdtype if cdtype != torch.float32 else None  # FSDP2 mixed precision: fp32 master weights, bf16 compute
-start_out_dir(out_dir, resume, d)
-log = RunLog(out_dir, d, "distill")
-log.print(f"world {d.world} on {d.device}, compute {cdtype}; settings: {config}")
 
-# --- data: rank 0 tokenises once into the cache; the others wait, then memory-map it
-if d.master:
-    build_cache(sft_data, tokenizer, data_cache, val_every, log=log.print)
-barrier()
-cache = build_cache(sft_data, tokenizer, data_cache, val_every, log=lambda *a: None)
-train_data = PackedData(cache, "train", seq_len, loss_on)
-val_data = PackedData(cache, "val", seq_len, loss_on)
+# --- pre-flight: every setting, the folders, the tokenizer against the models, the disk; before any work
+teacher_from = teacher or init_from
+if kl_weight > 0 and (teacher == "none" or teacher_from == "scratch"):
+    raise ValueError("kl_weight > 0 needs a teacher: set teacher= to a model folder or hub id")
+mla_settings = dict(mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy, kv_energy=kv_energy,
+                    qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap)
+converting = not student_from and init_from != "scratch" and (q_rank is not None or q_energy is not None)
+if not student_from and init_from != "scratch" and not converting and teacher_from == init_from and kl_weight > 0:
+    raise ValueError("nothing to distil: with no MLA settings and no student_from, the student is an exact copy of "
+                     f"its teacher {init_from}. Fix: give a config (e.g. config/tiny_kv8.py) or MLA settings "
+                     "(--q_rank=... --kv_rank=...), or student_from=")
+folders = {"student": student_from or (init_from if init_from != "scratch" else None),
+           "teacher": teacher_from if teacher != "none" and teacher_from != "scratch" else None}
+folders = {k: resolve_checkpoint(v) for k, v in folders.items() if v}
+configs = {k: read_model_config(v) for k, v in folders.items()}
+if converting:
+    check_settings(configs["student"], **mla_settings)
+stu_cfg = configs.get("student") or ModelConfig(**model_config)
+if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
+    raise ValueError(f"teacher vocabulary {configs['teacher'].vocab_size} != student {stu_cfg.vocab_size}: "
+                     "distillation compares distributions over the same tokens")
+tok = Tokenizer.from_name(tokenizer, folders.get("student") or folders.get("teacher"))
+if tok.vocab_size > stu_cfg.vocab_size:
+    raise ValueError(f"tokenizer {tok.describe()} has more ids than the model's embedding ({stu_cfg.vocab_size}). "
+                     "Fix: use the model's own tokenizer (tokenizer='')")
+# the same tokenizer everywhere, compared by what it does (a teacher of the same vocabulary size is not enough)
+tok_notes = [n for role, f in folders.items() if (n := check_tokenizer_for(tok, f, role))]
+check_sources(sft_data)
 per_micro = micro_batch * seq_len * d.world
 if tokens_per_step % per_micro:
     raise ValueError(f"tokens_per_step={tokens_per_step} must be a multiple of micro_batch x seq_len x world = "
                      f"{micro_batch} x {seq_len} x {d.world} = {per_micro}")
 accum = tokens_per_step // per_micro
+with torch.device("meta"):
+    n_params_est = sum(p.numel() for p in Transformer(stu_cfg).parameters())
+go_on = prepare_out_dir(out_dir, resume, d, "distill",
+                        checkpoint_bytes(n_params_est, keep_ckpts, torch.empty((), dtype=getattr(torch, export_dtype)
+                                                                                ).element_size()))
+log = RunLog(out_dir, d, "distill")
+log.print(f"world {d.world} on {d.device}, compute {cdtype}; tokenizer {tok.describe()}; settings: {config}")
+for note in tok_notes:
+    log.print(f"note: {note}")
+if go_on:
+    from trainer import latest_checkpoint
+    check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
+
+# --- data: rank 0 tokenises once into the cache; the others wait, then memory-map it
+if d.master:
+    build_cache(sft_data, tok, data_cache, val_every, log=log.print)
+barrier()
+cache = build_cache(sft_data, tok, data_cache, val_every, log=lambda *a: None)
+train_data = PackedData(cache, "train", seq_len, loss_on)
+val_data = PackedData(cache, "val", seq_len, loss_on)
 if max_steps < 0:
     max_steps = max(1, int(epochs * train_data.n_seq) // (micro_batch * accum * d.world))
 warmup = max(1, int(warmup_frac * max_steps))
@@ -116,32 +161,21 @@ log.print(f"data: {train_data.n_seq} train / {val_data.n_seq} held-out sequences
           f"{max_steps} steps")
 
 # --- models
-teacher_from = teacher or init_from
-if kl_weight > 0 and (teacher == "none" or teacher_from == "scratch"):
-    raise ValueError("kl_weight > 0 needs a teacher: set teacher= to a model folder or hub id")
 tmodel = None
-if teacher != "none" and teacher_from != "scratch":
-    tmodel = Transformer.from_pretrained(teacher_from, dtype=cdtype, device=d.device).eval().requires_grad_(False)
+if "teacher" in folders:
+    tmodel = Transformer.from_pretrained(folders["teacher"], dtype=cdtype, device=d.device).eval().requires_grad_(False)
     shard(tmodel, d, shard_root=False)  # frozen: no optimizer state; its head stays whole for the chunked loss
 if student_from:
-    student = Transformer.from_pretrained(student_from, device=d.device)
+    student = Transformer.from_pretrained(folders["student"], device=d.device)
 elif init_from == "scratch":
     student = Transformer(ModelConfig(**model_config)).to(d.device)
 else:
-    source = Transformer.from_pretrained(init_from, device=d.device)
-    if q_rank is None and q_energy is None:
+    source = Transformer.from_pretrained(folders["student"], device=d.device)
+    if not converting:
         student = source  # no MLA settings: fine-tune the source as it is
     else:
-        student = upcycle(source, mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy,
-                          kv_energy=kv_energy, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init,
-                          latent_norm=latent_norm, allow_qk_overlap=allow_qk_overlap, seed=seed, copy=False)
+        student = upcycle(source, **mla_settings, latent_norm=latent_norm, seed=seed, copy=False)
     del source
-if tmodel is not None and tmodel.config.vocab_size != student.config.vocab_size:
-    raise ValueError(f"teacher vocabulary {tmodel.config.vocab_size} != student {student.config.vocab_size}: "
-                     "distillation compares distributions over the same tokens")
-if train_data.meta["vocab_size"] > student.config.vocab_size:
-    raise ValueError(f"tokenizer {tokenizer!r} has {train_data.meta['vocab_size']} ids but the model only "
-                     f"{student.config.vocab_size}: use the model's own tokenizer")
 kv_src = tmodel.kv_cache_elements_per_token() if tmodel is not None else None
 kv_stu = student.kv_cache_elements_per_token()
 n_params = sum(p.numel() for p in student.parameters())
@@ -155,7 +189,7 @@ student.train()
 shard(student, d, param_dtype=mp_dtype, compile=compile, checkpointing=activation_checkpointing)
 optimizer = make_optimizer(student, lr, betas, weight_decay)
 
-start_step = resume_step(resume, out_dir, student, optimizer, d, log)
+start_step = resume_step(go_on, out_dir, student, optimizer, d, log)
 
 
 def loss_on_batch(x, y, weight, with_teacher):
@@ -174,11 +208,10 @@ def evaluate():
     """Held-out per-token KL(teacher || student), student CE and teacher CE, over eval_batches batches."""
     student.eval()
     stats = torch.zeros(4, device=d.device)
-    n = min(eval_batches, max(1, val_data.n_seq // (micro_batch * d.world)))
-    for i in range(n):
-        ids = [(((i * d.world) + d.rank) * micro_batch + j) % val_data.n_seq for j in range(micro_batch)]
+    # the same eval_batches x micro_batch sequences whatever the number of processes
+    for ids, real in eval_chunks(min(eval_batches * micro_batch, val_data.n_seq), micro_batch, d):
         x, y = val_data.get(ids)
-        stats += loss_on_batch(x, y, (y != -100).float(), tmodel is not None)[1]
+        stats += loss_on_batch(x, y, (y != -100).float(), tmodel is not None)[1] * float(real)
     dist.all_reduce(stats)
     student.train()
     kl, ce, tce, ntok = stats.tolist()
@@ -239,7 +272,6 @@ if kv_src:
     log.print(f"KV cache: {kv_stu} vs {kv_src} numbers per token ({100 * kv_stu / kv_src:.1f}% of the teacher's, "
               f"{kv_src / kv_stu:.1f}x smaller)")
 final = os.path.join(out_dir, "final")
-export_model(student, final, d, run_config=config, dtype=getattr(torch, export_dtype),
-             tokenizer_from=student_from or (init_from if init_from != "scratch" else None))
+export_model(student, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer=tok)
 log.print(f"exported {final} (load with Transformer.from_pretrained)")
 dist.destroy_process_group()

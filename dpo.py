@@ -38,12 +38,13 @@ if __name__ == "__main__":
     from safetensors.torch import load_file, save_file
 
     from configurator import configure
-    from data import batch_indices, collate_pairs, load_pairs
+    from data import batch_indices, check_sources, collate_pairs, load_pairs
     from kernels import linear_logprobs
-    from model import Transformer, resolve_dtype
-    from tokenizer import Tokenizer
-    from trainer import (RunLog, export_model, fit, init_distributed, lr_at, make_optimizer, resume_step, shard,
-                         start_out_dir)
+    from model import Transformer, read_model_config, resolve_checkpoint, resolve_dtype
+    from tokenizer import Tokenizer, check_tokenizer_for
+    from trainer import (RunLog, check_resume_config, checkpoint_bytes, eval_chunks, export_model, fit,
+                         init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step,
+                         shard)
 
     # -----------------------------------------------------------------------------
     # settings
@@ -52,7 +53,7 @@ if __name__ == "__main__":
     pref_data = ["assets/data/dpo/hh_rlhf_harmless_base_test.jsonl.gz", "assets/data/dpo/llamafactory_dpo_en_demo.json"]
     val_data = []              # held-out pairs; [] = every val_every-th pair of pref_data
     val_every = 20
-    tokenizer = "bytes"
+    tokenizer = ""             # "" = the policy folder's own; or "bytes", "llama3", a folder, a tokenizer.model
     max_length = 1024          # prompt + reply tokens
     max_prompt_length = 512    # longer prompts keep BOS and their end
     long_prompts = "truncate"  # or "drop"
@@ -83,21 +84,42 @@ if __name__ == "__main__":
     eval_pairs = 256           # held-out pairs per evaluation (all of them if fewer)
     ckpt_every = 200
     keep_ckpts = 2
-    resume = False
+    resume: bool | str = False  # True: continue from the last checkpoint; "auto": if there is one
     debug_kill_at_step = -1
     debug_kill_in_save = -1
     config = configure(globals())
     # -----------------------------------------------------------------------------
 
+    MODEL_KEYS = ("init_from", "ref_from", "pref_data", "val_data", "val_every", "tokenizer", "max_length",
+                  "max_prompt_length", "long_prompts", "beta", "pairs_per_step", "seed")
+    SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
+
     d = init_distributed(device)
     torch.manual_seed(seed)
     cdtype = resolve_dtype(dtype, d.device.type)
-    start_out_dir(out_dir, resume, d)
+
+    # --- pre-flight: folders, the tokenizer against policy and reference, batch settings, the disk
+    folders = {"policy": resolve_checkpoint(init_from), "reference": resolve_checkpoint(ref_from or init_from)}
+    cfgs = {k: read_model_config(v) for k, v in folders.items()}
+    tok = Tokenizer.from_name(tokenizer, folders["policy"])
+    for role, folder in folders.items():
+        if tok.vocab_size > cfgs[role].vocab_size:
+            raise ValueError(f"tokenizer {tok.describe()} has more ids than the {role}'s embedding "
+                             f"({cfgs[role].vocab_size}). Fix: tokenizer='' (the model's own)")
+        check_tokenizer_for(tok, folder, role)
+    check_sources(pref_data + val_data)
+    if pairs_per_step % (micro_batch * d.world):
+        raise ValueError(f"pairs_per_step={pairs_per_step} must be a multiple of micro_batch x world = "
+                         f"{micro_batch} x {d.world}")
+    with torch.device("meta"):
+        n_est = sum(p.numel() for p in Transformer(cfgs["policy"]).parameters())
+    go_on = prepare_out_dir(out_dir, resume, d, "dpo", checkpoint_bytes(n_est, keep_ckpts))
     log = RunLog(out_dir, d, "dpo")
-    log.print(f"world {d.world} on {d.device}, compute {cdtype}; settings: {config}")
+    log.print(f"world {d.world} on {d.device}, compute {cdtype}; tokenizer {tok.describe()}; settings: {config}")
+    if go_on:
+        check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
 
     # --- data: every rank tokenises the (small) preference sets the same way
-    tok = Tokenizer.from_name(tokenizer)
     quiet = log.print if d.master else (lambda *a: None)
     pairs, _ = load_pairs(pref_data, tok, max_length, max_prompt_length, long_prompts, log=quiet)
     if val_data:
@@ -106,9 +128,6 @@ if __name__ == "__main__":
         val_pairs = [p for i, p in enumerate(pairs) if i % val_every == val_every - 1]
         pairs = [p for i, p in enumerate(pairs) if i % val_every != val_every - 1]
     val_pairs = val_pairs[:eval_pairs]
-    if pairs_per_step % (micro_batch * d.world):
-        raise ValueError(f"pairs_per_step={pairs_per_step} must be a multiple of micro_batch x world = "
-                         f"{micro_batch} x {d.world}")
     accum = pairs_per_step // (micro_batch * d.world)
     if max_steps < 0:
         max_steps = max(1, int(epochs * len(pairs)) // pairs_per_step)
@@ -117,11 +136,9 @@ if __name__ == "__main__":
               f"{accum} x {micro_batch} x {d.world} ranks; {max_steps} steps")
 
     # --- models: the policy (trained) and the reference (frozen, sharded, no optimizer state)
-    policy = Transformer.from_pretrained(init_from, device=d.device)
-    if policy.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the model {policy.config.vocab_size}")
+    policy = Transformer.from_pretrained(folders["policy"], device=d.device)
     # always loaded: it fills the precomputed cache and scores the held-out pairs
-    ref = Transformer.from_pretrained(ref_from or init_from, dtype=cdtype, device=d.device).eval().requires_grad_(False)
+    ref = Transformer.from_pretrained(folders["reference"], dtype=cdtype, device=d.device).eval().requires_grad_(False)
     shard(ref, d, shard_root=False)
     policy.train()
     shard(policy, d, param_dtype=cdtype if cdtype != torch.float32 else None, compile=compile,
@@ -138,20 +155,19 @@ if __name__ == "__main__":
     ref_cache = None
     if precompute_ref:
         # keyed by everything that decides the numbers, so a changed setting can never reuse a stale file
-        key = hashlib.sha256(json.dumps([ref_from or init_from, pref_data, val_data, val_every, tokenizer, max_length,
+        key = hashlib.sha256(json.dumps([ref_from or init_from, pref_data, val_data, val_every, tok.fingerprint(), max_length,
                                          max_prompt_length, long_prompts, len(pairs)]).encode()).hexdigest()[:12]
         path = os.path.join(out_dir, f"ref_logps-{key}.safetensors")
         if os.path.exists(path):
             ref_cache = load_file(path)["logps"].to(d.device)
         else:
-            mine = list(range(d.rank, len(pairs), d.world))
             local = torch.zeros(len(pairs), 2, device=d.device)
-            with torch.no_grad():
-                for i in range(0, len(mine), micro_batch):
-                    ids = mine[i:i + micro_batch]
+            with torch.no_grad():  # the same number of forwards on every rank (the reference is sharded)
+                for ids, real in eval_chunks(len(pairs), micro_batch, d):
                     x, y = collate_pairs([pairs[j] for j in ids], tok.pad_id)
                     lp = sequence_logps(ref, x, y).float()
-                    local[ids] = torch.stack([lp[:len(ids)], lp[len(ids):]], 1)
+                    if real:
+                        local[ids] = torch.stack([lp[:len(ids)], lp[len(ids):]], 1)
             dist.all_reduce(local)   # each pair was computed by exactly one rank
             ref_cache = local
             if d.master:
@@ -159,9 +175,9 @@ if __name__ == "__main__":
                 save_file({"logps": local.cpu()}, path)
         log.print(f"reference log-probs of {len(pairs)} pairs cached in {path}")
 
-    start_step = resume_step(resume, out_dir, policy, optimizer, d, log)
+    start_step = resume_step(go_on, out_dir, policy, optimizer, d, log)
 
-    def pair_stats(batch, idx=None, scale=1.0):
+    def pair_stats(batch, idx=None, scale=1.0, real=True):
         """Loss (scaled for the step) and stats [loss, accuracy, margin, chosen reward, rejected reward, pairs,
         tokens] summed over the pairs of `batch`."""
         x, y = collate_pairs(batch, tok.pad_id)
@@ -177,7 +193,7 @@ if __name__ == "__main__":
         loss, rc, rr = dpo_loss(lp[:B], lp[B:], ref_c, ref_r, beta)
         stats = torch.stack([loss.sum(), (rc > rr).float().sum(), (rc - rr).sum(), rc.sum(), rr.sum(),
                              torch.tensor(float(B), device=d.device),
-                             (x != tok.pad_id).sum().float()])
+                             (x != tok.pad_id).sum().float()]) * float(real)  # a padding batch counts 0
         return loss.sum() * scale, stats.detach()
 
     def micro_batches(step):
@@ -207,9 +223,8 @@ if __name__ == "__main__":
     def evaluate():
         policy.eval()
         stats = torch.zeros(7, device=d.device)
-        mine = list(range(d.rank, len(val_pairs), d.world))
-        for i in range(0, len(mine), micro_batch):
-            stats += pair_stats([val_pairs[j] for j in mine[i:i + micro_batch]])[1]
+        for ids, real in eval_chunks(len(val_pairs), micro_batch, d):  # same pairs, same forwards on every rank
+            stats += pair_stats([val_pairs[j] for j in ids], real=real)[1]
         dist.all_reduce(stats)
         policy.train()
         s = summary(stats)[0]
@@ -228,6 +243,6 @@ if __name__ == "__main__":
     log.print(f"held-out at init : {text0}")
     log.print(f"held-out at end  : {text}")
     final = os.path.join(out_dir, "final")
-    export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer_from=init_from)
+    export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer=tok)
     log.print(f"exported {final}")
     dist.destroy_process_group()

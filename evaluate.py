@@ -3,20 +3,29 @@ Evaluation: zero-shot multiple choice exactly as lm-evaluation-harness scores it
 KL to a teacher, KV-cache size, and decode speed against the source model.
 
     python evaluate.py --model=assets/models/tiny_kv8 --tasks=all --data_dir=tests/fixtures/eval   # bundled slices
-    python evaluate.py --model=meta-llama/Llama-3.2-1B-Instruct --tasks=all --device=cuda --tokenizer=llama3
+    python evaluate.py --model=meta-llama/Llama-3.2-1B-Instruct --tasks=all --device=cuda    # the model's tokenizer
+    python evaluate.py --model=DIR --tasks=mmlu --num_fewshot=5 --data_dir=out/eval_full      # MMLU 5-shot
     python evaluate.py --model=DIR --tasks=none --ppl_data=assets/data/corpus/tinyshakespeare.txt --teacher=DIR2
     python evaluate.py --model=DIR --tasks=none --speed=True --source=DIR2      # decode tokens/s, MLA vs GQA
     python evaluate.py --convert_from=PATH/eval --data_dir=out/eval_full     # local raw sets -> hub field names
 
-Multiple choice, as lm-eval does it (v0.4 task configs; the paper used its big-refactor branch):
+Multiple choice, as lm-evaluation-harness 0.4.13 does it (its task configs and versions are recorded in the results;
+the paper used its older big-refactor branch, whose RACE prompt differed: harness PR #3716):
   - each choice is a (context, continuation) request; the continuation is the target delimiter " " + the choice
     (winogrande: the option fills the blank in the context and the rest of the sentence is the continuation);
   - context and continuation are tokenised together and split at the context's length, after moving trailing
-    spaces of the context to the continuation (so merges across the boundary behave as in lm-eval); no BOS,
-    as lm-eval's HF backend by default;
+    spaces of the context to the continuation (so merges across the boundary behave as in lm-eval); BOS as the
+    model's tokenizer adds it by default (the harness follows the tokenizer since 0.4.10: Llama 3 adds one,
+    SmolLM2 does not);
+  - requests that share a context and whose continuations are single tokens (MMLU's " A".." D", PubMedQA's
+    " yes"/" no"/" maybe") are scored from one forward pass of the context, as the harness does;
   - acc = argmax of the summed continuation log-likelihood; acc_norm = argmax of it divided by the length of the
     choice string (lm-eval's len(choice)); standard errors are sample std / sqrt(n); MMLU's groups and total
-    weigh subjects by size, with pooled standard errors, as lm-eval reports them.
+    weigh subjects by size, with pooled standard errors, as lm-eval reports them (N/A, written null, where a
+    subject has a single document);
+  - --limit takes the first N documents of each task, and of each MMLU subject (the subjects are tasks there);
+  - --num_fewshot: MMLU only, the harness's first_n examples of the subject's dev split. The other tasks draw their
+    examples with a seeded random sampler over their training splits, which is not reproduced here.
 """
 import json
 import math
@@ -38,11 +47,14 @@ HUB = {  # task -> (dataset id, config, split), the ids lm-eval uses
     "hellaswag": ("Rowan/hellaswag", None, "validation"),
     "mmlu": ("cais/mmlu", "all", "test"),
     "openbookqa": ("allenai/openbookqa", "main", "test"),
-    "piqa": ("ybisk/piqa", None, "validation"),
+    "piqa": ("baber/piqa", None, "validation"),  # ybisk/piqa needs a loading script datasets >= 4 does not run
     "pubmedqa": ("bigbio/pubmed_qa", "pubmed_qa_labeled_fold0_source", "test"),  # big-refactor's: 500 test items
     "race": ("EleutherAI/race", "high", "test"),
     "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
 }
+HARNESS_VERSION = "0.4.13"  # the lm-evaluation-harness whose task code these prompts follow
+TASK_VERSIONS = {"arc_challenge": 1.0, "arc_easy": 1.0, "hellaswag": 1.0, "mmlu": 1.0, "openbookqa": 1.0,
+                 "piqa": 1.0, "pubmedqa": 1.0, "race": 3.0, "winogrande": 1.0}  # metadata.version of each yaml
 TASKS = ["arc_challenge", "arc_easy", "hellaswag", "mmlu", "openbookqa", "piqa", "pubmedqa", "race", "winogrande"]
 NORM = {"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa"}  # tasks lm-eval reports acc_norm for
 
@@ -68,9 +80,9 @@ def _hellaswag_clean(text):
     return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
 
 
-def build_requests(task, doc):
+def build_requests(task, doc, fewshot=()):
     """A document in the hub's field names -> (contexts, continuations, gold, choices) with one entry per choice;
-    `choices` are the strings acc_norm divides by."""
+    `choices` are the strings acc_norm divides by. `fewshot`: solved examples put before the question (MMLU)."""
     if task in ("arc_easy", "arc_challenge"):
         ctx, choices = f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"])
         gold = list(doc["choices"]["label"]).index(doc["answerKey"])
@@ -91,18 +103,21 @@ def build_requests(task, doc):
         gold = choices.index(doc["final_decision"])
     elif task == "mmlu":
         subject = doc["subject"].replace("_", " ")
-        q = doc["question"].strip()
-        c = doc["choices"]
-        ctx = (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-               f"{q}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:")
+
+        def text(d):
+            c = d["choices"]
+            return f"{d['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:"
+        # description, then each example as question + " " + answer + "\n\n" (the harness's fewshot_delimiter)
+        shots = "".join(text(d) + " " + "ABCD"[int(d["answer"])] + "\n\n" for d in fewshot)
+        ctx = f"The following are multiple choice questions (with answers) about {subject}.\n\n" + shots + text(doc)
         choices, gold = ["A", "B", "C", "D"], int(doc["answer"])
     elif task == "race":
         problems = doc["problems"] if isinstance(doc["problems"], list) else _literal(doc["problems"])
         ctx = "Article: " + doc["article"] + "\n\n"
         for p in problems[:-1]:
             answer = p["options"]["ABCD".index(p["answer"])]
-            if p["question"][-6:] == "  _  .":
-                ctx += p["question"][-5:] + answer + "\n"
+            if p["question"][-6:] == "  _  .":  # a cloze question: the answer fills the blank (race 3.0)
+                ctx += p["question"][:-5] + answer + "\n"
             else:
                 ctx += "Question: " + p["question"] + "\n" + "Answer: " + answer + "\n"
         last = problems[-1]
@@ -123,26 +138,49 @@ def _literal(s):
     return ast.literal_eval(s)
 
 
-def load_docs(task, data_dir=None, limit=None):
-    """Documents of a task: data_dir/<task>.jsonl (hub field names) if given, else the hub dataset lm-eval uses."""
+def check_tasks(tasks):
+    """Task names -> the list to run; an unknown name is an error that suggests the closest one."""
+    import difflib
+    names = TASKS if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"]
+    for t in names:
+        if t not in HUB:
+            close = difflib.get_close_matches(t, TASKS, n=1)
+            raise ValueError(f"unknown task {t!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; tasks: {', '.join(TASKS)} or 'all'")
+    return names
+
+
+def load_docs(task, data_dir=None, limit=None, split=None):
+    """Documents of a task: data_dir/<task>.jsonl (hub field names) if given, else the hub dataset lm-eval uses.
+    limit: the first N documents, per subject for MMLU (the harness's subjects are separate tasks).
+    split="dev": MMLU's few-shot examples (data_dir/mmlu_dev.jsonl)."""
+    name = task + ("_dev" if split == "dev" else "")
     if data_dir:
-        path = os.path.join(data_dir, f"{task}.jsonl")
+        path = os.path.join(data_dir, f"{name}.jsonl")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: convert local sets with --convert_from, or drop --data_dir "
-                                    "to read the hub")
+            raise FileNotFoundError(f"{path} not found: convert the raw local sets into {data_dir} with "
+                                    "--convert_from=RAW_DIR, or drop --data_dir to read the hub")
         with open(path) as f:
             docs = [json.loads(line) for line in f if line.strip()]
     else:
         import datasets
-        hub_id, config, split = HUB[task]
-        docs = list(datasets.load_dataset(hub_id, config, split=split))
-        if task == "race":  # lm-eval scores one document per article: its questions in order, the last one asked
-            by_article = {}
-            for d in docs:
-                by_article.setdefault(d["article"], []).append(
-                    {"question": d["question"], "options": d["options"], "answer": d["answer"]})
-            docs = [{"article": a, "problems": p} for a, p in by_article.items()]
-    return docs[:limit] if limit else docs
+        hub_id, config, hub_split = HUB[task]
+        # EleutherAI/race holds one row per article already, its questions in a `problems` field
+        docs = list(datasets.load_dataset(hub_id, config, split=split or hub_split))
+    return limit_docs(task, docs, limit)
+
+
+def limit_docs(task, docs, limit):
+    if not limit:
+        return docs
+    if task != "mmlu":
+        return docs[:limit]
+    counts, out = {}, []
+    for d in docs:
+        if counts.get(d["subject"], 0) < limit:
+            out.append(d)
+        counts[d["subject"]] = counts.get(d["subject"], 0) + 1
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -164,12 +202,43 @@ def encode_pair(tok, context, continuation, add_bos=False):
 @torch.no_grad()
 def loglikelihoods(model, tok, pairs, batch_size=16, add_bos=False, progress=None):
     """[(context, continuation)] -> [summed log p(continuation | context)], scored in batches sorted by length
-    (longest first, as lm-eval), truncated on the left to the model's max_seq_len."""
+    (longest first, as lm-eval), truncated on the left to the model's max_seq_len. Requests with the same context
+    ids and a one-token continuation share one forward pass of the context (the harness does the same), which
+    gives the same numbers: the continuation's log-prob is read at the context's last position either way."""
     dev = model.lm_head.weight.device
     enc = [encode_pair(tok, c, x, add_bos) for c, x in pairs]
     L = model.config.max_seq_len
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]) - len(enc[i][1]))
     out = [0.0] * len(enc)
+    groups, multi = {}, []
+    for i, (ctx, cont) in enumerate(enc):
+        if len(cont) == 1:
+            groups.setdefault(tuple(ctx), []).append(i)
+        else:
+            multi.append(i)
+    shared = [g for g in groups.values() if len(g) > 1]
+    multi += [g[0] for g in groups.values() if len(g) == 1]
+    total, done = len(enc), 0
+    # one-token continuations of a shared context: one forward each, the log-softmax at its last position
+    order = sorted(shared, key=lambda g: -len(enc[g[0]][0]))
+    for b in range(0, len(order), batch_size):
+        grp = order[b:b + batch_size]
+        seqs = [enc[g[0]][0][-L:] for g in grp]
+        T = max(len(q) for q in seqs)
+        x = torch.zeros(len(grp), T, dtype=torch.long)
+        for j, q in enumerate(seqs):
+            x[j, :len(q)] = torch.tensor(q)
+        last = torch.tensor([len(q) - 1 for q in seqs], device=dev)
+        def head(h, W):  # only the context's last position: (groups, V) log-probs, fp32 at least
+            logits = h[torch.arange(len(grp), device=dev), last] @ W.T
+            return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+        lp = model(x.to(dev), head_fn=head)
+        for j, g in enumerate(grp):
+            for i in g:
+                out[i] = lp[j, enc[i][1][0]].item()
+        done += sum(len(g) for g in grp)
+        if progress:
+            progress(done, total)
+    order = sorted(multi, key=lambda i: -len(enc[i][0]) - len(enc[i][1]))
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         seqs = [(enc[i][0] + enc[i][1])[-(L + 1):] for i in idx]
@@ -185,24 +254,27 @@ def loglikelihoods(model, tok, pairs, batch_size=16, add_bos=False, progress=Non
         lp = model(x.to(dev), head_fn=lambda h, W: linear_logprobs(h.flatten(0, 1), W, y.flatten()))
         for j, ll in zip(idx, lp.view(y.shape).sum(-1).tolist()):  # -100 positions contribute 0
             out[j] = ll
+        done += len(idx)
         if progress:
-            progress(min(b + batch_size, len(order)), len(order))
+            progress(done, total)
     return out
 
 
 def mean_stderr(xs):
+    """Sample std / sqrt(n); None (the harness's "N/A") for fewer than two documents."""
     n = len(xs)
     if n < 2:
-        return float("nan")
+        return None
     m = sum(xs) / n
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
-def score_task(model, tok, task, docs, batch_size=16, add_bos=False, progress=None):
-    """Per-document correctness and task metrics {acc, acc_stderr, [acc_norm, acc_norm_stderr], n}."""
+def score_task(model, tok, task, docs, batch_size=16, add_bos=False, progress=None, fewshot=None):
+    """Per-document correctness and task metrics {acc, acc_stderr, [acc_norm, acc_norm_stderr], n}.
+    fewshot: subject -> solved examples (MMLU)."""
     reqs, spans = [], []
     for doc in docs:
-        ctxs, conts, gold, choices = build_requests(task, doc)
+        ctxs, conts, gold, choices = build_requests(task, doc, (fewshot or {}).get(doc.get("subject"), ()))
         spans.append((len(reqs), len(ctxs), gold, choices))
         reqs.extend(zip(ctxs, conts))
     lls = loglikelihoods(model, tok, reqs, batch_size, add_bos, progress)
@@ -228,9 +300,9 @@ def aggregate_mmlu(docs, correct):
         rows = [subjects[s] for s in names if s in subjects]
         n = sum(r["n"] for r in rows)
         acc = sum(r["acc"] * r["n"] for r in rows) / n
-        ok = [r for r in rows if not math.isnan(r["acc_stderr"])]
-        var = (sum((r["n"] - 1) * r["acc_stderr"] ** 2 * r["n"] for r in ok) / (sum(r["n"] for r in ok) - len(ok))
-               if ok and sum(r["n"] for r in ok) > len(ok) else float("nan"))
+        if any(r["acc_stderr"] is None for r in rows):  # the harness: one N/A subject makes the group's N/A
+            return {"acc": acc, "acc_stderr": None, "n": n}
+        var = sum((r["n"] - 1) * r["acc_stderr"] ** 2 * r["n"] for r in rows) / (n - len(rows))
         return {"acc": acc, "acc_stderr": math.sqrt(var / n), "n": n}
 
     groups = {g: pool(s.split()) for g, s in MMLU_GROUPS.items() if any(x in subjects for x in s.split())}
@@ -340,14 +412,15 @@ def convert_local(raw, out_dir, limit=None):
         k = a.rfind(" ", 0, k + 1) + 1 if k < len(a) else k  # back off to the word boundary before the blank
         out["winogrande"].append({"sentence": a[:k] + "_ " + r["continuation"], "option1": a[k:], "option2": b[k:],
                                   "answer": str(r["gold"] + 1)})
-    out["mmlu"] = []
-    for path in sorted(glob.glob(os.path.join(raw, "mmlu", "test", "*_test.csv"))):
-        subject = os.path.basename(path)[:-len("_test.csv")]
-        for r in list(csv.reader(open(path)))[1:]:
-            out["mmlu"].append({"question": r[0], "choices": r[1:5], "answer": int(r[5]), "subject": subject})
+    for split, name in (("test", "mmlu"), ("dev", "mmlu_dev")):  # dev: MMLU's few-shot examples
+        out[name] = []
+        for path in sorted(glob.glob(os.path.join(raw, "mmlu", split, f"*_{split}.csv"))):
+            subject = os.path.basename(path)[:-len(f"_{split}.csv")]
+            for r in list(csv.reader(open(path)))[1:]:
+                out[name].append({"question": r[0], "choices": r[1:5], "answer": int(r[5]), "subject": subject})
     for task, docs in out.items():
         with open(os.path.join(out_dir, f"{task}.jsonl"), "w") as f:
-            for d in (docs[:limit] if limit and task != "mmlu" else docs):
+            for d in (docs if task == "mmlu_dev" else limit_docs(task, docs, limit)):
                 f.write(json.dumps(d) + "\n")
     return {t: len(d) for t, d in out.items()}
 
@@ -360,27 +433,48 @@ def markdown_table(results, tasks):
         for t in tasks:
             r = res[t]
             vals.append(100 * r.get("acc_norm", r["acc"]))
-        cells = [f"{100 * res[t]['acc']:.2f}" + (f" / {100 * res[t]['acc_norm']:.2f}" if "acc_norm" in res[t] else "")
+        cells = [_pct(res[t]["acc"]) + (f" / {_pct(res[t]['acc_norm'])}" if "acc_norm" in res[t] else "")
                  for t in tasks]
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {sum(vals) / len(vals):.2f} |")
     return "\n".join(rows) + "\n\n(acc / acc_norm where lm-eval reports both; avg over acc_norm where present, " \
                               "else acc, as the paper's tables)"
 
 
+def write_results(path, results):
+    """Valid JSON (NaN/inf become null), written atomically: a crash mid-write never leaves half a file."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(clean(results), f, indent=2, allow_nan=False)
+    os.replace(path + ".tmp", path)
+
+
+def _pct(x):
+    return "N/A" if x is None else f"{100 * x:.2f}"
+
+
 if __name__ == "__main__":
     from configurator import configure
-    from model import Transformer, resolve_dtype
-    from tokenizer import Tokenizer
+    from model import Transformer, resolve_checkpoint, resolve_dtype
+    from tokenizer import Tokenizer, check_tokenizer_for
 
     # -----------------------------------------------------------------------------
     # settings
     model = "assets/models/tiny_kv8"     # HF Llama folder, project checkpoint or hub id
-    tokenizer = "bytes"        # "llama3" for Llama 3 models, "bytes" for the tiny ones, or a tokenizer.model path
+    tokenizer = ""             # "" = the model folder's own; or "llama3", "bytes", a folder, a tokenizer.model path
     tasks = "all"              # comma-separated, "all" (the paper's nine) or "none"
     data_dir = ""              # local <task>.jsonl in hub field names; "" = the hub datasets
-    limit = 0                  # documents per task (0 = all)
+    limit = 0                  # documents per task, per subject for MMLU (0 = all)
+    num_fewshot = 0            # solved examples before each question (MMLU only: its dev split, first_n)
     batch_size = 16
-    add_bos = False            # lm-eval's HF backend adds no BOS by default
+    add_bos: bool | str = "auto"  # "auto": as the model's tokenizer does by default (the harness since 0.4.10)
     device = "auto"
     dtype = "auto"             # bfloat16 on GPU, float32 on CPU
     ppl_data = ""              # a text file (or .jsonl of {"text"}) for perplexity
@@ -391,32 +485,58 @@ if __name__ == "__main__":
     speed_batches = [1, 8]
     speed_contexts = [256, 1024]
     kv_context = 32768         # context for the KV-cache bytes report
-    out = "out/eval/results.json"
-    convert_from = ""          # convert raw local sets (see convert_local) into data_dir, then exit
+    out = "out/eval/results.json"   # written after every task, so a later failure loses nothing
+    convert_from = ""          # convert raw local sets (see convert_local) into data_dir, then exit (honours limit)
     config = configure(globals())
     # -----------------------------------------------------------------------------
     if convert_from:
-        print(convert_local(convert_from, data_dir or "out/eval_data"))
+        print(convert_local(convert_from, data_dir or "out/eval_data", limit or None))
         sys.exit(0)
+    # pre-flight: task names, their data, the tokenizer against the model, before anything is scored
+    names = check_tasks(tasks)
+    if num_fewshot and any(t != "mmlu" for t in names):
+        raise ValueError(f"num_fewshot={num_fewshot}: few-shot is implemented for MMLU only (the harness's first_n "
+                         "examples of its dev split); run the other tasks zero-shot in a separate call")
+    if add_bos not in (True, False, "auto"):
+        raise ValueError(f"add_bos={add_bos!r}: use True, False or 'auto'")
+    docs_of = {t: load_docs(t, data_dir or None, limit or None) for t in names}
+    fewshot = None
+    if num_fewshot:
+        dev_docs = load_docs("mmlu", data_dir or None, split="dev")
+        fewshot = {}
+        for d in dev_docs:
+            fewshot.setdefault(d["subject"], []).append(d)
+        short = [s for s in {d["subject"] for d in docs_of["mmlu"]} if len(fewshot.get(s, [])) < num_fewshot]
+        if short:
+            raise ValueError(f"num_fewshot={num_fewshot}: the dev split has fewer examples for {sorted(short)[:5]}")
+        fewshot = {k: v[:num_fewshot] for k, v in fewshot.items()}
+    folder = resolve_checkpoint(model)
+    tok = Tokenizer.from_name(tokenizer, folder)
+    check_tokenizer_for(tok, folder)
+    bos = tok.add_bos if add_bos == "auto" else add_bos
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     dt = resolve_dtype(dtype, torch.device(dev).type)
-    m = Transformer.from_pretrained(model, dtype=dt, device=dev).eval()
-    tok = Tokenizer.from_name(tokenizer)
-    results = {"config": config, "model_config": m.config.to_hf(), "tokenizer": tok.name, "tasks": {}}
-    names = TASKS if tasks == "all" else [t for t in tasks.split(",") if t and t != "none"]
+    m = Transformer.from_pretrained(folder, dtype=dt, device=dev).eval()
+    if tok.vocab_size > m.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.describe()} has more ids than the model ({m.config.vocab_size})")
+    results = {"config": config, "model_config": m.config.to_hf(), "tokenizer": tok.describe(), "add_bos": bos,
+               "harness": {"lm_eval": HARNESS_VERSION, "task_versions": {t: TASK_VERSIONS[t] for t in names},
+                           "num_fewshot": num_fewshot}, "tasks": {}}
     for task in names:
-        docs = load_docs(task, data_dir or None, limit or None)
+        docs = docs_of[task]
         t0 = time.time()
         show = lambda i, n: print(f"\r{task}: {i}/{n} requests", end="", file=sys.stderr, flush=True)
-        res, correct = score_task(m, tok, task, docs, batch_size, add_bos, show)
+        res, correct = score_task(m, tok, task, docs, batch_size, bos, show, fewshot if task == "mmlu" else None)
         print(file=sys.stderr)
         if task == "mmlu":
             res_all, groups, subjects = aggregate_mmlu(docs, correct)
             res = {**res_all, "groups": groups, "subjects": subjects}
         res["seconds"] = round(time.time() - t0, 1)
+        res["version"] = TASK_VERSIONS[task]
         results["tasks"][task] = res
-        print(f"{task}: acc {100 * res['acc']:.2f} ± {100 * res['acc_stderr']:.2f}"
-              + (f"  acc_norm {100 * res['acc_norm']:.2f} ± {100 * res['acc_norm_stderr']:.2f}"
+        write_results(out, results)  # after every task
+        print(f"{task}: acc {_pct(res['acc'])} ± {_pct(res['acc_stderr'])}"
+              + (f"  acc_norm {_pct(res['acc_norm'])} ± {_pct(res['acc_norm_stderr'])}"
                  if "acc_norm" in res else "") + f"  (n={res['n']})")
     if names:
         print(markdown_table({os.path.basename(model.rstrip("/")): results["tasks"]}, names))
@@ -443,7 +563,5 @@ if __name__ == "__main__":
                 print(f"decode batch {b} context {c}: {row['model']['decode_tokens_per_s']:,.0f} tok/s"
                       + (f" vs source {row['source']['decode_tokens_per_s']:,.0f} ({row['ratio']:.2f}x)"
                          if src is not None else ""))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(out, results)
     print(f"wrote {out}")

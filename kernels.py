@@ -4,6 +4,7 @@ Performance-critical pieces, each with a plain reference it is tested against.
     python kernels.py          # benchmark: peak memory and time of the chunked KL vs the naive formula (CPU/GPU)
     python kernels.py decode --batches=1,4 --contexts=1024,4096        # decode step: GQA vs MLA naive vs latent
     python kernels.py decode --batches=1,8,64 --contexts=1024,8192,32768 --budget_gib=60   # the full grid (GPU)
+    python kernels.py --help
 
 1. linear_kl: the distillation loss from final hidden states, without ever holding the full (N, V) logits.
    The naive loss materialises student and teacher logits in fp32 at once: for a Llama-3 vocabulary (128,256) and a
@@ -22,6 +23,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(x):
+    """Softmax and sums in fp32 at least: bf16/fp16 go up to fp32, fp64 (the exactness tests) stays fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _LinearKL(torch.autograd.Function):
     """loss = sum_i w_i (kl_weight KL(p_t,i || p_s,i) + ce_weight CE_i), with p_s = softmax(h_s W_sᵀ),
     p_t = softmax(h_t W_tᵀ) computed chunk by chunk. Gradients flow to h_s and W_s only (the teacher is frozen):
@@ -30,17 +40,17 @@ class _LinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, W_s, h_t, W_t, targets, weight, kl_weight, ce_weight, chunk):
         N = h_s.shape[0]
-        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        stats = torch.zeros(4, dtype=torch.float32, device=h_s.device)  # sum KL, sum CE, sum teacher CE, n tokens
+        loss = torch.zeros((), dtype=_acc_dtype(h_s), device=h_s.device)
+        stats = torch.zeros(4, dtype=_acc_dtype(h_s), device=h_s.device)  # sum KL, sum CE, sum teacher CE, n tokens
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             valid = weight[a:b] != 0
-            lp_s = (h_s[a:b] @ W_s.T).float().log_softmax(-1)                     # (n, V)
+            lp_s = _acc(h_s[a:b] @ W_s.T).log_softmax(-1)                     # (n, V)
             y = targets[a:b].clamp(min=0)
             ce = -lp_s.gather(1, y[:, None])[:, 0] * (targets[a:b] >= 0)
             kl = torch.zeros_like(ce)
             if h_t is not None:
-                lp_t = (h_t[a:b] @ W_t.T).float().log_softmax(-1)
+                lp_t = _acc(h_t[a:b] @ W_t.T).log_softmax(-1)
                 kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)
                 stats[2] += (-lp_t.gather(1, y[:, None])[:, 0] * (targets[a:b] >= 0) * valid).sum()
             loss += (weight[a:b] * (kl_weight * kl + ce_weight * ce)).sum()
@@ -58,19 +68,19 @@ class _LinearKL(torch.autograd.Function):
         h_s, W_s, h_t, W_t, targets, weight = ctx.saved_tensors
         N = h_s.shape[0]
         grad_h = torch.empty_like(h_s)
-        grad_W = torch.zeros(W_s.shape, dtype=torch.float32, device=W_s.device)
+        grad_W = torch.zeros(W_s.shape, dtype=_acc_dtype(W_s), device=W_s.device)
         for a in range(0, N, ctx.chunk):
             b = min(a + ctx.chunk, N)
-            p_s = (h_s[a:b] @ W_s.T).float().softmax(-1)                          # recomputed, (n, V)
+            p_s = _acc(h_s[a:b] @ W_s.T).softmax(-1)                          # recomputed, (n, V)
             g = torch.zeros_like(p_s)
             if ctx.teacher and ctx.kl_weight:
-                g += ctx.kl_weight * (p_s - (h_t[a:b] @ W_t.T).float().softmax(-1))
+                g += ctx.kl_weight * (p_s - _acc(h_t[a:b] @ W_t.T).softmax(-1))
             if ctx.ce_weight:
                 onehot = torch.zeros_like(p_s).scatter_(1, targets[a:b].clamp(min=0)[:, None], 1.0)
                 g += ctx.ce_weight * (p_s - onehot) * (targets[a:b] >= 0)[:, None]
             g *= (weight[a:b] * grad_loss)[:, None]
             grad_h[a:b] = (g.to(h_s.dtype) @ W_s).to(h_s.dtype)
-            grad_W += g.T @ h_s[a:b].float()
+            grad_W += g.T @ _acc(h_s[a:b])
         return grad_h, grad_W.to(W_s.dtype), None, None, None, None, None, None, None
 
 
@@ -82,18 +92,18 @@ def linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weight=0.0,
     stats = [sum KL, sum student CE, sum teacher CE, n tokens] over tokens with weight != 0 (detached, for logging)."""
     if h_t is None and kl_weight:
         raise ValueError("kl_weight > 0 needs teacher hidden states")
-    return _LinearKL.apply(h_s, W_s, h_t, W_t, targets, weight.float(), float(kl_weight), float(ce_weight), int(chunk))
+    return _LinearKL.apply(h_s, W_s, h_t, W_t, targets, _acc(weight), float(kl_weight), float(ce_weight), int(chunk))
 
 
 def naive_linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weight=0.0):
     """The same loss the obvious way: full logits of both models in fp32 (the reference for tests and benchmarks)."""
-    lp_s = (h_s @ W_s.T).float().log_softmax(-1)
+    lp_s = _acc(h_s @ W_s.T).log_softmax(-1)
     ce = F.cross_entropy(lp_s, targets, ignore_index=-100, reduction="none")
     kl = torch.zeros_like(ce)
     if h_t is not None:
-        lp_t = (h_t @ W_t.T).float().log_softmax(-1)
+        lp_t = _acc(h_t @ W_t.T).log_softmax(-1)
         kl = F.kl_div(lp_s, lp_t, log_target=True, reduction="none").sum(-1)
-    return (weight.float() * (kl_weight * kl + ce_weight * ce)).sum()
+    return (_acc(weight) * (kl_weight * kl + ce_weight * ce)).sum()
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -102,10 +112,10 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, targets, chunk):
-        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        out = torch.zeros(h.shape[0], dtype=_acc_dtype(h), device=h.device)
         for a in range(0, h.shape[0], chunk):
             b = min(a + chunk, h.shape[0])
-            lp = (h[a:b] @ W.T).float().log_softmax(-1)
+            lp = _acc(h[a:b] @ W.T).log_softmax(-1)
             out[a:b] = lp.gather(1, targets[a:b].clamp(min=0)[:, None])[:, 0] * (targets[a:b] >= 0)
         ctx.save_for_backward(h, W, targets)
         ctx.chunk = chunk
@@ -115,14 +125,14 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, W, targets = ctx.saved_tensors
         grad_h = torch.empty_like(h)
-        grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        grad_W = torch.zeros(W.shape, dtype=_acc_dtype(W), device=W.device)
         for a in range(0, h.shape[0], ctx.chunk):
             b = min(a + ctx.chunk, h.shape[0])
-            g = -(h[a:b] @ W.T).float().softmax(-1)
+            g = -_acc(h[a:b] @ W.T).softmax(-1)
             g.scatter_add_(1, targets[a:b].clamp(min=0)[:, None], torch.ones_like(g[:, :1]))
             g *= (grad_out[a:b] * (targets[a:b] >= 0))[:, None]
             grad_h[a:b] = (g.to(h.dtype) @ W).to(h.dtype)
-            grad_W += g.T @ h[a:b].float()
+            grad_W += g.T @ _acc(h[a:b])
         return grad_h, grad_W.to(W.dtype), None, None
 
 
@@ -192,7 +202,11 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
                 rope_theta=500000.0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
+    spreads = []
+
     def timed(fn):
+        """Median of `repeats` timed calls after a warm-up; the spread (max / min) is kept: a busy machine shows
+        up as a large one, and the table is then flagged instead of silently wrong."""
         fn()
         sync()
         ts = []
@@ -201,7 +215,9 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
             fn()
             sync()
             ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
+        ts.sort()
+        spreads.append(ts[-1] / ts[0])
+        return ts[len(ts) // 2]
 
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), dtype {dt}, "
           f"{torch.get_num_threads()} threads; one attention layer, one decode step")
@@ -250,10 +266,15 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
                              timed(lambda mla=mla, ql=ql, r_kv=r_kv: latent_attention(ql, mla.cache.kv, r_kv, 0.125,
                                                                                       mask))))
             t_gqa = rows[0][3]
+            spread = max(spreads)
+            spreads.clear()
             for name, per_tok, t, core in rows:
                 gbs = B * S * per_tok * esize / core / 1e9
                 print(f"| {name} | {per_tok} | {B} | {S} | {1e3 * t:.2f} | {B / t:,.0f} | {1e3 * core:.3f} | "
                       f"{gbs:.1f} | {t_gqa / core:.2f}x |", flush=True)
+            print(f"|  | per-call spread (max/min of {repeats}) over this block: {spread:.2f}x"
+                  + (" — WARNING: the machine is busy, these numbers are unreliable" if spread > 1.5 else "")
+                  + " |||||||", flush=True)
     print("\nprefill of the whole prompt through one MLA layer (writes the latent cache): naive vs latent path")
     for S in [c for c in contexts if c <= 4096]:  # the latent path's (T H, S) scores grow too large beyond
         for r_kv in ranks:
@@ -279,10 +300,18 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
 
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:2] == ["decode"]:
-        opts = dict(a[2:].split("=", 1) for a in sys.argv[2:] if a.startswith("--"))
-        _bench_decode([int(v) for v in opts.get("batches", "1,4").split(",")],
-                      [int(v) for v in opts.get("contexts", "1024,4096").split(",")],
-                      budget_gib=float(opts.get("budget_gib", 40)))
+
+    from configurator import configure
+    batches = "1,4"            # decode: batch sizes, comma-separated
+    contexts = "1024,4096"     # decode: filled cache lengths, comma-separated
+    budget_gib = 40.0          # decode: memory for the largest-batch table
+    repeats = 5                # decode: timed calls per measurement (the median is reported, the spread checked)
+    _decode = sys.argv[1:2] == ["decode"]
+    if _decode:
+        sys.argv = sys.argv[:1] + sys.argv[2:]
+    configure(globals())
+    if _decode:
+        _bench_decode([int(v) for v in str(batches).split(",")], [int(v) for v in str(contexts).split(",")],
+                      budget_gib=budget_gib, repeats=repeats)
     else:
         _bench()

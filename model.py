@@ -166,7 +166,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # fp32 inside, cast back before the weight: exactly HF's LlamaRMSNorm
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least (fp64 stays, for exactness tests)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -368,7 +368,8 @@ class MLAttention(nn.Module):
         W_UV = self.W_UV.weight.view(self.H, self.d_v, self.r_kv)
         q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, W_UK)                       # (B, H, T, r_kv)
         scores = (torch.einsum("bhtr,bsr->bhts", q_lat, c_kv)
-                  + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)).float() * self.scale  # (B, H, T, S)
+                  + torch.einsum("bthd,bsd->bhts", q_rope, k_rope))  # (B, H, T, S)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scale
         if mask is None:
             T, S = scores.shape[-2:]
             mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
@@ -547,9 +548,8 @@ class Transformer(nn.Module):
         wrote (MLA fields in config.json), or a hub id (downloaded through huggingface_hub when a hub is reachable).
         The model is built on the meta device and the tensors assigned one by one: one copy of the weights at most."""
         from safetensors import safe_open
-        path = _resolve_checkpoint(path)
-        with open(os.path.join(path, "config.json")) as f:
-            config = ModelConfig.from_hf(json.load(f))
+        path = resolve_checkpoint(path)
+        config = read_model_config(path)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -558,7 +558,12 @@ class Transformer(nn.Module):
         files = _safetensors_files(path)
         sd, unexpected, mis_shaped = {}, [], []
         for fname in files:
-            with safe_open(os.path.join(path, fname), framework="pt", device=str(device)) as f:
+            try:
+                handle = safe_open(os.path.join(path, fname), framework="pt", device=str(device))
+            except Exception as e:  # truncated or not a safetensors file: name it
+                raise ValueError(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
+                                 "truncated or corrupt. Fix: copy or download it again") from None
+            with handle as f:
                 for k in f.keys():
                     if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and config.tie_embeddings):
                         continue  # derived buffers of old checkpoints; a tied head duplicates the embedding
@@ -583,13 +588,17 @@ class Transformer(nn.Module):
         model._init_rope(device)
         return model
 
-    def save_pretrained(self, path, run_config=None, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, run_config=None, max_shard_bytes=5 * 2**30, tokenizer=None, extra_files=()):
         """Write config.json + safetensors (sharded with an index above max_shard_bytes) into `path`, atomically:
         everything goes to a temporary folder beside it, which then replaces `path`. A pure Llama folder loads in
         transformers' LlamaForCausalLM as is. `run_config` (a dict, e.g. the resolved training config) is saved as
-        run_config.json beside it."""
+        run_config.json beside it; `tokenizer` (a tokenizer.Tokenizer) is recorded in the folder, and extra_files
+        are copied in.
+        An existing `path` is replaced only if it is empty or a folder this project wrote holding nothing else
+        (its WRITTEN_BY.json lists what it wrote); anything else is refused before any work, never deleted."""
         from safetensors.torch import save_file
         path = os.path.abspath(path)
+        check_replaceable(path)
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
@@ -622,9 +631,20 @@ class Transformer(nn.Module):
             _write_json(os.path.join(tmp, "config.json"), hf)
             if run_config is not None:
                 _write_json(os.path.join(tmp, "run_config.json"), run_config)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            for f in extra_files:
+                shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
+            written = sorted(os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs)
+            _write_json(os.path.join(tmp, _WRITTEN_BY), {"written_by": "mla-upcycle (model.save_pretrained)",
+                                                        "files": written})
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is as readable as any other
-            for name in os.listdir(tmp):
-                os.chmod(os.path.join(tmp, name), 0o644)
+            for r, dirs, fs in os.walk(tmp):
+                for dname in dirs:
+                    os.chmod(os.path.join(r, dname), 0o755)
+                for f in fs:
+                    os.chmod(os.path.join(r, f), 0o644)
+            check_replaceable(path)  # again: something may have appeared there while the weights were written
             # swap in: the old folder (if any) is only removed once the new one is complete
             old = None
             if os.path.exists(path):
@@ -642,8 +662,10 @@ def resolve_dtype(name, device_type):
     """A dtype setting -> torch dtype: "auto" is bfloat16 on GPU and float32 on CPU (CPU bf16 matmuls are slow)."""
     if name == "auto":
         return torch.bfloat16 if device_type == "cuda" else torch.float32
-    if name not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype={name!r}: use 'auto', 'bfloat16', 'float16' or 'float32'")
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        name, name)
+    if name not in ("bfloat16", "float16", "float32", "float64"):
+        raise ValueError(f"dtype={name!r}: use 'auto', 'bfloat16' (bf16), 'float16' (fp16) or 'float32' (fp32)")
     return getattr(torch, name)
 
 
@@ -664,30 +686,81 @@ def _write_json(path, obj):
         f.write("\n")
 
 
-def _resolve_checkpoint(path):
-    """A local folder as is; otherwise a hub id, fetched by huggingface_hub (config, safetensors, tokenizer)."""
-    path = str(path)
+def resolve_checkpoint(path, need_config=True):
+    """A local folder as is; otherwise a hub id ('org/name'), fetched by huggingface_hub (config, safetensors,
+    tokenizer files). A string that names a local path (it exists in part, or starts with . / ~) is never a hub id."""
+    path = os.path.expanduser(str(path))
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
+        if need_config and not os.path.exists(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
         return path
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise FileNotFoundError(f"{path!r} is neither a model folder nor a hub id of the form 'org/name'")
+    first = path.split("/")[0]
+    local = os.path.isdir(first) and first not in (".", "..", "")
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1 or local:
+        raise FileNotFoundError(f"{path!r} is not a model folder (no such directory"
+                                + (f"; {first}/ is a local folder, so it is not a hub id" if local else "")
+                                + "). Fix: check the path, or give a hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "original/tokenizer.model"])
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                       "original/tokenizer.model"])
+    except Exception as e:
+        raise FileNotFoundError(f"{path!r}: not a local folder, and the hub could not provide it "
+                                f"({type(e).__name__}: {str(e)[:200]}). Fix: download it where a hub is reachable "
+                                "and pass the folder") from None
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "original/tokenizer.model", "tokenizer_tok512.json")
+def read_model_config(path):
+    """ModelConfig from a folder's config.json, with errors that name the file."""
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}). Fix: restore it from the model's source") from None
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{cfg_path} lacks the field {e.args[0]!r} that a Llama config.json has. Fix: restore it "
+                         "from the model's source") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+
+
+_WRITTEN_BY = "WRITTEN_BY.json"  # what save_pretrained wrote into a folder: the only files it may later replace
+
+
+def check_replaceable(path):
+    """Raise unless `path` is absent, an empty folder, or a folder save_pretrained wrote holding only its files."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise FileExistsError(f"{path} exists and is not a folder: refusing to replace it. Fix: choose another out_dir")
+    present = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+    present += [os.path.relpath(os.path.join(r, d), path) + "/" for r, ds, _ in os.walk(path) for d in ds
+                if not os.listdir(os.path.join(r, d))]
+    if not present:
+        return
+    marker = os.path.join(path, _WRITTEN_BY)
+    ours = set()
+    if os.path.exists(marker):
+        try:
+            with open(marker) as f:
+                ours = set(json.load(f).get("files", [])) | {_WRITTEN_BY}
+        except (json.JSONDecodeError, AttributeError):
+            ours = set()
+    foreign = [p for p in present if p not in ours]
+    if not ours or foreign:
+        what = "was not written by this project" if not ours else "holds files this project did not write"
+        raise FileExistsError(f"{path} {what} ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): "
+                              "refusing to replace it, nothing was changed. Fix: choose a new or empty folder as "
+                              "out_dir, or move those files away yourself")
 
 
 def copy_tokenizer_files(src, dst):
-    """Carry a model folder's tokenizer (and generation config) over to a derived folder, so it stays usable."""
-    src = _resolve_checkpoint(src)
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, name)):
-            os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    """Record the tokenizer of model folder `src` in folder `dst` (kept for callers that write folders by hand)."""
+    from tokenizer import Tokenizer
+    Tokenizer.from_pretrained(src).save(dst)
 
 
 def _safetensors_files(path):
@@ -702,40 +775,50 @@ def _safetensors_files(path):
 
 
 def load_vocab_decoder(path):
-    """A decode function for a model folder: its Llama 3 tokenizer (original/tokenizer.model), or the
-    SentencePiece-style id -> piece table of llama2.c models (tokenizer_tok512.json, as stories260K ships)."""
-    tm = os.path.join(path, "original", "tokenizer.model")
-    if os.path.exists(tm):
-        from tokenizer import Tokenizer
-        return Tokenizer.llama3(tm).decode
+    """A decode function for a model folder: its tokenizer, or for llama2.c models (stories260K) their
+    id -> piece table tokenizer_tok512.json, which can decode but not encode."""
     table = os.path.join(path, "tokenizer_tok512.json")
-    if os.path.exists(table):
+    if os.path.exists(table) and not os.path.exists(os.path.join(path, "tokenizer.json")):
         with open(table) as f:
             pieces = [p for p, _ in json.load(f)["pieces"]]
         # byte-fallback pieces <0xNN> are raw bytes; U+2581 marks a space
         raw = [bytes([int(p[3:5], 16)]) if p.startswith("<0x") and len(p) == 6 else p.replace("\u2581", " ").encode()
                for p in pieces]
         return lambda ids: b"".join(raw[i] for i in ids).decode("utf-8", errors="replace")
-    return lambda ids: str(list(ids))
+    from tokenizer import Tokenizer
+    return Tokenizer.from_pretrained(path).decode
 
 
 if __name__ == "__main__":
-    # python model.py [PATH_OR_HUB_ID] [--key=value ...]: greedy (or sampled) text from BOS
+    # python model.py [PATH_OR_HUB_ID] [--key=value ...]: greedy (or sampled) text from BOS or a prompt
     from configurator import configure
-    init_from = "tests/fixtures/stories260K"
+    init_from = "tests/fixtures/stories260K"   # model folder or hub id
+    prompt = ""                # text to continue ("" = from BOS alone)
+    chat = False               # render the prompt as a user message with the model's chat template
+    tokenizer = ""             # "" = the model folder's own (the prompt needs one that encodes)
     device = "cpu"
     dtype = "float32"
     max_new_tokens = 60
-    temperature = 0.0
-    top_k = None
+    temperature = 0.0          # 0 = greedy
+    top_k: int | None = None  # sample from the k most likely tokens
     seed = 1337
     _argv = sys.argv[1:]
     if _argv and not _argv[0].startswith("--"):  # a bare first argument is the checkpoint
         init_from, _argv = _argv[0], _argv[1:]
-    configure(globals(), _argv)
+    sys.argv = sys.argv[:1] + _argv
+    configure(globals())
     torch.manual_seed(seed)
-    m = Transformer.from_pretrained(init_from, dtype=getattr(torch, dtype), device=device).eval()
-    start = torch.tensor([[m.config.bos_id]], device=device)
-    out = m.generate(start, max_new_tokens, temperature=temperature, top_k=top_k)
-    print(load_vocab_decoder(_resolve_checkpoint(init_from))(out[0, 1:].tolist()))
+    folder = resolve_checkpoint(init_from)
+    m = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type), device=device).eval()
+    if prompt or chat:
+        from tokenizer import Tokenizer
+        tok = Tokenizer.from_name(tokenizer, folder)
+        ids = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0] if chat \
+            else tok.encode(prompt, bos=m.config.bos_id is not None and tok.add_bos)
+        decode, eos = tok.decode, (tok.eot_id if chat else tok.eos_id)
+    else:
+        ids, decode, eos = [m.config.bos_id], load_vocab_decoder(folder), None
+    start = torch.tensor([ids], device=device)
+    out = m.generate(start, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos)
+    print(decode(out[0, len(ids):].tolist()))
     print(f"KV cache: {m.kv_cache_elements_per_token()} numbers per token over {m.config.n_layers} layers")

@@ -4,8 +4,8 @@ Upcycle a pre-trained Llama's GQA attention into MLA by SVD (X-EcoMLA, arXiv 250
     python svd_init.py                                             # bundled stories260K, CPU, seconds
     python svd_init.py config/llama1b_kv64.py --init_from=meta-llama/Llama-3.2-1B-Instruct --out_dir=out/kv64
     python svd_init.py config/llama1b_kv64.py --init_from=DIR --device=cuda      # SVDs on the GPU
-    python svd_init.py --sweep=True      # KL(teacher||student) at init on stories260K: ranks, svd vs random, dynamic
-    python svd_init.py --bench=True      # time + peak memory of converting a random Llama-3.2-1B-shaped model
+    python svd_init.py --run_sweep=True  # KL(teacher||student) at init on stories260K: ranks, svd vs random, dynamic
+    python svd_init.py --run_bench=True  # time + peak memory of converting a random Llama-3.2-1B-shaped model
 
 It writes a checkpoint folder that Transformer.from_pretrained loads and prints a per-layer table (ranks, energy
 kept, parameters, KV cache per token and as a percentage of the source's).
@@ -35,13 +35,14 @@ Choices where the paper is silent or ambiguous (each said again where it is made
       of a tiny one, where it silences attention altogether; matching the scale makes the baseline differ from
       SVD in structure only, at any model size.
 """
+import os
 import resource
 import sys
 import time
 
 import torch
 
-from model import ModelConfig, Transformer, copy_tokenizer_files
+from model import ModelConfig, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
 
 
 # -----------------------------------------------------------------------------
@@ -96,6 +97,18 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
             raise ValueError(f"{name}_rank={rank} must be an integer in [1, {hi}]{why}")
         if energy is not None and not (0 < energy <= 1):
             raise ValueError(f"{name}_energy={energy} must be in (0, 1]")
+
+
+def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
+                   qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, **_):
+    """upcycle()'s settings checked against a source config alone (no weights needed): scripts call it before any
+    work, so a bad rank fails in a second, not after the data is tokenised."""
+    layers = list(range(cfg.n_layers)) if mla_layers is None else mla_layers
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
+    d_qk = cfg.head_dim // 2 if qk_nope_dim is None else qk_nope_dim
+    d_r = cfg.head_dim // 2 if qk_rope_dim is None else qk_rope_dim
+    _check_settings(cfg, list(layers), q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap)
 
 
 def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm=False) -> ModelConfig:
@@ -288,21 +301,22 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # settings (a config file, then --key=value)
     init_from = "tests/fixtures/stories260K"   # HF Llama folder or hub id
-    out_dir = "out/svd_init"
-    mla_layers = None          # None: all layers; a list of indices makes a hybrid
-    q_rank = None              # fixed r_q ...
-    kv_rank = None             # ... and r_kv, or dynamic:
-    q_energy = None            # delta_q in (0, 1]
-    kv_energy = None           # delta_kv in (0, 1]
-    qk_nope_dim = None         # d_qk (None: d_h / 2)
-    qk_rope_dim = None         # d_r (None: d_h / 2)
+    out_dir = "out/svd_init"   # a new or empty folder, or one svd_init wrote before (anything else is refused)
+    tokenizer = ""             # recorded in out_dir: "" = the source folder's own; or "bytes", "llama3", a folder
+    mla_layers: list | None = None  # None: all layers; a list of indices makes a hybrid
+    q_rank: int | None = None  # fixed r_q ...
+    kv_rank: int | None = None  # ... and r_kv, or dynamic:
+    q_energy: float | None = None  # delta_q in (0, 1]
+    kv_energy: float | None = None  # delta_kv in (0, 1]
+    qk_nope_dim: int | None = None  # d_qk (None: d_h / 2)
+    qk_rope_dim: int | None = None  # d_r (None: d_h / 2)
     init = "svd"               # "svd" or "random" (the paper's baseline)
     latent_norm = False
     allow_qk_overlap = False
     device = "cpu"
     dtype = "float32"          # the dtype the model is loaded and saved in (the SVD itself is always float32)
     seed = 0
-    sweep_seqs = 16            # --sweep: held-out sequences sampled from the teacher ...
+    sweep_seqs = 16            # --run_sweep: held-out sequences sampled from the teacher ...
     sweep_len = 256            # ... and their length
     run_sweep = False          # print the stories260K KL-at-init table
     run_bench = False          # time a random Llama-3.2-1B-shaped conversion
@@ -311,7 +325,25 @@ if __name__ == "__main__":
     if run_bench:
         bench(device, q_rank or 1424, kv_rank or 64, qk_nope_dim or 32, qk_rope_dim or 32)
         sys.exit(0)
-    teacher = Transformer.from_pretrained(init_from, dtype=getattr(torch, dtype), device=device).eval()
+    folder = resolve_checkpoint(init_from)
+    if not run_sweep:  # pre-flight: settings, output folder and tokenizer, before the weights are read
+        src_cfg = read_model_config(folder)
+        check_settings(src_cfg, mla_layers, q_rank if q_rank is not None or q_energy is not None else 1,
+                       kv_rank if kv_rank is not None or kv_energy is not None else 1, q_energy, kv_energy,
+                       qk_nope_dim, qk_rope_dim, init, allow_qk_overlap)
+        check_replaceable(os.path.abspath(out_dir))
+        from tokenizer import Tokenizer
+        try:
+            tok = Tokenizer.from_name(tokenizer, folder)
+        except (FileNotFoundError, ValueError) as e:
+            if tokenizer:
+                raise
+            tok = None
+            print(f"note: no tokenizer recorded in {out_dir}: {str(e).split('. Fix')[0]}")
+        if tok is not None and tok.vocab_size > src_cfg.vocab_size:
+            raise ValueError(f"tokenizer {tok.describe()} has more ids than the model ({src_cfg.vocab_size})")
+    teacher = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type),
+                                          device=device).eval()
     if run_sweep:
         sweep(teacher, sweep_seqs, sweep_len, seed)
         sys.exit(0)
@@ -332,7 +364,8 @@ if __name__ == "__main__":
         kl, ent = kl_per_token(teacher, student, idx)
         print(f"KL(teacher||student) at init: {kl:.3f} nats/token on 8 x 128 teacher-sampled tokens "
               f"(teacher entropy {ent:.3f})")
-    student.save_pretrained(out_dir, run_config=config)
-    copy_tokenizer_files(init_from, out_dir)
-    print(f"saved {out_dir} (config.json, safetensors, run_config.json, the source's tokenizer files); "
+    table = os.path.join(folder, "tokenizer_tok512.json")  # llama2.c's decode table: python model.py reads it
+    student.save_pretrained(out_dir, run_config=config, tokenizer=tok,
+                            extra_files=[table] if tok is None and os.path.exists(table) else ())
+    print(f"saved {out_dir} (config.json, safetensors, run_config.json, the tokenizer); "
           f"sample from it with: python model.py {out_dir}")

@@ -11,6 +11,8 @@ import os
 import resource
 import shutil
 import signal
+import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -48,6 +50,7 @@ def init_distributed(device="auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" in os.environ:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        _term_when_parent_dies()
         if device.startswith("cuda"):
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -57,7 +60,25 @@ def init_distributed(device="auto"):
                                 rank=0, world_size=1)
     dev = torch.device(f"cuda:{local}" if device.startswith("cuda") else "cpu")
     mesh = init_device_mesh(dev.type, (world,))
+    global _CPU_GROUP  # a gloo group for the per-step stop flag: a CPU collective, so no GPU sync
+    _CPU_GROUP = dist.new_group(backend="gloo") if world > 1 and dev.type != "cpu" else None
     return Dist(rank, world, local, dev, mesh)
+
+
+_CPU_GROUP = None
+
+
+def _term_when_parent_dies():
+    """A torchrun worker whose launcher is killed (kill -9 leaves no chance to forward a signal) would train on as
+    an orphan: ask Linux to send it SIGTERM when its parent dies; fit() then stops at the next step with a checkpoint."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:          # the parent died before prctl: nobody will send it
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: no orphan protection
 
 
 def shard(model, d: Dist, param_dtype=None, shard_root=True, compile=False, checkpointing=False):
@@ -75,6 +96,16 @@ def shard(model, d: Dist, param_dtype=None, shard_root=True, compile=False, chec
     if shard_root:
         fully_shard(model, **kw)
     return model
+
+
+def eval_chunks(n_items, chunk, d: Dist):
+    """This rank's share of a fixed held-out set of n_items, in chunks of `chunk` items: chunk k goes to rank
+    k % world, and ranks with fewer chunks get padding chunks (real=False, to be weighted 0) so every rank runs
+    the same number of forwards (FSDP gathers in each). The numbers summed over ranks do not depend on world."""
+    chunks = [list(range(a, min(a + chunk, n_items))) for a in range(0, n_items, chunk)]
+    per_rank = -(-len(chunks) // d.world)
+    mine = chunks[d.rank::d.world]
+    return [(c, True) for c in mine] + [(chunks[0], False)] * (per_rank - len(mine))
 
 
 def barrier():
@@ -118,7 +149,6 @@ def _rng_state():
 
 
 def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _before_rename=None):
-    from safetensors.torch import save_file
     final = os.path.join(out_dir, f"ckpt-{step:07d}")
     tmp = final + ".tmp"
     msd = get_model_state_dict(model, options=FULL)          # every rank takes part; only rank 0 receives tensors
@@ -127,14 +157,12 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    save_file(_rng_state(), os.path.join(tmp, f"rng-rank{d.rank}.safetensors"))
-    if d.master:
-        save_file({k: v.contiguous() for k, v in _untie(msd).items()}, os.path.join(tmp, "model.safetensors"))
-        flat = {f"{fqn}::{k}": v.reshape(-1) if v.dim() == 0 else v for fqn, st in osd["state"].items()
-                for k, v in st.items()}
-        save_file(flat, os.path.join(tmp, "optimizer.safetensors"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**meta, "step": step, "world": d.world, "param_groups": osd["param_groups"]}, f, indent=2)
+    try:
+        _write_checkpoint_files(tmp, msd, osd, meta, step, d)
+    except OSError as e:  # a full disk, say: leave no half-written folder behind, and say what happened
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"writing checkpoint {tmp} failed ({e}); nothing was renamed, the previous checkpoint "
+                      f"({latest_checkpoint(out_dir)}) is intact. Free disk space, then resume") from None
     barrier()
     if d.master:
         if _before_rename:
@@ -152,6 +180,18 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
     return final
 
 
+def _write_checkpoint_files(tmp, msd, osd, meta, step, d: Dist):
+    from safetensors.torch import save_file
+    save_file(_rng_state(), os.path.join(tmp, f"rng-rank{d.rank}.safetensors"))
+    if d.master:
+        save_file({k: v.contiguous() for k, v in _untie(msd).items()}, os.path.join(tmp, "model.safetensors"))
+        flat = {f"{fqn}::{k}": v.reshape(-1) if v.dim() == 0 else v for fqn, st in osd["state"].items()
+                for k, v in st.items()}
+        save_file(flat, os.path.join(tmp, "optimizer.safetensors"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "step": step, "world": d.world, "param_groups": osd["param_groups"]}, f, indent=2)
+
+
 def _untie(sd):
     """safetensors refuses two names for one storage (a tied head): store each storage once."""
     seen, out = {}, {}
@@ -163,20 +203,133 @@ def _untie(sd):
     return out
 
 
-def start_out_dir(out_dir, resume, d: Dist):
-    """A fresh run (resume=False) in a folder that holds an earlier run moves that run's checkpoints, logs and export
-    into out_dir/replaced-<time>/ first: nothing is deleted, and a later --resume can never pick a stale checkpoint."""
-    if d.master and not resume and os.path.isdir(out_dir):
-        old = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") or n == "final"
-               or n.endswith((".jsonl", ".txt"))]
-        if old:
+# -----------------------------------------------------------------------------
+# The output folder: one run at a time, only its own files touched, checked before any work
+
+
+RUN_FILES = ("ckpt-", "final", "replaced-", "ref_logps-", ".lock")  # prefixes of what a run writes in out_dir
+
+
+def _run_owned(name, log_name):
+    return name.startswith(RUN_FILES) or name in (f"{log_name}.txt", f"{log_name}.jsonl")
+
+
+def prepare_out_dir(out_dir, resume, d: Dist, log_name, need_bytes=0):
+    """Pre-flight for a training run, after every setting has been checked and before any work. On rank 0:
+      - refuse an out_dir holding files this project's runs do not write (never `.`, a checkout or a data folder);
+      - take the lock out_dir/.lock (pid@host); a lock whose process is gone is stale and taken over;
+      - refuse when the disk cannot hold need_bytes (the checkpoints and the export);
+      - resume=False: move an earlier run's files (only the run's own: ckpt-*, final, its log) to replaced-<time>/;
+        resume=True: there must be a checkpoint; resume="auto": resume if there is one, else start fresh.
+    Returns whether to resume. Every rank gets the same answer."""
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume={resume!r}: use True, False or 'auto' (resume when a checkpoint exists)")
+    verdict = torch.zeros(1)
+    if d.master:
+        out_dir = os.path.abspath(out_dir)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise FileExistsError(f"out_dir {out_dir} is a file. Fix: choose a folder")
+        present = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+        foreign = [n for n in present if not _run_owned(n, log_name)]
+        if foreign:
+            raise FileExistsError(f"out_dir {out_dir} holds files a {log_name} run does not write "
+                                  f"({', '.join(sorted(foreign)[:5])}{' ...' if len(foreign) > 5 else ''}): refusing "
+                                  "to use it, nothing was changed. Fix: give a new or empty folder as out_dir")
+        os.makedirs(out_dir, exist_ok=True)
+        _take_lock(out_dir)
+        free = shutil.disk_usage(out_dir).free
+        if need_bytes > free:
+            _release_lock(out_dir)
+            raise OSError(f"out_dir {out_dir}: {free / 2**30:.2f} GiB free, but the run's checkpoints and export need "
+                          f"about {need_bytes / 2**30:.2f} GiB. Fix: free space, lower keep_ckpts, or pick another "
+                          "disk")
+        has_ckpt = latest_checkpoint(out_dir) is not None
+        if resume is True and not has_ckpt:
+            _release_lock(out_dir)
+            raise FileNotFoundError(f"resume=True but {out_dir} holds no complete checkpoint. Fix: drop --resume "
+                                    "to start a fresh run, or use --resume=auto (resume when there is one)")
+        go_on = resume is True or (resume == "auto" and has_ckpt)
+        old = [n for n in present if _run_owned(n, log_name) and not n.startswith(("replaced-", ".lock"))]
+        if not go_on and old:
             dest = os.path.join(out_dir, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
-            os.makedirs(dest)
+            os.makedirs(dest, exist_ok=True)
             for n in old:
                 os.replace(os.path.join(out_dir, n), os.path.join(dest, n))
             print(f"{out_dir} held an earlier run: moved {', '.join(sorted(old))} to {dest} (use --resume=True to "
                   "continue a run instead)", flush=True)
-    barrier()
+        verdict[0] = float(go_on)
+    if d.world > 1:
+        t = verdict.to(d.device)
+        dist.broadcast(t, src=0)
+        verdict = t.cpu()
+    return bool(verdict[0].item())
+
+
+def _take_lock(out_dir):
+    path = os.path.join(out_dir, ".lock")
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            import atexit
+            atexit.register(_release_lock, out_dir, me)
+            return
+        except FileExistsError:
+            try:
+                owner = open(path).read().strip()
+            except OSError:
+                owner = ""
+            pid, _, host = owner.partition("@")
+            alive = host != socket.gethostname()  # another machine's lock: cannot check it, so respect it
+            if not alive and pid.isdigit():
+                try:
+                    os.kill(int(pid), 0)
+                    alive = True
+                except ProcessLookupError:
+                    alive = False
+                except PermissionError:
+                    alive = True
+            if alive:
+                raise RuntimeError(f"out_dir {out_dir} is in use by another run (process {owner}, lock {path}). "
+                                   "Fix: wait for it, or give another out_dir. If that run is dead on another "
+                                   "machine, delete the lock file") from None
+            os.remove(path)  # stale: its process is gone
+    raise RuntimeError(f"could not take the lock {path}")
+
+
+def _release_lock(out_dir, me=None):
+    path = os.path.join(out_dir, ".lock")
+    try:
+        if me is None or open(path).read().strip() == me:
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def checkpoint_bytes(n_params, keep_ckpts, export_bytes_per_param=4):
+    """Disk a run needs: keep_ckpts + 1 checkpoints (fp32 weights + two AdamW moments; one more is written before
+    the oldest is pruned) and the exported model."""
+    return n_params * (4 * 3 * (keep_ckpts + 1) + export_bytes_per_param)
+
+
+def check_resume_config(path, config, model_keys, schedule_keys, log):
+    """Compare the settings a checkpoint was written with against this run's: a changed model (or data) setting is
+    refused, naming the keys; a changed schedule is allowed with a warning."""
+    with open(os.path.join(path, "meta.json")) as f:
+        saved = json.load(f).get("config", {})
+    changed = [k for k in model_keys if k in saved and saved[k] != config.get(k)]
+    if changed:
+        raise ValueError(f"resume: {path} was written with other model/data settings: "
+                         + ", ".join(f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed)
+                         + ". Fix: resume with the saved settings (run_config in meta.json), or start a fresh run "
+                           "in a new out_dir")
+    moved = [k for k in schedule_keys if k in saved and saved[k] != config.get(k)]
+    if moved:
+        log.print("resume: WARNING: the schedule changed since the checkpoint: "
+                  + ", ".join(f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in moved)
+                  + " (the learning rate from here on follows the new settings)")
 
 
 def latest_checkpoint(out_dir):
@@ -216,10 +369,9 @@ def load_checkpoint(path, model, optimizer, d: Dist):
 
 
 def resume_step(resume, out_dir, model, optimizer, d: Dist, log):
-    """With resume: restore the newest complete checkpoint in out_dir and return its step; else (or if none) 0."""
+    """With resume (prepare_out_dir's answer): restore the newest complete checkpoint in out_dir and return its
+    step; else 0."""
     path = latest_checkpoint(out_dir) if resume else None
-    if resume and path is None:
-        log.print(f"resume: no complete checkpoint in {out_dir}; starting from step 0")
     if path is None:
         return 0
     step = load_checkpoint(path, model, optimizer, d)["step"]
@@ -227,10 +379,10 @@ def resume_step(resume, out_dir, model, optimizer, d: Dist, log):
     return step
 
 
-def export_model(model, path, d: Dist, run_config=None, dtype=None, tokenizer_from=None):
+def export_model(model, path, d: Dist, run_config=None, dtype=None, tokenizer=None):
     """Gather the full weights on rank 0 and write an HF folder with save_pretrained (loadable by evaluate.py,
-    dpo.py, Transformer.from_pretrained), with the tokenizer files of the folder `tokenizer_from`, if any."""
-    from model import Transformer, copy_tokenizer_files
+    dpo.py, Transformer.from_pretrained), recording `tokenizer` (a tokenizer.Tokenizer) in it."""
+    from model import Transformer
     msd = get_model_state_dict(model, options=FULL)
     if d.master:
         with torch.device("meta"):
@@ -240,9 +392,7 @@ def export_model(model, path, d: Dist, run_config=None, dtype=None, tokenizer_fr
         plain.load_state_dict({k: (v.to(dtype) if dtype else v) for k, v in msd.items()}, strict=False, assign=True)
         if model.config.tie_embeddings:
             plain.lm_head.weight = plain.model.embed_tokens.weight
-        plain.save_pretrained(path, run_config=run_config)
-        if tokenizer_from:
-            copy_tokenizer_files(tokenizer_from, path)
+        plain.save_pretrained(path, run_config=run_config, tokenizer=tokenizer)
     barrier()
 
 
@@ -264,6 +414,7 @@ def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, star
     stats = torch.zeros(n_stats, device=d.device)
     grad_norm = torch.zeros((), device=d.device)
     t_last, since = time.time(), 0
+    stop = StopRequest()
 
     def stop_if_not_finite(step, numbers):
         if not all(math.isfinite(v) for v in numbers.values() if isinstance(v, float)):
@@ -303,10 +454,50 @@ def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, star
             text, numbers = evaluate()
             log.print(f"held-out at step {done}: {text}")
             log.record("eval", step=done, **numbers)
-        if done % ckpt_every == 0 or done == max_steps:
+        stopping = stop.agreed(d) and done != max_steps
+        if done % ckpt_every == 0 or done == max_steps or stopping:
             stop_if_not_finite(done, {"loss": loss.item(), "grad_norm": grad_norm.item()})
             kill = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if done == debug_kill_in_save else None
             log.print(f"checkpoint {save_checkpoint(out_dir, done, model, optimizer, meta, d, keep_ckpts, kill)}")
+        if stopping:
+            launcher = f"torchrun --nproc_per_node={d.world}" if d.world > 1 else "python"
+            cmd = " ".join([launcher] + [a for a in sys.argv if not a.startswith("--resume")] + ["--resume=True"])
+            log.print(f"stopped by {stop.name} at step {done}/{max_steps}; resume with: {cmd}")
+            stop.restore()
+            raise SystemExit(128 + stop.signum)
+    stop.restore()
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, or the launcher dying) only set a flag; the loop then
+    stops at the end of the step with a checkpoint. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum, self.name = 0, ""
+        self.old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum, self.name = signum, signal.Signals(signum).name
+        print(f"\n{self.name}: stopping after this step (with a checkpoint); Ctrl-C again to abort at once",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, d: Dist):
+        """Whether any rank was asked to stop: one tiny all-reduce per step (on a gloo group when training on GPU,
+        so it never waits for the GPU), so that every rank stops at the same step."""
+        if d.world == 1:
+            return bool(self.signum)
+        flag = torch.tensor([float(self.signum)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_CPU_GROUP)  # None: the default group (gloo on CPU)
+        if flag.item() and not self.signum:
+            self.signum = int(flag.item())
+            self.name = signal.Signals(self.signum).name + " (on another rank)"
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
 
 
 # -----------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_bad_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not a Llama"):
         Transformer.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="neither a model folder nor a hub id"):
+    with pytest.raises(FileNotFoundError, match="is not a model folder"):
         Transformer.from_pretrained("./no/such/folder")
 
 

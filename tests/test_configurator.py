@@ -6,7 +6,8 @@ from configurator import configure
 
 def settings():
     return dict(lr=1e-3, batch_size=8, compile=False, out_dir="out", mla_layers=[0, 1], q_energy=None,
-                _private=3, os=pytest)  # the last two are not settings
+                _private=3, os=pytest,  # these two are not settings
+                __annotations__={"q_energy": float | None})
 
 
 def test_file_then_overrides(tmp_path):
@@ -63,13 +64,20 @@ def script_defaults(script):
     import os
     tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "..", script)).read())
     body = list(tree.body) + [n for node in tree.body if isinstance(node, ast.If) for n in node.body]
-    out = {}
+    out, annotations = {}, {}
     for n in body:
+        if isinstance(n, ast.Assign) and "configure(" in ast.unparse(n.value):
+            break  # what a script assigns after configure() is not a setting
         if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
             try:
                 out[n.targets[0].id] = ast.literal_eval(n.value)
             except ValueError:
                 pass
+        elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None:
+            out[n.target.id] = ast.literal_eval(n.value)
+            annotations[n.target.id] = eval(ast.unparse(n.annotation))
+    if annotations:
+        out["__annotations__"] = annotations
     return out
 
 
@@ -83,3 +91,30 @@ def test_every_config_file_loads_in_every_script():
         assert "init_from" in defaults and len(defaults) > 10
         for f in files:
             configure(dict(defaults), [f])   # raises on a key no script knows or a wrong type
+
+
+def test_none_defaults_are_typed_by_their_annotation():
+    ns = dict(kv_rank=None, mla_layers=None, resume=False, out="x",
+              __annotations__={"kv_rank": int | None, "mla_layers": list | None, "resume": bool | str})
+    assert configure(dict(ns), ["--kv_rank=8", "--mla_layers=[1, 2]", "--resume=auto"]) == \
+        dict(kv_rank=8, mla_layers=[1, 2], resume="auto", out="x")
+    assert configure(dict(ns), ["--resume=True"])["resume"] is True
+    with pytest.raises(TypeError, match="kv_rank='abc' is a str, but kv_rank takes int or None"):
+        configure(dict(ns), ["--kv_rank=abc"])
+    with pytest.raises(TypeError, match=r"mla_layers takes list or None \(e.g. \[3\]\)"):
+        configure(dict(ns), ["--mla_layers=3"])
+    with pytest.raises(TypeError, match="no annotation"):                  # a script bug, said plainly
+        configure(dict(q=None), [])
+
+
+def test_help_lists_settings_with_their_comments(tmp_path, capsys):
+    script = tmp_path / "s.py"
+    script.write_text('"""A script.\n\n    python s.py\n"""\nlr = 0.1          # the learning rate\n'
+                      'kv_rank: int | None = None   # r_kv\n')
+    ns = {"__file__": str(script), "__doc__": "A script.\n\n    python s.py\n", "lr": 0.1, "kv_rank": None,
+          "__annotations__": {"kv_rank": int | None}}
+    with pytest.raises(SystemExit) as e:
+        configure(ns, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "python s.py" in out and "--lr=0.1\n        the learning rate" in out and "--kv_rank=None (int | None)" in out

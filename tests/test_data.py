@@ -54,7 +54,8 @@ def test_cache_packing_and_masks(files, tmp_path):
     cache = build_cache(files, "bytes", str(tmp_path / "cache"), val_every=1000, log=logs.append)
     meta = json.load(open(os.path.join(cache, "meta.json")))
     assert meta["documents"] == 4 and meta["malformed_rows"] == 5   # incl. the broken JSON line
-    assert meta["per_source"][files[0]] == {"documents": 1, "malformed_rows": 3}
+    assert {k: meta["per_source"][files[0]][k] for k in ("documents", "malformed_rows")} == \
+        {"documents": 1, "malformed_rows": 3}
     tok = Tokenizer.byte_level()
     ids = np.fromfile(os.path.join(cache, "train.bin"), dtype=np.uint16)
     mask = np.fromfile(os.path.join(cache, "train_mask.bin"), dtype=np.uint8)
@@ -108,3 +109,58 @@ def test_bundled_sets_parse():
                     ("self_instruct_user_oriented.jsonl", 252)):
         docs = [doc for row in iter_rows(os.path.join(root, name)) for doc in to_documents(row)]
         assert len(docs) >= n
+
+
+def test_bad_bytes_are_malformed_rows_named_by_file_and_line(tmp_path):
+    good = json.dumps({"instruction": "Hi", "input": "", "output": "Hello."}).encode()
+    (tmp_path / "a.jsonl").write_bytes(good + b"\n" + good[:20] + b"\xff\xfe" + good[20:] + b"\n" + good + b"\n")
+    (tmp_path / "b.txt").write_bytes(b"A fine line.\nA bad \xc3\x28 line.\nAnother fine line.\n")
+    rows = [{"instruction": "Hi", "input": "", "output": "Hello."}, {"instruction": "Bad \udcff", "input": "",
+                                                                     "output": "x"}]
+    (tmp_path / "c.json").write_bytes(json.dumps(rows, ensure_ascii=False).encode("utf-8", "surrogateescape"))
+    logs = []
+    cache = build_cache([str(tmp_path / n) for n in ("a.jsonl", "b.txt", "c.json")], "bytes",
+                        str(tmp_path / "cache"), log=logs.append)
+    meta = json.load(open(os.path.join(cache, "meta.json")))
+    per = meta["per_source"]
+    assert per[str(tmp_path / "a.jsonl")]["documents"] == 2 and per[str(tmp_path / "a.jsonl")]["malformed_rows"] == 1
+    assert per[str(tmp_path / "a.jsonl")]["malformed_first"][0].startswith(f"{tmp_path / 'a.jsonl'}:2 (invalid UTF-8")
+    assert per[str(tmp_path / "b.txt")]["malformed_rows"] == 1 and per[str(tmp_path / "b.txt")]["documents"] == 1
+    assert per[str(tmp_path / "c.json")] ["documents"] == 1 and per[str(tmp_path / "c.json")]["malformed_rows"] == 1
+    assert any("a.jsonl:2" in line for line in logs)
+
+
+def test_json_shapes(tmp_path):
+    row = {"instruction": "Hi", "input": "", "output": "Hello."}
+    (tmp_path / "one.json").write_text(json.dumps(row))                         # a single row, not a list
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": [row, row]}))
+    assert len(list(iter_rows(str(tmp_path / "one.json")))) == 1
+    assert len(list(iter_rows(str(tmp_path / "wrapped.json")))) == 2
+    (tmp_path / "broken.json").write_text('[{"a": 1},\n {"b": }]')
+    with pytest.raises(ValueError, match="broken.json:2: not valid JSON"):
+        list(iter_rows(str(tmp_path / "broken.json")))
+
+
+class CountingStr(str):
+    """A str that counts the characters its slices copy."""
+    copied = 0
+
+    def __getitem__(self, k):
+        out = str.__getitem__(self, k)
+        if isinstance(k, slice):
+            CountingStr.copied += len(out)
+        return out
+
+
+def test_long_lines_are_cut_in_linear_time():
+    from data import _cut_line, _text_documents
+    for n in (100_000, 1_000_000):
+        CountingStr.copied = 0
+        line = CountingStr("word " * (n // 5))                                  # one line, no sentence ends
+        pieces = _cut_line(line, 4000)
+        assert "".join(pieces).replace(" ", "") == str(line).replace(" ", "")  # nothing lost
+        assert all(len(p) <= 4000 for p in pieces)
+        assert CountingStr.copied <= 2 * n                                      # linear: each char copied ~once
+    assert _cut_line("One. Two. Three.", 6) == ["One.", "Two.", "Three."]
+    docs = _text_documents("x" * 10_000 + "\n\nshort")
+    assert sum(len(d) for d in docs) >= 10_000

@@ -55,6 +55,10 @@ def test_one_vs_two_processes(setup):
     assert [x["step"] for x in l1] == [1, 2, 3] and len(l2) == 3
     for a, b in zip(l1, l2):
         assert abs(a["kl"] - b["kl"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+    e1, e2 = read_log(out1, "distill", "eval"), read_log(out2, "distill", "eval")
+    assert len(e1) == len(e2) >= 2                  # held-out numbers: the same sequences whatever the world size
+    for a, b in zip(e1, e2):
+        assert abs(a["kl"] - b["kl"]) < 1e-5 * max(1.0, a["kl"]) and a["teacher_ce"] == pytest.approx(b["teacher_ce"])
     w1, w2 = weights(out1), weights(out2)
     assert w1.keys() == w2.keys()
     for k in w1:

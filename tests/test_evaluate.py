@@ -44,7 +44,7 @@ def test_request_strings_match_lm_eval():
     ctx, cont, gold, _ = build_requests("race", race)
     assert ctx[0] == ("Article: " + race["article"] + "\n\n"
                       "Question: What colour is Tom's kite?\nAnswer: Red\n"
-                      " _  .sister\n"                    # lm-eval's handling of a cloze question, kept verbatim
+                      "Tom flies the kite with his sister\n"  # a cloze question's blank filled (harness race 3.0)
                       "What happened last Sunday?")
     assert cont == [" The kite flew away.", " It rained.", " Ann lost her bag.", " Tom stayed home."] and gold == 0
 
@@ -118,17 +118,101 @@ def test_perplexity_kl_and_kv(byte_model):
 def test_command_line_end_to_end(tmp_path, byte_model):
     byte_model.save_pretrained(tmp_path / "m")
     out = tmp_path / "r.json"
-    args = [f"--model={tmp_path / 'm'}", "--tasks=all", f"--data_dir={EVAL}", f"--out={out}",
+    args = [f"--model={tmp_path / 'm'}", "--tokenizer=bytes", "--tasks=all", f"--data_dir={EVAL}", f"--out={out}",
             f"--source={tmp_path / 'm'}", "--speed=True", "--speed_batches=[1]", "--speed_contexts=[16]",
             f"--ppl_data={os.path.join(ROOT, 'tests', 'fixtures', 'eval', 'PROVENANCE.md')}", "--ppl_tokens=300"]
     r = run_script("evaluate.py", args[0], extra=args[1:])
     assert "| m | " in r.stdout and "decode batch 1 context 16" in r.stdout
     res = json.load(open(out))
     assert set(res["tasks"]) == set(TASKS) and res["config"]["data_dir"] == EVAL
-    assert res["model_config"]["hidden_size"] == 64 and res["tokenizer"] == "llama3_bytes"
+    assert res["model_config"]["hidden_size"] == 64 and res["tokenizer"].startswith("llama3_bytes")
+    assert res["harness"]["lm_eval"] == "0.4.13" and res["harness"]["task_versions"]["race"] == 3.0
     assert set(res["tasks"]["mmlu"]["groups"]) == {"stem", "humanities", "social_sciences"}
     run_script("evaluate.py", args[0], extra=[a for a in args[1:] if "speed" not in a])
     again = json.load(open(out))["tasks"]                              # a second run: the same scores
     for t in TASKS:
         assert {k: v for k, v in again[t].items() if k != "seconds"} == \
                {k: v for k, v in res["tasks"][t].items() if k != "seconds"}
+
+
+def test_shared_context_one_forward_equals_separate_scoring():
+    """MMLU's " A".." D" are one token each under Llama 3: scored from one forward of the shared context, they must
+    equal scoring each request on its own (float64: an exactness claim)."""
+    import evaluate
+    tok = Tokenizer.llama3()
+    m = random_model(tiny_config(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                 head_dim=8, intermediate_size=16, max_seq_len=128)).double()
+    doc = {"subject": "anatomy", "question": "Which bone?", "choices": ["femur", "ulna", "tibia", "skull"],
+           "answer": 2}
+    ctxs, conts, _, _ = build_requests("mmlu", doc)
+    pairs = list(zip(ctxs, conts)) + [("Question: x\nAnswer:", " a longer reply")]
+    assert all(len(encode_pair(tok, c, x, True)[1]) == 1 for c, x in pairs[:4])
+    calls = []
+    orig = m.forward
+    m.forward = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    together = evaluate.loglikelihoods(m, tok, pairs, batch_size=8, add_bos=True)
+    assert len(calls) == 2                                    # one forward for the four choices, one for the rest
+    alone = [evaluate.loglikelihoods(m, tok, [p], add_bos=True)[0] for p in pairs]
+    assert max(abs(a - b) for a, b in zip(together, alone)) < 1e-9
+
+
+def test_mmlu_single_document_subject_gives_na_not_zero():
+    docs = [{"subject": "anatomy"}] * 3 + [{"subject": "astronomy"}]
+    total, groups, subjects = aggregate_mmlu(docs, [1.0, 0.0, 1.0, 1.0])
+    assert subjects["astronomy"]["acc_stderr"] is None                  # the harness: N/A for n = 1
+    assert groups["stem"]["acc_stderr"] is None and total["acc_stderr"] is None
+    assert subjects["anatomy"]["acc_stderr"] > 0
+    json.dumps(total, allow_nan=False)                                  # valid JSON, no bare NaN
+
+
+def test_limit_is_per_mmlu_subject_and_fewshot_is_first_n():
+    from evaluate import limit_docs
+    docs = [{"subject": s, "i": i} for s in ("anatomy", "virology") for i in range(5)]
+    assert [(d["subject"], d["i"]) for d in limit_docs("mmlu", docs, 2)] == \
+        [("anatomy", 0), ("anatomy", 1), ("virology", 0), ("virology", 1)]
+    assert len(limit_docs("arc_easy", docs, 2)) == 2
+    shots = [{"question": "1+1?", "choices": ["1", "2", "3", "4"], "answer": 1},
+             {"question": " 2+2? ", "choices": ["4", "5", "6", "7"], "answer": 0}]
+    doc = {"subject": "high_school_mathematics", "question": "3+3?", "choices": ["5", "6", "7", "8"], "answer": 1}
+    ctx = build_requests("mmlu", doc, shots)[0][0]
+    assert ctx == ("The following are multiple choice questions (with answers) about high school mathematics.\n\n"
+                   "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+                   "2+2?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer: A\n\n"
+                   "3+3?\nA. 5\nB. 6\nC. 7\nD. 8\nAnswer:")
+
+
+def test_task_names_and_data_are_checked_before_scoring(tmp_path, byte_model):
+    byte_model.save_pretrained(tmp_path / "m", tokenizer=Tokenizer.byte_level())
+    out = tmp_path / "r.json"
+    base = [f"--model={tmp_path / 'm'}", f"--data_dir={EVAL}", f"--out={out}"]
+    r = run_script("evaluate.py", base[0], extra=base[1:] + ["--tasks=arc_easy,arc_chalenge"], check=False)
+    assert r.returncode != 0 and "unknown task 'arc_chalenge' (did you mean 'arc_challenge'?)" in r.stderr
+    assert not out.exists() and "arc_easy: acc" not in r.stdout
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "arc_easy.jsonl").write_text(open(os.path.join(EVAL, "arc_easy.jsonl")).read())
+    r = run_script("evaluate.py", base[0], extra=[f"--data_dir={part}", f"--out={out}", "--tasks=arc_easy,piqa"],
+                   check=False)
+    assert r.returncode != 0 and "piqa.jsonl not found" in r.stderr and not out.exists()
+    r = run_script("evaluate.py", base[0], extra=base[1:] + ["--tasks=piqa", "--num_fewshot=5"], check=False)
+    assert r.returncode != 0 and "MMLU only" in r.stderr
+
+
+def test_results_are_written_after_each_task(tmp_path, byte_model):
+    byte_model.save_pretrained(tmp_path / "m", tokenizer=Tokenizer.byte_level())
+    (tmp_path / "broken").mkdir()                            # a teacher that fails to load, after the tasks
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(tiny_config().to_hf()))
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x00" * 10)
+    out = tmp_path / "r.json"
+    r = run_script("evaluate.py", f"--model={tmp_path / 'm'}", check=False,
+                   extra=[f"--data_dir={EVAL}", f"--out={out}", "--tasks=arc_easy,mmlu",
+                          f"--ppl_data={os.path.join(EVAL, 'PROVENANCE.md')}", f"--teacher={tmp_path / 'broken'}"])
+    assert r.returncode != 0 and "cannot be read as safetensors" in r.stderr
+    res = json.loads(out.read_text())                       # parses: valid JSON, NaN-free
+    assert set(res["tasks"]) == {"arc_easy", "mmlu"} and res["add_bos"] is True
+
+
+def test_a_model_scored_with_the_wrong_tokenizer_is_refused():
+    from tokenizer import check_tokenizer_for
+    with pytest.raises(ValueError, match="tokenizer_tok512.json"):
+        check_tokenizer_for(Tokenizer.byte_level(), os.path.join(FIXTURES, "stories260K"))
