@@ -1,9 +1,10 @@
 """
 Training data, nanoGPT-style: rows from Hugging Face `datasets` ids or local files are normalised to chat messages
-(or plain text), rendered with the Llama 3 chat template, tokenised ONCE into memory-mapped token files, and served
+(or plain text), rendered with the model's own chat template (tokenizer.py), tokenised ONCE into memory-mapped token files, and served
 as packed fixed-length sequences, each rank its own slice of a deterministic shuffle.
 
     python data.py assets/data/sft/alpaca_en_demo.json --tokenizer=bytes     # build the cache, print statistics
+    python data.py assets/data/sft/alpaca_en_demo.json --tokenizer=PATH/SmolLM2-135M-Instruct   # its template
 
 Its own file because distill.py (the SFT mix, and the tiny teacher's pre-training) and dpo.py (preference pairs) read
 through it.
@@ -15,8 +16,9 @@ Row shapes understood (anything else is counted as malformed and skipped, never 
     {"instruction", "instances": [{"input", "output"}, ...]}      self-instruct (one conversation per instance)
     {"prompt", "response" | "completion"}                         prompt/response pairs
     {"text": "..."}  and .txt files                               plain text (pre-training)
-Packing: every document starts with BOS (the chat template's <|begin_of_text|>) and is followed by EOS
-(<|end_of_text|>); documents are concatenated and cut into sequences of seq_len + 1 tokens (inputs, shifted targets).
+Packing: every document starts as the model's template starts it (Llama 3: <|begin_of_text|>; plain text gets
+BOS where the tokenizer adds one) and is followed by EOS; documents are concatenated and cut into sequences of
+seq_len + 1 tokens (inputs, shifted targets).
 Attention is not masked at document boundaries (the student and its teacher see the same packed context, so the
 KL target is still exact; the cost is some attention across unrelated documents).
 """
@@ -241,8 +243,8 @@ def _has_reply(msgs):
 
 def tokenize_document(tok: Tokenizer, doc):
     """-> (ids, assistant_mask) starting with BOS; plain text has every token marked."""
-    if isinstance(doc, str):
-        ids = tok.encode(doc, bos=True)
+    if isinstance(doc, str):  # BOS where the model's tokenizer adds one (Llama 3, the byte level; not SmolLM2)
+        ids = tok.encode(doc, bos=tok.add_bos and tok.bos_id is not None)
         return ids, [1] * len(ids)
     return tok.render_chat(doc)
 

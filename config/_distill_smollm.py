@@ -1,15 +1,13 @@
 # Distillation settings shared by the SmolLM config files (the paper gives no SmolLM batch or lr: the 1B settings).
 # Each row file imports them: `from config._distill_...  import *`.
-# LIMITATION: SmolLM's vocabulary (49,152, a GPT-2-style BPE in tokenizer.json) is not Llama 3's, and tokenizer.py
-# reads only tiktoken files (Llama 3, bytes). So these files serve svd_init.py (conversion, KV report) today;
-# distill.py stops with "tokenizer ... has 128256 ids but the model only 49152" until a SmolLM tokenizer is added.
+# SmolLM's own tokenizer (tokenizer.json, 49,152 ids) and ChatML template are read from the model folder.
 # teacher: "" = the source itself (a teacher must share SmolLM's vocabulary, so no Llama teacher)
 teacher = ""
 kl_weight = 1.0
 ce_weight = 0.0
 # JunxiongWang/sftdatasetv3: OpenHermes-2.5 + GenQA + Infinity-Instruct (see data.py)
 sft_data = ["sftdatasetv3"]
-tokenizer = "llama3"
+tokenizer = ""          # the model folder's own
 seq_len = 2048
 micro_batch = 12
 tokens_per_step = 393216    # SmolLM: the paper gives no batch; the 1B setting

@@ -170,11 +170,12 @@ PUBLISHED = {
     "meta-llama/Llama-3.2-3B-Instruct": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128),
     "HuggingFaceTB/SmolLM-135M-Instruct": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64),
     "HuggingFaceTB/SmolLM-360M-Instruct": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, head_dim=64),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64),
 }
 PAPER_KV = {"llama1b_kv512": 53.1, "llama1b_random_kv512": 53.1, "llama1b_kv256": 28.1, "llama1b_kv128": 15.6,
             "llama1b_kv64": 9.4, "llama1b_kv48": 6.25, "llama3b_kv816": 43.0, "llama3b_random_kv816": 43.0,
             "llama1b_kv512_dqk64": 56.3, "llama1b_kv256_dqk64": 31.3, "llama1b_kv128_dqk64": 18.8,
-            "smollm135m_kv160": 50.0, "smollm135m_random_kv160": 50.0, "smollm360m_kv288": 50.0,
+            "smollm135m_kv160": 50.0, "smollm2_135m_kv160": 50.0, "smollm2_135m_kv160_cpu": 50.0, "smollm135m_random_kv160": 50.0, "smollm360m_kv288": 50.0,
             "smollm360m_random_kv288": 50.0,
             # the paper says 78.1% for these two; its stated settings give 76.6% (see the config files)
             "llama1b_hybrid50_kv512": 76.6, "llama1b_hybrid50_random_kv512": 76.6}
