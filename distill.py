@@ -128,6 +128,8 @@ if tok.vocab_size > stu_cfg.vocab_size:
 # the same tokenizer everywhere, compared by what it does (a teacher of the same vocabulary size is not enough)
 tok_notes = [n for role, f in folders.items() if (n := check_tokenizer_for(tok, f, role))]
 check_sources(sft_data)
+if any(not s.endswith((".txt", ".txt.gz")) for s in sft_data):  # chat data: its template must render, now
+    tok.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
 per_micro = micro_batch * seq_len * d.world
 if tokens_per_step % per_micro:
     raise ValueError(f"tokens_per_step={tokens_per_step} must be a multiple of micro_batch x seq_len x world = "

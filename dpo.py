@@ -108,6 +108,7 @@ if __name__ == "__main__":
                              f"({cfgs[role].vocab_size}). Fix: tokenizer='' (the model's own)")
         check_tokenizer_for(tok, folder, role)
     check_sources(pref_data + val_data)
+    tok.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])  # renders?
     if pairs_per_step % (micro_batch * d.world):
         raise ValueError(f"pairs_per_step={pairs_per_step} must be a multiple of micro_batch x world = "
                          f"{micro_batch} x {d.world}")

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -133,3 +134,23 @@ def test_a_fresh_run_moves_an_earlier_one_aside(setup):
     moved = [n for n in os.listdir(out) if n.startswith("replaced-")]
     assert len(moved) == 1 and "ckpt-0000004" in os.listdir(os.path.join(out, moved[0]))
     assert latest_checkpoint(out).endswith("ckpt-0000002")
+
+
+def test_a_hugging_face_tokenizer_and_its_chat_template_end_to_end(setup):
+    """A teacher folder with a tokenizer.json and a ChatML template: the data is rendered with that template, the
+    student is distilled, and the exported folder carries the same tokenizer."""
+    from conftest import FIXTURES
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "tokenizers", "bytebpe"))
+    m = random_model(tiny_config(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=(tok.eos_id,), max_seq_len=128))
+    m.save_pretrained(setup / "hf_teacher", tokenizer=tok)
+    cfg, out = write_cfg(setup, "hf", init_from=str(setup / "hf_teacher"), tokenizer="", max_steps=2,
+                         data_cache=str(setup / "hf_cache"))
+    r = run(cfg)
+    assert "tokenizer hf_teacher (700 ids" in r.stdout
+    final = Tokenizer.from_pretrained(os.path.join(out, "final"))
+    assert final.fingerprint() == tok.fingerprint() and os.path.exists(os.path.join(out, "final", "tokenizer.json"))
+    meta = json.load(open(os.path.join(setup, "hf_cache", os.listdir(setup / "hf_cache")[0], "meta.json")))
+    assert meta["tokenizer_fingerprint"] == tok.fingerprint()
+    ids = np.fromfile(os.path.join(setup, "hf_cache", os.listdir(setup / "hf_cache")[0], "train.bin"), dtype=np.uint16)
+    assert tok.decode(ids[:40].tolist()).startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>")
