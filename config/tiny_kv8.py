@@ -1,7 +1,7 @@
 # The embedded default: upcycle the bundled tiny teacher (assets/models/tiny_teacher: d 256, 8 heads, 4 KV heads
 # of 32, 6 layers) into MLA with r_kv 8 and d_qk = d_r = 16, then distill it from the same teacher on the bundled
 # chat data. KV cache (8 + 16) / (2 x 4 x 32) = 9.4% of the teacher's: the ratio of the paper's Llama-3.2-1B kv64.
-#   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_kv8.py      (about 3 minutes on 2 CPU cores)
+#   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_kv8.py      (about 2.5 minutes on 2 CPU cores; 3 with the install)
 init_from = "assets/models/tiny_teacher"
 q_rank = 240               # keeps the attention's parameter count close to the teacher's (as the paper's r_q do)
 kv_rank = 8
