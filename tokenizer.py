@@ -439,16 +439,13 @@ class HFTokenizer(Tokenizer):
         ids, mask = list(enc.ids), [0] * len(enc.ids)
         eot = self.eot_id if spans else None
         for s, e in spans:
-            for j, (a, b) in enumerate(enc.offsets):
-                if b > s and a < e:
-                    mask[j] = 1
+            inside = [j for j, (a, b) in enumerate(enc.offsets) if b > s and a < e]  # tokens touching the turn
+            if not inside:
+                continue
             # learn up to and including the end-of-turn token, not the newline the template puts after it
-            last = max((j for j, (a, b) in enumerate(enc.offsets) if b > s and a < e), default=None)
-            if last is not None:
-                first = min(j for j, (a, b) in enumerate(enc.offsets) if b > s and a < e)
-                stop = next((j for j in range(first, last + 1) if ids[j] == eot), last)
-                for j in range(stop + 1, last + 1):
-                    mask[j] = 0
+            stop = next((j for j in inside if ids[j] == eot), inside[-1])
+            for j in inside:
+                mask[j] = int(j <= stop)
         return ids, mask
 
     def save(self, folder):
