@@ -24,7 +24,7 @@ from model import ModelConfig, Transformer, read_model_config, resolve_checkpoin
 from svd_init import check_settings, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
 from trainer import (RunLog, barrier, check_resume_config, checkpoint_bytes, eval_chunks, export_model, fit,
-                     init_distributed, lr_at, make_optimizer, prepare_out_dir, resume_step, shard)
+                     init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step, shard)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -122,9 +122,8 @@ if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
     raise ValueError(f"teacher vocabulary {configs['teacher'].vocab_size} != student {stu_cfg.vocab_size}: "
                      "distillation compares distributions over the same tokens")
 tok = Tokenizer.from_name(tokenizer, folders.get("student") or folders.get("teacher"))
-if tok.vocab_size > stu_cfg.vocab_size:
-    raise ValueError(f"tokenizer {tok.describe()} has more ids than the model's embedding ({stu_cfg.vocab_size}). "
-                     "Fix: use the model's own tokenizer (tokenizer='')")
+if "student" not in folders and tok.vocab_size > stu_cfg.vocab_size:  # scratch: no folder to check against
+    raise ValueError(f"tokenizer {tok.describe()} has more ids than model_config's vocab_size {stu_cfg.vocab_size}")
 # the same tokenizer everywhere, compared by what it does (a teacher of the same vocabulary size is not enough)
 tok_notes = [n for role, f in folders.items() if (n := check_tokenizer_for(tok, f, role))]
 check_sources(sft_data)
@@ -145,7 +144,6 @@ log.print(f"world {d.world} on {d.device}, compute {cdtype}; tokenizer {tok.desc
 for note in tok_notes:
     log.print(f"note: {note}")
 if go_on:
-    from trainer import latest_checkpoint
     check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
 
 # --- data: rank 0 tokenises once into the cache; the others wait, then memory-map it

@@ -510,6 +510,11 @@ if __name__ == "__main__":
         if short:
             raise ValueError(f"num_fewshot={num_fewshot}: the dev split has fewer examples for {sorted(short)[:5]}")
         fewshot = {k: v[:num_fewshot] for k, v in fewshot.items()}
+    if ppl_data and not os.path.exists(ppl_data):
+        raise FileNotFoundError(f"ppl_data {ppl_data!r} not found")
+    for other in (teacher, source):  # the models read after the tasks: found now, not after scoring
+        if other:
+            resolve_checkpoint(other)
     folder = resolve_checkpoint(model)
     tok = Tokenizer.from_name(tokenizer, folder)
     check_tokenizer_for(tok, folder)
@@ -517,8 +522,6 @@ if __name__ == "__main__":
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     dt = resolve_dtype(dtype, torch.device(dev).type)
     m = Transformer.from_pretrained(folder, dtype=dt, device=dev).eval()
-    if tok.vocab_size > m.config.vocab_size:
-        raise ValueError(f"tokenizer {tok.describe()} has more ids than the model ({m.config.vocab_size})")
     results = {"config": config, "model_config": m.config.to_hf(), "tokenizer": tok.describe(), "add_bos": bos,
                "harness": {"lm_eval": HARNESS_VERSION, "task_versions": {t: TASK_VERSIONS[t] for t in names},
                            "num_fewshot": num_fewshot}, "tasks": {}}

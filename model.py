@@ -757,12 +757,6 @@ def check_replaceable(path):
                               "out_dir, or move those files away yourself")
 
 
-def copy_tokenizer_files(src, dst):
-    """Record the tokenizer of model folder `src` in folder `dst` (kept for callers that write folders by hand)."""
-    from tokenizer import Tokenizer
-    Tokenizer.from_pretrained(src).save(dst)
-
-
 def _safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):

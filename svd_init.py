@@ -332,16 +332,16 @@ if __name__ == "__main__":
                        kv_rank if kv_rank is not None or kv_energy is not None else 1, q_energy, kv_energy,
                        qk_nope_dim, qk_rope_dim, init, allow_qk_overlap)
         check_replaceable(os.path.abspath(out_dir))
-        from tokenizer import Tokenizer
+        from tokenizer import Tokenizer, check_tokenizer_for
         try:
             tok = Tokenizer.from_name(tokenizer, folder)
         except (FileNotFoundError, ValueError) as e:
             if tokenizer:
                 raise
-            tok = None
+            tok = None  # stories260K: llama2.c's decode table only; it is carried over below
             print(f"note: no tokenizer recorded in {out_dir}: {str(e).split('. Fix')[0]}")
-        if tok is not None and tok.vocab_size > src_cfg.vocab_size:
-            raise ValueError(f"tokenizer {tok.describe()} has more ids than the model ({src_cfg.vocab_size})")
+        if tok is not None:
+            check_tokenizer_for(tok, folder, "source")
     teacher = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type),
                                           device=device).eval()
     if run_sweep:

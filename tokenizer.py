@@ -188,9 +188,11 @@ class Tokenizer:
     def fingerprint(self):
         """What the tokenizer does, hashed: ids of probe strings, vocabulary size and the special ids. Two
         tokenizers with the same fingerprint give the same ids on the probes; different ones are different."""
-        ids = [self.encode(p) for p in _PROBE]
-        return hashlib.sha256(json.dumps([ids, self.vocab_size, self.bos_id, self.eos_id, self.eot_id]).encode()
-                              ).hexdigest()[:16]
+        if getattr(self, "_fingerprint", None) is None:  # computed once: describe() and the cache key ask often
+            ids = [self.encode(p) for p in _PROBE]
+            self._fingerprint = hashlib.sha256(json.dumps([ids, self.vocab_size, self.bos_id, self.eos_id,
+                                                           self.eot_id]).encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def describe(self):
         return f"{self.name} ({self.vocab_size} ids, fingerprint {self.fingerprint()})"
@@ -207,8 +209,15 @@ class Tokenizer:
 
 
 def check_tokenizer_for(tok, folder, role="model"):
-    """Raise if `folder` records a tokenizer other than `tok` (compared by what they do, not by vocabulary size);
-    return a note when the folder records none (nothing to compare with), else None."""
+    """Raise if `tok` has more ids than the model in `folder` embeds, or if `folder` records a tokenizer other than
+    `tok` (compared by what they do, not by vocabulary size); return a note when the folder records none (nothing to
+    compare with), else None. The one check every script runs before any work."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        from model import read_model_config
+        n = read_model_config(folder).vocab_size
+        if tok.vocab_size > n:
+            raise ValueError(f"tokenizer {tok.describe()} has more ids than the {role}'s embedding ({n}) in "
+                             f"{folder}. Fix: use the model's own tokenizer (tokenizer='')")
     try:
         own = Tokenizer.from_pretrained(folder)
     except FileNotFoundError:

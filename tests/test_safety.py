@@ -91,7 +91,7 @@ def test_lock_one_run_per_out_dir(setup):
 
 @pytest.mark.parametrize("bad,msg", [
     (dict(kv_rank=10_000), "kv_rank=10000 must be an integer"),
-    (dict(tokenizer="llama3"), "more ids than the model"),
+    (dict(tokenizer="llama3"), "more ids than the student's embedding (512)"),
     (dict(sft_data=["nope/missing.json"]), "data file 'nope/missing.json' not found"),
     (dict(tokens_per_step=100), "must be a multiple of micro_batch"),
     (dict(out_dir=ROOT), "holds files a distill run does not write"),
