@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from data import PackedData, build_cache, check_sources
+from data import PackedData, build_cache, calibration_ids, check_sources
 from kernels import linear_kl
 from model import ModelConfig, Transformer, read_model_config, resolve_checkpoint, resolve_dtype
 from svd_init import check_settings, upcycle
@@ -39,7 +39,12 @@ q_energy: float | None = None
 kv_energy: float | None = None
 qk_nope_dim: int | None = None
 qk_rope_dim: int | None = None
-init = "svd"
+init = "svd"               # "svd" (Algorithm 1), "random", or "rorope" (calibrated on this run's own train data)
+kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers per token
+rope_ladder = "highest"    # rorope settings as in svd_init.py
+rank_alloc = "auto"
+calib_tokens = 8192        # rorope: calibration tokens, a seeded choice of train sequences of calib_seq_len
+calib_seq_len = 0          # 0: seq_len
 latent_norm = False
 allow_qk_overlap = False
 # teacher: any Llama with the same vocabulary; "" = init_from (self-distillation); "none" = no teacher (CE only;
@@ -91,7 +96,8 @@ config = configure(globals())
 
 # settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
 MODEL_KEYS = ("init_from", "student_from", "model_config", "mla_layers", "q_rank", "kv_rank", "q_energy", "kv_energy",
-              "qk_nope_dim", "qk_rope_dim", "init", "latent_norm", "allow_qk_overlap", "teacher", "kl_weight",
+              "qk_nope_dim", "qk_rope_dim", "init", "kv_budget", "rope_ladder", "rank_alloc", "calib_tokens",
+              "calib_seq_len", "latent_norm", "allow_qk_overlap", "teacher", "kl_weight",
               "ce_weight", "loss_on", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
 SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
 
@@ -105,8 +111,10 @@ teacher_from = teacher or init_from
 if kl_weight > 0 and (teacher == "none" or teacher_from == "scratch"):
     raise ValueError("kl_weight > 0 needs a teacher: set teacher= to a model folder or hub id")
 mla_settings = dict(mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy, kv_energy=kv_energy,
-                    qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap)
-converting = not student_from and init_from != "scratch" and (q_rank is not None or q_energy is not None)
+                    qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap,
+                    kv_budget=kv_budget, rope_ladder=rope_ladder)
+converting = not student_from and init_from != "scratch" and any(
+    v is not None for v in (q_rank, q_energy, kv_rank, kv_energy, kv_budget))
 if not student_from and init_from != "scratch" and not converting and teacher_from == init_from and kl_weight > 0:
     raise ValueError("nothing to distil: with no MLA settings and no student_from, the student is an exact copy of "
                      f"its teacher {init_from}. Fix: give a config (e.g. config/tiny_kv8.py) or MLA settings "
@@ -116,7 +124,7 @@ folders = {"student": student_from or (init_from if init_from != "scratch" else 
 folders = {k: resolve_checkpoint(v) for k, v in folders.items() if v}
 configs = {k: read_model_config(v) for k, v in folders.items()}
 if converting:
-    check_settings(configs["student"], **mla_settings)
+    check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens)
 stu_cfg = configs.get("student") or ModelConfig(**model_config)
 if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
     raise ValueError(f"teacher vocabulary {configs['teacher'].vocab_size} != student {stu_cfg.vocab_size}: "
@@ -174,7 +182,13 @@ else:
     if not converting:
         student = source  # no MLA settings: fine-tune the source as it is
     else:
-        student = upcycle(source, **mla_settings, latent_norm=latent_norm, seed=seed, copy=False)
+        calib = None
+        if init == "rorope":  # calibration: this run's own train data, the same sequences on every rank
+            calib = calibration_ids(sft_data, tok, data_cache, calib_tokens, calib_seq_len or seq_len, seed,
+                                    val_every, log=lambda *a: None)
+            log.print(f"calibration: {calib.numel()} tokens ({len(calib)} train sequences, seed {seed})")
+        student = upcycle(source, **mla_settings, latent_norm=latent_norm, seed=seed, copy=False, calib=calib,
+                          rank_alloc=rank_alloc, log=log.print if d.master else None)
     del source
 kv_src = tmodel.kv_cache_elements_per_token() if tmodel is not None else None
 kv_stu = student.kv_cache_elements_per_token()
@@ -182,7 +196,11 @@ n_params = sum(p.numel() for p in student.parameters())
 log.print(f"student: {n_params:,} parameters, {len(student.config.mla_layers)}/{student.config.n_layers} MLA layers, "
           f"KV cache {kv_stu} numbers/token" + (f" = {100 * kv_stu / kv_src:.1f}% of the teacher's {kv_src}"
                                                 if kv_src else ""))
-with torch.no_grad():  # every rank built the student; GPU SVDs need not be bit-identical, so take rank 0's
+cfg0 = [student.config]  # every rank built the student; GPU SVDs need not be bit-identical, so take rank 0's
+dist.broadcast_object_list(cfg0, src=0)  # (its ranks too: a near-tie in a rank choice could go either way)
+if cfg0[0] != student.config:
+    student = Transformer(cfg0[0]).to(d.device)  # the weights come from rank 0 just below
+with torch.no_grad():
     for t in student.state_dict().values():
         dist.broadcast(t, src=0)
 student.train()

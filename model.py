@@ -64,6 +64,8 @@ class ModelConfig:
     kv_rank: tuple = ()                # r_kv per MLA layer
     qk_nope_dim: int = 0               # d_qk
     qk_rope_dim: int = 0               # d_r
+    qk_rope_theta: float = 0.0         # theta of MLA's d_r-dim rotary ladder (0: rope_theta). svd_init's "rorope"
+                                       # keeps a subset of the source's frequencies that such a ladder computes
     v_head_dim: int = 0                # d_v (0: = head_dim)
     latent_norm: bool = False          # RMSNorm on c_q and c_kv (DeepSeek has it; paper Table 4: off is better)
 
@@ -128,6 +130,7 @@ class ModelConfig:
             mla_layers=hf.get("mla_layers", ()), q_rank=hf.get("mla_q_rank", ()), kv_rank=hf.get("mla_kv_rank", ()),
             qk_nope_dim=hf.get("qk_nope_head_dim", 0), qk_rope_dim=hf.get("qk_rope_head_dim", 0),
             v_head_dim=hf.get("v_head_dim", 0), latent_norm=hf.get("mla_latent_norm", False),
+            qk_rope_theta=float(hf.get("qk_rope_theta", 0.0)),
         )
 
     def to_hf(self) -> dict:
@@ -151,6 +154,8 @@ class ModelConfig:
                 "qk_rope_head_dim": self.qk_rope_dim, "v_head_dim": self.v_head_dim,
                 "mla_latent_norm": self.latent_norm,
             })
+            if self.qk_rope_theta:  # a rotary ladder other than the source's theta over d_r dims (svd_init rorope)
+                hf["qk_rope_theta"] = self.qk_rope_theta
         return hf
 
 
@@ -423,10 +428,11 @@ class Transformer(nn.Module):
         c = self.config
         self.register_buffer("inv_freq_gqa", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device),
                              persistent=False)
-        # MLA's d_r RoPE dims: same theta and llama3 scaling as the source, over a d_r-dim rotary (as DeepSeek does)
+        # MLA's d_r RoPE dims: a standard d_r-dim rotary with the source's llama3 scaling (as DeepSeek does), at
+        # theta qk_rope_theta (recorded by svd_init: a ladder of the source's own frequencies) or the source's theta
         d_r = c.qk_rope_dim or 2
-        self.register_buffer("inv_freq_mla", rope_inv_freq(d_r, c.rope_theta, c.rope_scaling).to(device),
-                             persistent=False)
+        self.register_buffer("inv_freq_mla", rope_inv_freq(d_r, c.qk_rope_theta or c.rope_theta, c.rope_scaling
+                                                           ).to(device), persistent=False)
 
     # --- forward ---
     def forward_hidden(self, idx, input_pos=None):

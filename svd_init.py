@@ -1,11 +1,16 @@
 """
-Upcycle a pre-trained Llama's GQA attention into MLA by SVD (X-EcoMLA, arXiv 2503.11132, §4.1, Algorithm 1).
+Upcycle a pre-trained Llama's GQA attention into MLA: by SVD as X-EcoMLA's Algorithm 1 writes it (arXiv 2503.11132,
+§4.1; init="svd"), or by init="rorope", which keeps a pre-trained model working before any training (RoRoPE shared
+key, activation-aware factorisation, ranks under a cache budget; its own section below).
 
     python svd_init.py                                             # bundled stories260K, CPU, seconds
+    python svd_init.py --init=rorope --kv_budget=0.5               # the same at half the cache, calibrated
+    python svd_init.py config/smollm2_135m_rorope50.py --init_from=DIR --out_dir=out/rorope50   # a real model
     python svd_init.py config/llama1b_kv64.py --init_from=meta-llama/Llama-3.2-1B-Instruct --out_dir=out/kv64
     python svd_init.py config/llama1b_kv64.py --init_from=DIR --device=cuda      # SVDs on the GPU
     python svd_init.py --run_sweep=True  # KL(teacher||student) at init on stories260K: ranks, svd vs random, dynamic
     python svd_init.py --run_bench=True  # time + peak memory of converting a random Llama-3.2-1B-shaped model
+    python svd_init.py --run_bench=True --init=rorope --calib_tokens=2048  # the same, calibrated on random ids
 
 It writes a checkpoint folder that Transformer.from_pretrained loads and prints a per-layer table (ranks, energy
 kept, parameters, KV cache per token and as a percentage of the source's).
@@ -35,6 +40,7 @@ Choices where the paper is silent or ambiguous (each said again where it is made
       of a tiny one, where it silences attention altogether; matching the scale makes the baseline differ from
       SVD in structure only, at any model size.
 """
+import math
 import os
 import resource
 import sys
@@ -66,8 +72,13 @@ def _svd(W):
     return U, S, Vh
 
 
+INITS = ("svd", "random", "rorope")
+LADDERS = ("highest", "every")
+ALLOCS = ("auto", "uniform", "waterfill")
+
+
 def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init,
-                    allow_qk_overlap):
+                    allow_qk_overlap, kv_budget=None, rope_ladder="highest"):
     n = cfg.n_layers
     if not layers or len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
         raise ValueError(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
@@ -76,22 +87,48 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
         raise ValueError(f"layers {already} are already MLA; upcycle converts GQA layers only")
     if cfg.v_head_dim != cfg.head_dim:
         raise ValueError(f"d_v must equal d_h (paper §4.1), got v_head_dim={cfg.v_head_dim}, head_dim={cfg.head_dim}")
-    if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim):
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: use one of {', '.join(map(repr, INITS))}")
+    d_h = cfg.head_dim
+    if init == "rorope" and d_qk != d_h:
+        raise ValueError(f"init='rorope' keeps each head's whole query/key as its no-RoPE part: qk_nope_dim must be "
+                         f"d_h = {d_h} (or unset), got {d_qk}")
+    if d_r is not None and d_r > d_h:
+        raise ValueError(f"qk_rope_dim={d_r} > d_h = {d_h}: the shared RoPE key has at most one pair per source "
+                         f"frequency (d_h / 2 of them). Fix: qk_rope_dim <= {d_h}")
+    if rope_ladder not in LADDERS:
+        raise ValueError(f"rope_ladder={rope_ladder!r}: use 'highest' (the d_r/2 highest frequencies) or 'every' "
+                         "(every (d_h/d_r)-th frequency)")
+    if init == "rorope" and d_r is not None and rope_ladder == "every" and (d_h // 2) % (d_r // 2 or 1):
+        raise ValueError(f"rope_ladder='every' needs d_r/2 to divide d_h/2 = {d_h // 2} (every c-th frequency of a "
+                         f"standard ladder); qk_rope_dim={d_r} does not. Fix: a d_r with d_h/d_r a whole number, "
+                         "or rope_ladder='highest'")
+    if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim) and not (d_r is None and kv_budget):
         raise ValueError(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
                          f"new layers must use the same (got {d_qk}, {d_r})")
-    d_h = cfg.head_dim
-    if not (1 <= d_qk <= d_h and 2 <= d_r <= d_h and d_r % 2 == 0):
+    if d_r is not None and not (1 <= d_qk <= d_h and 2 <= d_r <= d_h and d_r % 2 == 0):
         raise ValueError(f"need 1 <= d_qk <= d_h and an even 2 <= d_r <= d_h (d_h={d_h}); got d_qk={d_qk}, d_r={d_r}")
-    if d_qk + d_r > d_h and not allow_qk_overlap:
+    if init != "rorope" and d_r is not None and d_qk + d_r > d_h and not allow_qk_overlap:
         raise ValueError(f"d_qk + d_r = {d_qk + d_r} > d_h = {d_h}: the no-RoPE and RoPE slices of each head would "
                          "overlap. Lower them, or set allow_qk_overlap=True (the paper's d_qk = d_r = d_h rows do this)")
-    if init not in ("svd", "random"):
-        raise ValueError(f"init={init!r}: use 'svd' or 'random'")
     max_q, max_kv = min(cfg.dim, cfg.n_heads * d_h), min(cfg.dim, 2 * cfg.n_kv_heads * d_h)
+    if kv_budget is not None:
+        if kv_rank is not None or kv_energy is not None:
+            raise ValueError(f"give kv_budget or kv_rank/kv_energy, not both (got kv_budget={kv_budget}, "
+                             f"kv_rank={kv_rank}, kv_energy={kv_energy})")
+        src = len(layers) * 2 * cfg.n_kv_heads * d_h
+        total = kv_budget_numbers(kv_budget, src)
+        least = len(layers) * ((d_r if d_r is not None else 2) + 1)  # every layer needs d_r + at least r_kv 1
+        if total < least:
+            raise ValueError(f"kv_budget={kv_budget} is {total} numbers per token over {len(layers)} layers, below "
+                             f"what d_r = {d_r if d_r is not None else 2} and r_kv = 1 alone cost ({least}). Fix: a "
+                             "larger kv_budget" + (" or a smaller qk_rope_dim" if d_r is not None else ""))
+        kv_rank = 1  # checked below as a fixed rank; the allocation happens with the weights
     for name, rank, energy, hi in (("q", q_rank, q_energy, max_q), ("kv", kv_rank, kv_energy, max_kv)):
         if (rank is None) == (energy is None):
-            raise ValueError(f"give exactly one of {name}_rank (fixed) and {name}_energy (dynamic); "
-                             f"got {name}_rank={rank}, {name}_energy={energy}")
+            raise ValueError(f"give exactly one of {name}_rank (fixed) and {name}_energy (dynamic)"
+                             + (" or kv_budget" if name == "kv" else "")
+                             + f"; got {name}_rank={rank}, {name}_energy={energy}")
         if rank is not None and not (isinstance(rank, int) and 1 <= rank <= hi):
             why = " (the joint [W_K, W_V] of a GQA model has rank at most min(d, 2 n_kv d_h))" if name == "kv" else ""
             raise ValueError(f"{name}_rank={rank} must be an integer in [1, {hi}]{why}")
@@ -99,48 +136,377 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
             raise ValueError(f"{name}_energy={energy} must be in (0, 1]")
 
 
+def kv_budget_numbers(kv_budget, src_numbers):
+    """kv_budget as cache numbers per token over the converted layers: a fraction in (0, 1] of the source's
+    `src_numbers`, or an integer > 1 taken as numbers per token."""
+    if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)) or kv_budget <= 0:
+        raise ValueError(f"kv_budget={kv_budget!r}: give a fraction in (0, 1] of the source's cache (0.5) or an "
+                         "integer number of cached numbers per token over the converted layers")
+    if isinstance(kv_budget, float) and kv_budget <= 1:
+        return int(kv_budget * src_numbers)
+    if float(kv_budget) != int(kv_budget) or kv_budget > src_numbers:
+        raise ValueError(f"kv_budget={kv_budget}: a count must be a whole number <= the source's {src_numbers} "
+                         "numbers per token (or give a fraction in (0, 1])")
+    return int(kv_budget)
+
+
+def _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget):
+    """d_qk, d_r when unset: d_h / 2 each (Algorithm 1); rorope: d_qk = d_h, and d_r chosen later under a budget."""
+    d_h = cfg.head_dim
+    if cfg.mla_layers:  # adding layers to an MLA model: they share its d_qk and d_r
+        return (qk_nope_dim or cfg.qk_nope_dim), (qk_rope_dim or cfg.qk_rope_dim)
+    d_qk = qk_nope_dim if qk_nope_dim is not None else (d_h if init == "rorope" else d_h // 2)
+    d_r = qk_rope_dim if qk_rope_dim is not None else (None if init == "rorope" and kv_budget else d_h // 2)
+    return d_qk, d_r
+
+
 def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-                   qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, **_):
+                   qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, kv_budget=None,
+                   rope_ladder="highest", calib=None, calib_tokens=None, **_):
     """upcycle()'s settings checked against a source config alone (no weights needed): scripts call it before any
-    work, so a bad rank fails in a second, not after the data is tokenised."""
+    work, so a bad rank fails in a second, not after the data is tokenised. q_rank=None with no q_energy means
+    full rank here (as the command lines default it)."""
     layers = list(range(cfg.n_layers)) if mla_layers is None else mla_layers
     if not isinstance(layers, (list, tuple)):
         raise ValueError(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
-    d_qk = cfg.head_dim // 2 if qk_nope_dim is None else qk_nope_dim
-    d_r = cfg.head_dim // 2 if qk_rope_dim is None else qk_rope_dim
-    _check_settings(cfg, list(layers), q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap)
+    if q_rank is None and q_energy is None:
+        q_rank = min(cfg.dim, cfg.n_heads * cfg.head_dim)
+    if kv_rank is None and kv_energy is None and kv_budget is None:
+        kv_rank = min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)
+    d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
+    _check_settings(cfg, list(layers), q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
+                    kv_budget, rope_ladder)
+    if init == "rorope" and calib_tokens is not None:
+        _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
 
 
-def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm=False) -> ModelConfig:
+def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
+    need = max(q_rank or 0, kv_rank or 0, min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim) if kv_rank is None else 0)
+    if n_tokens < need:
+        raise ValueError(f"calibration has {n_tokens} tokens, fewer than the rank {need} it must estimate (the "
+                         f"activation second moments are then rank-deficient). Fix: more calibration tokens "
+                         f"(calib_tokens; a few x d = {cfg.dim} is the least useful, 8192+ recommended)")
+
+
+def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm=False, qk_rope_theta=0.0) -> ModelConfig:
     """The config of the upcycled model: `cfg` with layers {layer: (r_q, r_kv)} made MLA (added to the source's own
     MLA layers, if any, which keep their ranks). Each layer keeps its own ranks: nothing is shared between layers."""
     if cfg.mla_layers and latent_norm != cfg.latent_norm:
         raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm}; new layers must match")
+    if cfg.mla_layers and (qk_rope_theta or cfg.rope_theta) != (cfg.qk_rope_theta or cfg.rope_theta):
+        raise ValueError(f"the source's MLA layers rotate at theta {cfg.qk_rope_theta or cfg.rope_theta}; new layers "
+                         f"would use {qk_rope_theta or cfg.rope_theta}: use the same qk_rope_dim and rope_ladder")
     ranks = dict(ranks)
     for j, i in enumerate(cfg.mla_layers):
         ranks[i] = (cfg.q_rank[j], cfg.kv_rank[j])
     order = sorted(ranks)
     return ModelConfig(**{**vars(cfg), "mla_layers": tuple(order), "q_rank": tuple(ranks[i][0] for i in order),
                           "kv_rank": tuple(ranks[i][1] for i in order), "qk_nope_dim": d_qk, "qk_rope_dim": d_r,
-                          "latent_norm": latent_norm})
+                          "latent_norm": latent_norm, "qk_rope_theta": qk_rope_theta})
+
+
+# -----------------------------------------------------------------------------
+# Beyond Algorithm 1 (init="rorope"): a shared RoPE key that keeps rotating, factorisations that see the
+# activations and weigh each error by what it costs, ranks chosen under a cache budget.
+#
+# Everything below needs only C = E[x xᵀ] (and E[x]) of each layer's attention input x: queries, keys and values
+# are linear in x, so their second moments are Wᵀ C W. In the paper's orientation (W: in x out), per layer:
+#   RoRoPE  For source frequency i, pair (i, i + d_h/2) of every KV head j rotates by the same angle. An orthogonal
+#           mix u across heads, applied alike to both dims of the pair, commutes with that rotation, so the
+#           shared key k_r = Σ_j u_j s_j k_j still rotates exactly, and q_h·k_j = a_j q_h·k_r + q_h·(k_j - a_j k_r)
+#           with a_j = u_j / s_j, exactly. s_j = √(query energy of group j at i) (rescaling keys by s and queries by
+#           1/s changes nothing); u = the top eigenvector of the s-weighted key second moment (PCA), so k_r carries
+#           most of what the queries read. The rest, k_j - a_j k_r, joins the no-RoPE part (d_qk = d_h), where it
+#           is scored without rotation: the one approximation. d_r < d_h keeps d_r/2 frequencies, the ones that a
+#           standard d_r-dim rotary computes as is (see rope_pairs), so a serving engine needs nothing special.
+#   Factorisation  [K_res | V] (d, 2 n_kv d_h) ≈ W_DKV B with the cost E||x (W - W_DKV B) G||², x the calibration
+#           activations (whitening, C) and G per column block: key errors through the queries that read them
+#           (E[q qᵀ] of the group, times the spread of the values they mix), value errors through W_O (W_O,h W_O,hᵀ).
+#           Optimum: the SVD of C^½ W G; W_DKV = W G V_r / S_r (= C^-½ U_r, without inverting C) and B by
+#           C-weighted least squares (B = W_DKVᵀ C W). W_Q alike with G = I.
+#   Budget  the same weighted singular values say what each unit of rank buys in each layer: water-filling.
+
+
+@torch.no_grad()
+def calibrate(model: Transformer, ids, layers, batch_size=4):
+    """E[x xᵀ] (d, d) and E[x] (d,) in float64 of the attention input x (the input_layernorm output) of each layer
+    in `layers`, over calibration token ids (N, T). Returns ({layer: (C, mean)}, number of tokens)."""
+    if not torch.is_tensor(ids) or ids.dtype != torch.long or ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError("calib must be a non-empty LongTensor (N, T) of token ids (svd_init.py and distill.py take "
+                         "it from their data: calib_data / sft_data, calib_tokens)")
+    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
+        raise ValueError(f"calib has token ids outside [0, {model.config.vocab_size}): not this model's tokenizer")
+    d, dev = model.config.dim, model.lm_head.weight.device
+    stats = {i: [torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(d, dtype=torch.float64, device=dev),
+                 torch.zeros((), dtype=torch.float64, device=dev)] for i in layers}
+
+    def hook(i):
+        def f(_mod, args):
+            x = args[0].flatten(0, 1).double()                                   # (B T, d)
+            stats[i][0].addmm_(x.T, x)
+            stats[i][1].add_(x.sum(0))
+        return f
+
+    def res_hook(i):
+        def f(_mod, args):
+            stats[i][2].add_(args[0].double().pow(2).sum())                      # the residual stream's energy
+        return f
+    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i)) for i in layers]
+    handles += [model.model.layers[i].register_forward_pre_hook(res_hook(i)) for i in layers]
+    try:
+        for b in range(0, len(ids), batch_size):
+            model.forward_hidden(ids[b:b + batch_size].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    n = ids.numel()
+    return {i: (C / n, m / n, r / n) for i, (C, m, r) in stats.items()}, n
+
+
+def rope_pairs(d_h, d_r, ladder="highest"):
+    """The source frequencies (pair i = dims i, i + d_h/2; frequency theta^(-2i/d_h)) that a standard d_r-dim rotary
+    computes, in its order, and the exponent e of its theta' = theta^e:
+        "highest": the d_r/2 highest frequencies, i = 0 .. d_r/2 - 1, at theta' = theta^(d_r/d_h)
+        "every":   every c-th frequency, i = c k with c = d_h/d_r, at theta' = theta (the source's own)
+    Llama 3's frequency scaling acts on each frequency alone, so it carries over to the subset unchanged."""
+    k = d_r // 2
+    if ladder == "highest":
+        return list(range(k)), d_r / d_h
+    c = (d_h // 2) // k
+    return [c * j for j in range(k)], 1.0
+
+
+def _sqrtm(M):
+    """Square root of a symmetric PSD matrix (float64)."""
+    e, V = torch.linalg.eigh(M)
+    return (V * e.clamp_min(0).sqrt()) @ V.T
+
+
+def _weighted_svd(W, C, G, whiten):
+    """SVD of the matrix whose rank-r truncation error is the cost: C^½ W G (E||x ΔW G||²) or, unwhitened, W G."""
+    A = W if G is None else W @ G
+    return torch.linalg.svd(_sqrtm(C) @ A if whiten else A, full_matrices=False)
+
+
+def _truncate(W, C, G, usv, r, whiten):
+    """The rank-r factors (down (d, r), up (r, out)) of W under the cost of _weighted_svd."""
+    U, S, Vh = usv
+    if not whiten:
+        P = U[:, :r]
+        return P, P.T @ W                            # G = I: S_r V_rᵀ, exactly Algorithm 1's factors
+    keep = S[:r] > S[0] * 1e-12                      # directions the calibration never excites stay zero
+    Sr = torch.where(keep, S[:r], torch.ones_like(S[:r]))
+    P = ((W if G is None else W @ G) @ Vh[:r].T / Sr) * keep   # = C^-½ U_r, since C^½ W G V_r = U_r S_r
+    return P, P.T @ C @ W                            # C-weighted least squares: argmin_B E||x (W - P B)||²
+
+
+def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_errors, kv_balance):
+    """One layer's RoRoPE split (float64, paper orientation). Returns W_KR (d, d_r), the groups' coefficients
+    a (n_kv, d_r/2) on the shared key, the joint no-RoPE matrix [K_res | V] (d, 2 n_kv d_h) and its column
+    weights G (or None)."""
+    d, H, n_kv, d_h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    g, half, k = H // n_kv, d_h // 2, len(pairs)
+    grp = torch.arange(H, device=C.device) // g                                   # head -> its KV group
+    WQ, WK, WV = W_Q.view(d, H, d_h), W_K.view(d, n_kv, d_h), W_V.view(d, n_kv, d_h)
+    Sq = torch.einsum("dhi,dhj->hij", WQ, (C @ W_Q).view(d, H, d_h))             # (H, d_h, d_h) E[q_h q_hᵀ]
+    e_q = Sq.diagonal(dim1=1, dim2=2).reshape(n_kv, g, d_h).sum(1)                # (n_kv, d_h) query energy
+    w = e_q[:, :half] + e_q[:, half:]                                             # (n_kv, d_h/2) per frequency
+    Kc = torch.einsum("dji,dmi->ijm", WK, (C @ W_K).view(d, n_kv, d_h))          # (d_h, n_kv, n_kv)
+    Kf = Kc[:half] + Kc[half:]                                                    # per frequency: both dims
+    W_KR, a, K_res = W_K.new_zeros(d, 2 * k), W_K.new_zeros(n_kv, k), WK.clone()
+    for slot, i in enumerate(pairs):
+        s = (w[:, i] / w[:, i].mean().clamp_min(1e-30)).clamp_min(1e-12).sqrt()  # √(query weight), mean 1
+        u = torch.linalg.eigh(s[:, None] * Kf[i] * s[None, :])[1][:, -1]         # top principal mix (n_kv,)
+        u = u * torch.sign(u[u.abs().argmax()])                                   # a fixed sign: reproducible
+        for col, out in ((i, slot), (i + half, slot + k)):  # rotate-half layout: pair (slot, slot + d_r/2)
+            kr = WK[:, :, col] @ (u * s)                                          # (d,) k_r = Σ_j u_j s_j k_j
+            W_KR[:, out] = kr
+            K_res[:, :, col] -= kr[:, None] * (u / s)[None, :]                    # k_j - a_j k_r
+        a[:, slot] = u / s
+    W = torch.cat([K_res.reshape(d, n_kv * d_h), W_V], dim=1)                    # (d, 2 n_kv d_h)
+    G = None
+    if weight_errors:
+        WO = W_O.view(H, d_h, d)
+        MO = WO @ WO.transpose(1, 2)                                              # (H, d_h, d_h) W_O,h W_O,hᵀ
+        cov = C - mean[:, None] * mean[None, :]
+        cov_v = torch.einsum("dji,djk->jik", WV, (cov @ W_V).view(d, n_kv, d_h))  # (n_kv, d_h, d_h)
+        spread = torch.einsum("hij,hji->h", cov_v[grp], MO)                       # (H,) variance of v_h W_O,h
+        # a score error δ moves head h's output by about δ times the spread of the values it mixes
+        Gk = (kv_balance * spread[:, None, None] * Sq / d_h).view(n_kv, g, d_h, d_h).sum(1)
+        Gv = MO.view(n_kv, g, d_h, d_h).sum(1)
+        G = torch.block_diag(*[_sqrtm(m) for m in (*Gk, *Gv)])
+    return W_KR, a, W, G
+
+
+def allocate_ranks(spectra: dict, total: int):
+    """Water-filling: per-layer ranks r_l >= 1 with sum r_l <= total minimising sum_l sum_{j > r_l} s_lj^2 for
+    spectra {layer: singular values, descending}. Each layer's gains s_lj^2 fall with j, so taking the largest gains
+    first (greedy) is optimal. Ranks never exceed a layer's number of singular values."""
+    if total < len(spectra):
+        raise ValueError(f"a budget of {total} ranks cannot give {len(spectra)} layers one each")
+    gains = sorted(((-float(s[j]) ** 2, layer, j) for layer, s in spectra.items() for j in range(1, len(s))))
+    ranks = {layer: 1 for layer in spectra}
+    for neg, layer, _ in gains[:total - len(spectra)]:
+        if neg < 0:
+            ranks[layer] += 1
+    return ranks
 
 
 @torch.no_grad()
 def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
             qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm=False, allow_qk_overlap=False, seed=0,
-            report=None, copy=True) -> Transformer:
+            report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
+            weight_errors=True, kv_balance=1.0, rank_alloc="auto", log=None) -> Transformer:
     """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
     every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
     `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
-    Fixed ranks (q_rank, kv_rank) or dynamic ones (q_energy, kv_energy: delta in (0, 1]); d_qk, d_r default to
-    d_h / 2 each. If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters,
-    cache per token)."""
+
+    init: "svd" Algorithm 1 as the paper writes it; "random" its baseline; "rorope" the activation-aware init
+    above, which needs `calib` (a LongTensor (N, T) of token ids) and has d_qk = d_h (whiten / weight_errors
+    switch its ingredients off, for ablations). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
+    delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
+    layer r_kv by water-filling and, when qk_rope_dim is unset, d_r in {d_h, d_h/2, d_h/4} by KL on the
+    calibration tokens. q_rank=None with no q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd".
+    If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
     cfg = model.config
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
-    d_qk = d_h // 2 if qk_nope_dim is None else qk_nope_dim
-    d_r = d_h // 2 if qk_rope_dim is None else qk_rope_dim
-    _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap)
+    if q_rank is None and q_energy is None:
+        q_rank = min(d, H * d_h)
+    d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
+    _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
+                    kv_budget, rope_ladder)
+    budget = None
+    if kv_budget is not None:
+        budget = kv_budget_numbers(kv_budget, len(layers) * 2 * n_kv * d_h)
+        if init != "rorope":  # Algorithm 1 / random under a budget: the same r_kv in every layer
+            kv_rank = min(budget // len(layers) - d_r, min(d, 2 * n_kv * d_h))
+    if init != "rorope":
+        return _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm, seed,
+                           report, copy)
+    say = log or (lambda *a: None)
+    stats, n_tok = calibrate(model, calib, layers)
+    _check_calib_size(n_tok, q_rank, kv_rank, cfg)
+    src = model.state_dict()
+    f64 = lambda k: src[k].double().T  # paper orientation, float64
+    ridge = {i: C + 1e-6 * C.diagonal().mean() * torch.eye(d, dtype=C.dtype, device=C.device)
+             for i, (C, _, _) in stats.items()}
+    q_svd = {}
+    for i in layers:  # the query's factorisation does not depend on d_r
+        W_Q = f64(f"model.layers.{i}.self_attn.q_proj.weight")
+        q_svd[i] = (W_Q, _weighted_svd(W_Q, ridge[i], None, whiten))
+    if d_r is not None:
+        candidates = [d_r]
+    else:  # budget, no d_r given: the largest ones that leave every layer some latent; the calibration KL decides
+        candidates = [r for r in (d_h, d_h // 2, d_h // 4) if r >= 2 and r % 2 == 0 and budget >= len(layers) * (r + 1)
+                      and (rope_ladder == "highest" or (d_h // 2) % (r // 2) == 0)]
+    best = None
+    for d_r_c in candidates:
+        pairs, exponent = rope_pairs(d_h, d_r_c, rope_ladder)
+        theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
+        parts = {}
+        for i in layers:
+            p = f"model.layers.{i}.self_attn."
+            W_KR, a, W, G = _rorope_layer(q_svd[i][0], f64(p + "k_proj.weight"), f64(p + "v_proj.weight"),
+                                          f64(p + "o_proj.weight"), ridge[i], stats[i][1], cfg, pairs,
+                                          weight_errors, kv_balance)
+            parts[i] = (W_KR, a, W, G, _weighted_svd(W, ridge[i], G, whiten))
+        if budget is not None:
+            spare = budget - len(layers) * d_r_c
+            cap = min(d, 2 * n_kv * d_h)
+            allocs = {"uniform": {i: min(spare // len(layers), cap) for i in layers}}
+            if rank_alloc != "uniform":  # relative error per layer: raw spectra are not comparable across layers
+                allocs["waterfill"] = allocate_ranks({i: parts[i][4][1] / parts[i][4][1].norm() for i in layers},
+                                                     spare)
+            if rank_alloc == "waterfill":
+                del allocs["uniform"]
+        else:
+            allocs = {"fixed": {i: kv_rank if kv_rank is not None else energy_rank(parts[i][4][1], kv_energy)
+                                for i in layers}}
+        for how, r_kv in allocs.items():
+            built = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
+                                  theta, whiten, latent_norm, copy)
+            if len(candidates) * len(allocs) > 1:
+                kl = _calib_kl(model, built[0], calib)
+                say(f"rorope: d_r {d_r_c}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f}): KL on the "
+                    f"calibration tokens {kl:.4f}")
+                if best is not None and kl >= best[0]:
+                    continue
+                best = (kl, *built)
+            else:
+                best = (None, *built)
+    if report is not None:
+        report.extend(best[2])
+    return best[1]
+
+
+def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c, theta, whiten,
+                  latent_norm, copy):
+    """The rorope student for one choice of d_r and per-layer r_kv. -> (student, report rows)."""
+    cfg = model.config
+    d_h, H, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    new_sd, ranks, rep = {}, {}, []
+    for i in layers:
+        p = f"model.layers.{i}.self_attn."
+        W_KR, a, W, G, usv = parts[i]
+        W_Q, q_usv = q_svd[i]
+        r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
+        ranks[i] = (r_q, r_kv[i])
+        W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)         # (d, r_q), (r_q, H d_h)
+        W_DKV, B_kv = _truncate(W, ridge[i], G, usv, r_kv[i], whiten)           # (d, r_kv), (r_kv, 2 n_kv d_h)
+        c = math.sqrt((d_h + d_r_c) / d_h)  # MLA divides scores by √(d_qk + d_r) = √(d_h + d_r), Llama by √d_h
+        Bq = B_q.view(r_q, H, d_h)
+        cols = pairs + [i_ + d_h // 2 for i_ in pairs]
+        coef = a[torch.arange(H) // (H // n_kv)].repeat(1, 2)                   # (H, d_r): a of each head's group
+        rep_heads = lambda B: B.view(-1, n_kv, 1, d_h).expand(-1, n_kv, H // n_kv, d_h).reshape(-1, H * d_h)
+        weights = dict(W_DQ=W_DQ, W_UQ=c * B_q, W_QR=(c * Bq[:, :, cols] * coef).reshape(r_q, H * d_r_c),
+                       W_DKV=W_DKV, W_KR=W_KR, W_UK=rep_heads(B_kv[:, :n_kv * d_h]),
+                       W_UV=rep_heads(B_kv[:, n_kv * d_h:]))
+        dt = src[p + "q_proj.weight"].dtype
+        for name, Wt in weights.items():
+            new_sd[p + name + ".weight"] = Wt.T.contiguous().to(dt)
+        new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
+        if latent_norm:
+            new_sd[p + "q_norm.weight"] = torch.ones(r_q, dtype=dt, device=W_Q.device)
+            new_sd[p + "kv_norm.weight"] = torch.ones(r_kv[i], dtype=dt, device=W_Q.device)
+        n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
+        rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=energy_kept(q_usv[1], r_q),
+                        kv_energy=energy_kept(usv[1], r_kv[i]), params=n_attn,
+                        src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
+                        cache=r_kv[i] + d_r_c, src_cache=2 * n_kv * d_h))
+    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_h, d_r_c, latent_norm, theta), copy), rep
+
+
+@torch.no_grad()
+def _calib_kl(teacher, student, calib, n_seq=4):
+    idx = calib[:n_seq].to(teacher.lm_head.weight.device)
+    return kl_per_token(teacher.eval() if not teacher.training else teacher, student.eval(), idx)[0]
+
+
+def _assemble(model, layers, new_sd, new_cfg, copy):
+    """The student Transformer: new_sd for the converted attentions, everything else from `model`."""
+    cfg = model.config
+    src = model.state_dict()
+    with torch.device("meta"):
+        student = Transformer(new_cfg)
+    converted = tuple(f"model.layers.{i}.self_attn." for i in layers)
+    for k, v in src.items():                  # everything that is not a converted attention is copied as is
+        if not k.startswith(converted) and not (k == "lm_head.weight" and cfg.tie_embeddings):
+            new_sd[k] = v.clone() if copy else v
+    student.load_state_dict(new_sd, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        student.lm_head.weight = student.model.embed_tokens.weight
+    student._init_rope(model.lm_head.weight.device)
+    for name in ("inv_freq_gqa", "inv_freq_mla"):  # a source moved to float64 has float64 rotary buffers: match it
+        setattr(student, name, getattr(student, name).to(model.inv_freq_gqa.dtype))
+    return student.train(model.training)
+
+
+def _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm, seed, report,
+                copy):
+    """init "svd" (Algorithm 1) and "random" (its baseline)."""
+    cfg = model.config
+    d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
     g = H // n_kv
     src = model.state_dict()
     new_sd, ranks = {}, {}
@@ -183,18 +549,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                                kv_energy=energy_kept(S_kv, r_kv), params=n_attn,
                                src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
                                cache=r_kv + d_r, src_cache=2 * n_kv * d_h))
-    new_cfg = mla_config(cfg, ranks, d_qk, d_r, latent_norm)
-    with torch.device("meta"):
-        student = Transformer(new_cfg)
-    converted = tuple(f"model.layers.{i}.self_attn." for i in layers)
-    for k, v in src.items():                  # everything that is not a converted attention is copied as is
-        if not k.startswith(converted) and not (k == "lm_head.weight" and cfg.tie_embeddings):
-            new_sd[k] = v.clone() if copy else v
-    student.load_state_dict(new_sd, strict=not cfg.tie_embeddings, assign=True)
-    if cfg.tie_embeddings:
-        student.lm_head.weight = student.model.embed_tokens.weight
-    student._init_rope(model.lm_head.weight.device)
-    return student.train(model.training)
+    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_qk, d_r, latent_norm), copy)
 
 
 # -----------------------------------------------------------------------------
@@ -264,7 +619,7 @@ def sweep(teacher, n_seq, seq_len, seed, n_random=5):
               f"{rnd.mean():.3f} ± {rnd.std():.3f} |")
 
 
-def bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim):
+def bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="svd", calib_tokens=2048, calib_seq_len=512):
     """Convert a random Llama-3.2-1B-shaped model; print wall time and peak memory."""
     cfg = ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
                       intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
@@ -281,16 +636,22 @@ def bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    calib = None
+    if init == "rorope":  # random weights, random ids: the arithmetic and memory of a real conversion, not its quality
+        calib = torch.randint(0, cfg.vocab_size, (-(-calib_tokens // calib_seq_len), calib_seq_len),
+                              generator=torch.Generator().manual_seed(0))
+        qk_nope_dim = cfg.head_dim
     t0 = time.time()
     student = upcycle(src, q_rank=q_rank, kv_rank=kv_rank, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim,
-                      copy=False)  # as the command line converts: no second copy of the untouched weights
+                      init=init, calib=calib, copy=False)  # as the command line converts: no second copy
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.time() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     n = sum(p.numel() for p in student.parameters())
-    print(f"converted a random Llama-3.2-1B-shaped model (16 layers, r_q {q_rank}, r_kv {kv_rank}, "
-          f"d_qk {qk_nope_dim}, d_r {qk_rope_dim}) on {device} with {torch.get_num_threads()} threads: "
+    print(f"converted a random Llama-3.2-1B-shaped model (16 layers, init {init}, r_q {q_rank}, r_kv {kv_rank}, "
+          f"d_qk {qk_nope_dim}, d_r {qk_rope_dim}"
+          + (f", {calib.numel()} calibration tokens" if calib is not None else "") + f") on {device} with {torch.get_num_threads()} threads: "
           f"{dt:.1f} s; process peak RSS {rss1:.2f} GiB (source model alone: {rss0:.2f} GiB); {n:,} parameters")
     if device.startswith("cuda"):
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
@@ -310,7 +671,18 @@ if __name__ == "__main__":
     kv_energy: float | None = None  # delta_kv in (0, 1]
     qk_nope_dim: int | None = None  # d_qk (None: d_h / 2)
     qk_rope_dim: int | None = None  # d_r (None: d_h / 2)
-    init = "svd"               # "svd" or "random" (the paper's baseline)
+    init = "svd"               # "svd" (Algorithm 1), "random" (its baseline) or "rorope" (needs calibration)
+    kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers/token
+    rope_ladder = "highest"    # rorope, d_r < d_h: keep the d_r/2 "highest" frequencies, or "every" c-th one
+    rank_alloc = "auto"        # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
+    whiten = True              # rorope ingredients (for ablations): activation-aware factorisation ...
+    weight_errors = True       # ... key / value errors weighted by their cost
+    kv_balance = 1.0           # ... and the weight of key errors against value errors
+    calib_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
+                  "assets/data/sft/fastchat_dummy_conversation.json"]  # rorope's calibration text (the SFT mix)
+    calib_tokens = 8192        # calibration tokens (seeded choice of whole sequences; `seed`)
+    calib_seq_len = 512
+    data_cache = "out/data_cache"
     latent_norm = False
     allow_qk_overlap = False
     device = "cpu"
@@ -323,14 +695,17 @@ if __name__ == "__main__":
     config = configure(globals())
     # -----------------------------------------------------------------------------
     if run_bench:
-        bench(device, q_rank or 1424, kv_rank or 64, qk_nope_dim or 32, qk_rope_dim or 32)
+        bench(device, q_rank or 1424, kv_rank or 64, qk_nope_dim or 32, qk_rope_dim or 32, init, calib_tokens,
+              calib_seq_len)
         sys.exit(0)
     folder = resolve_checkpoint(init_from)
     if not run_sweep:  # pre-flight: settings, output folder and tokenizer, before the weights are read
         src_cfg = read_model_config(folder)
-        check_settings(src_cfg, mla_layers, q_rank if q_rank is not None or q_energy is not None else 1,
-                       kv_rank if kv_rank is not None or kv_energy is not None else 1, q_energy, kv_energy,
-                       qk_nope_dim, qk_rope_dim, init, allow_qk_overlap)
+        check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
+                       allow_qk_overlap, kv_budget, rope_ladder, calib_tokens=calib_tokens)
+        if init == "rorope":
+            from data import check_sources
+            check_sources(calib_data)
         check_replaceable(os.path.abspath(out_dir))
         from tokenizer import Tokenizer, check_tokenizer_for
         try:
@@ -347,16 +722,26 @@ if __name__ == "__main__":
     if run_sweep:
         sweep(teacher, sweep_seqs, sweep_len, seed)
         sys.exit(0)
-    if q_rank is None and q_energy is None:   # nothing chosen: keep the full rank
-        q_rank = min(teacher.config.dim, teacher.config.n_heads * teacher.config.head_dim)
-    if kv_rank is None and kv_energy is None:
+    if kv_rank is None and kv_energy is None and kv_budget is None:  # nothing chosen: keep the full rank
         kv_rank = min(teacher.config.dim, 2 * teacher.config.n_kv_heads * teacher.config.head_dim)
+    calib = None
+    if init == "rorope":
+        from data import calibration_ids
+        if tok is not None:
+            calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
+            where = calib_data
+        else:  # no tokenizer to read text with (stories260K): text the source writes itself
+            calib = teacher_text(teacher, -(-calib_tokens // calib_seq_len), calib_seq_len, seed)
+            where = "text sampled from the source (it has no tokenizer to read calib_data)"
+        print(f"calibration: {calib.numel()} tokens ({len(calib)} x {calib_seq_len}, seed {seed}) of {where}")
     report = []
     t0 = time.time()
     student = upcycle(teacher, mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy,
                       kv_energy=kv_energy, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init,
                       latent_norm=latent_norm, allow_qk_overlap=allow_qk_overlap, seed=seed, report=report,
-                      copy=False).eval()  # the teacher's untouched tensors are shared, not duplicated
+                      copy=False, kv_budget=kv_budget, calib=calib, rope_ladder=rope_ladder, rank_alloc=rank_alloc,
+                      whiten=whiten, weight_errors=weight_errors, kv_balance=kv_balance,
+                      log=print).eval()  # the teacher's untouched tensors are shared, not duplicated
     print(f"upcycled {init_from} in {time.time() - t0:.1f} s ({init} init)")
     print_table(report, teacher.config, student)
     if teacher.config.vocab_size <= 1024 and teacher.config.bos_id is not None:  # tiny model: measure it right away

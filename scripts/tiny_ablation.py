@@ -5,8 +5,8 @@ budget for every row, and print held-out KL(teacher || student) and losses as a 
     python scripts/tiny_ablation.py                  # 2 processes per run (torchrun), about 3 minutes a row
     python scripts/tiny_ablation.py --nproc=1        # one process per run
 
-Rows: SVD vs random init (paper Table 1), KL vs CE vs KL+CE (Table 3), with vs without latent norms (Table 4),
-fixed vs dynamic ranks (Tables 1, 7).
+Rows: the rorope init (the default) vs Algorithm 1's SVD vs random init (paper Table 1), KL vs CE vs KL+CE
+(Table 3), with vs without latent norms (Table 4), fixed vs dynamic ranks (Tables 1, 7).
 """
 import json
 import os
@@ -16,13 +16,18 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALG1 = ["--init=svd", "--q_rank=240", "--qk_nope_dim=16"]  # the paper's Algorithm 1 at the same cache
 ROWS = [
-    ("SVD init, fixed r_kv 8, KL (the default)", []),
-    ("random init, fixed r_kv 8, KL", ["--init=random"]),
-    ("SVD init, CE only", ["--kl_weight=0.0", "--ce_weight=1.0"]),
-    ("SVD init, CE + 0.1 KL", ["--kl_weight=0.1", "--ce_weight=1.0"]),
-    ("SVD init, with latent RMSNorms", ["--latent_norm=True"]),
-    ("SVD init, dynamic r_kv (δ_kv = 0.4: about the same cache)", ["--kv_rank=None", "--kv_energy=0.4"]),
+    ("rorope init, r_kv 8, d_r 16, KL (the default)", []),
+    ("rorope init, kv_budget=144 (d_r and per-layer r_kv chosen)", ["--kv_rank=None", "--qk_rope_dim=None",
+                                                                    "--kv_budget=144"]),
+    ("SVD init (Algorithm 1), fixed r_kv 8, KL", ALG1),
+    ("random init, fixed r_kv 8, KL", ["--init=random", "--q_rank=240", "--qk_nope_dim=16"]),
+    ("SVD init, CE only", ALG1 + ["--kl_weight=0.0", "--ce_weight=1.0"]),
+    ("SVD init, CE + 0.1 KL", ALG1 + ["--kl_weight=0.1", "--ce_weight=1.0"]),
+    ("SVD init, with latent RMSNorms", ALG1 + ["--latent_norm=True"]),
+    ("rorope init, with latent RMSNorms", ["--latent_norm=True"]),
+    ("SVD init, dynamic r_kv (δ_kv = 0.4: about the same cache)", ALG1 + ["--kv_rank=None", "--kv_energy=0.4"]),
 ]
 
 

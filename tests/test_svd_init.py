@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from conftest import STORIES, random_model, tiny_config
 from configurator import configure
 from model import Attention, MLAttention, ModelConfig, Transformer
-from svd_init import energy_rank, kl_per_token, mla_config, teacher_text, upcycle
+from svd_init import check_settings, energy_rank, kl_per_token, mla_config, teacher_text, upcycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,7 +151,8 @@ def test_bad_settings(stories):
         (dict(q_rank=8, kv_energy=1.5), "kv_energy=1.5 must be in \\(0, 1\\]"),
         (dict(q_rank=8, kv_energy=0.0), "must be in \\(0, 1\\]"),
         (dict(q_rank=8, q_energy=0.9, kv_rank=8), "exactly one of q_rank"),
-        (dict(kv_rank=8), "exactly one of q_rank"),
+        (dict(q_rank=8, q_energy=0.9, kv_energy=0.5), "exactly one of q_rank"),
+        (dict(q_rank=8), "exactly one of kv_rank"),
         (dict(q_rank=8, kv_rank=8, mla_layers=[5]), "mla_layers=\\[5\\]"),
         (dict(q_rank=8, kv_rank=8, mla_layers=[1, 1]), "distinct"),
         (dict(q_rank=8, kv_rank=8, init="xavier"), "init='xavier'"),
@@ -175,7 +176,8 @@ PUBLISHED = {
 PAPER_KV = {"llama1b_kv512": 53.1, "llama1b_random_kv512": 53.1, "llama1b_kv256": 28.1, "llama1b_kv128": 15.6,
             "llama1b_kv64": 9.4, "llama1b_kv48": 6.25, "llama3b_kv816": 43.0, "llama3b_random_kv816": 43.0,
             "llama1b_kv512_dqk64": 56.3, "llama1b_kv256_dqk64": 31.3, "llama1b_kv128_dqk64": 18.8,
-            "smollm135m_kv160": 50.0, "smollm2_135m_kv160": 50.0, "smollm2_135m_kv160_cpu": 50.0, "smollm135m_random_kv160": 50.0, "smollm360m_kv288": 50.0,
+            "smollm135m_kv160": 50.0, "smollm2_135m_kv160": 50.0, "smollm2_135m_kv160_cpu": 50.0,
+            "smollm2_135m_rorope50": 50.0, "smollm2_135m_rorope50_cpu": 50.0, "smollm135m_random_kv160": 50.0, "smollm360m_kv288": 50.0,
             "smollm360m_random_kv288": 50.0,
             # the paper says 78.1% for these two; its stated settings give 76.6% (see the config files)
             "llama1b_hybrid50_kv512": 76.6, "llama1b_hybrid50_random_kv512": 76.6}
@@ -183,10 +185,11 @@ PAPER_KV = {"llama1b_kv512": 53.1, "llama1b_random_kv512": 53.1, "llama1b_kv256"
 
 def load_cfg(path):
     ns = dict(init_from="", mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-              qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm=False, allow_qk_overlap=False)
+              qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm=False, allow_qk_overlap=False,
+              kv_budget=None, calib_tokens=8192, calib_seq_len=0)
     ns["__annotations__"] = dict(mla_layers=list | None, q_rank=int | None, kv_rank=int | None,
                                  q_energy=float | None, kv_energy=float | None, qk_nope_dim=int | None,
-                                 qk_rope_dim=int | None)
+                                 qk_rope_dim=int | None, kv_budget=float | None)
     return configure(ns, [path])
 
 
@@ -203,7 +206,11 @@ def test_config_files_give_the_papers_cache_sizes():
             assert 0 < s["q_energy"] <= 1 and 0 < s["kv_energy"] <= 1
             continue
         layers = s["mla_layers"] if s["mla_layers"] is not None else range(src.n_layers)
-        cfg = mla_config(src, {i: (s["q_rank"], s["kv_rank"]) for i in layers}, s["qk_nope_dim"], s["qk_rope_dim"])
+        check_settings(src, **{k: s[k] for k in ("mla_layers", "q_rank", "kv_rank", "qk_nope_dim", "qk_rope_dim",
+                                                 "init", "kv_budget", "calib_tokens", "allow_qk_overlap")})
+        d_qk = s["qk_nope_dim"] or (src.head_dim if s["init"] == "rorope" else None)
+        q_rank = s["q_rank"] or min(src.dim, src.n_heads * src.head_dim)
+        cfg = mla_config(src, {i: (q_rank, s["kv_rank"]) for i in layers}, d_qk, s["qk_rope_dim"])
         with torch.device("meta"):
             pct = 100 * Transformer(cfg).kv_cache_elements_per_token() / Transformer(src).kv_cache_elements_per_token()
         name = os.path.basename(f)[:-3]

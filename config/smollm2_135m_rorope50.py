@@ -1,0 +1,12 @@
+# SmolLM2-135M-Instruct at 50% of its KV cache with svd_init's init="rorope" (RoRoPE shared key, activation-aware
+# factorisation; README "Beyond Algorithm 1"): r_kv 160 and d_r 32 in every layer (what kv_budget=0.5 chooses on
+# the bundled data), d_qk = d_h = 64, r_q full. The same cache as config/smollm2_135m_kv160.py (Algorithm 1).
+#   python svd_init.py config/smollm2_135m_rorope50.py --init_from=DIR --out_dir=out/smollm2_rorope50
+#   torchrun --nproc_per_node=8 distill.py config/smollm2_135m_rorope50.py
+from config._distill_smollm import *  # noqa: F401,F403  shared settings; this file overrides
+init_from = 'HuggingFaceTB/SmolLM2-135M-Instruct'
+init = 'rorope'
+kv_rank = 160
+qk_rope_dim = 32
+calib_tokens = 8192
+out_dir = "out/smollm2_135m_rorope50"

@@ -1,0 +1,104 @@
+"""
+The README's initialisation table: KL(teacher || student) and the student's CE at init, before any training, at
+100 / 50 / 25 / 12.5% of the source's KV cache: Algorithm 1, then each ingredient of init="rorope" added in turn,
+then the whole; and the whole at 50% against the calibration size.
+
+    python scripts/init_ablation.py --model=assets/models/tiny_teacher             # the tiny teacher, ~2 minutes
+    python scripts/init_ablation.py --model=PATH/SmolLM2-135M-Instruct             # ~25 minutes on 2 CPU cores
+    python scripts/init_ablation.py --model=DIR --budgets=0.5 --calib_sizes=       # one column, no size rows
+
+Held-out text: the first 8 packed sequences of 512 tokens of the bundled C4 sample (assets/data/corpus/c4_demo.jsonl,
+never used for calibration). Calibration: a seeded choice of 512-token sequences of the bundled SFT mix (the train
+split distill.py reads), 8192 tokens unless said otherwise.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import configure  # noqa: E402
+from data import PackedData, build_cache, calibration_ids  # noqa: E402
+from model import Transformer  # noqa: E402
+from svd_init import upcycle  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+model = "assets/models/tiny_teacher"
+budgets = [1.0, 0.5, 0.25, 0.125]
+calib_sizes = [1024, 8192, 32768]  # the size rows (the whole init at 50%)
+calib_tokens = 8192
+calib_seq_len = 512
+sft_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
+            "assets/data/sft/fastchat_dummy_conversation.json"]
+held_out = "assets/data/corpus/c4_demo.jsonl"
+held_out_seqs = 8
+data_cache = "out/data_cache"
+seed = 0
+out = ""                   # also write the rows as JSON lines here
+configure(globals())
+
+teacher = Transformer.from_pretrained(model).eval()
+cfg = teacher.config
+tok = Tokenizer.from_name("", model)
+quiet = lambda *a: None
+x, y = PackedData(build_cache([held_out], tok, data_cache, 10**9, log=quiet), "train", 512).get(range(held_out_seqs))
+calib = calibration_ids(sft_data, tok, data_cache, calib_tokens, calib_seq_len, seed, log=quiet)
+d_h, src = cfg.head_dim, 2 * cfg.n_kv_heads * cfg.head_dim
+cap = min(cfg.dim, src)
+
+
+@torch.no_grad()
+def measure(student):
+    lt, ls = teacher(x).float().log_softmax(-1), student(x).float().log_softmax(-1)
+    return (lt.exp() * (lt - ls)).sum(-1).mean().item(), -ls.gather(-1, y[..., None]).mean().item()
+
+
+_, ce_t = measure(teacher)
+print(f"{model}: held-out {held_out_seqs} x 512 tokens of {held_out}; teacher CE {ce_t:.3f}; calibration "
+      f"{calib.numel()} tokens of the SFT mix (seed {seed}); {torch.get_num_threads()} threads")
+r_d = d_h // 2  # Algorithm 1's d_qk = d_r = d_h / 2, and the fixed-d_r rows
+rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd", kv_rank=min(b - r_d, cap))),
+        ("+ RoRoPE shared key (d_qk = d_h), plain SVD", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
+                                                                       qk_rope_dim=r_d, whiten=False,
+                                                                       weight_errors=False)),
+        ("+ whitened SVD, C-weighted up-projection", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
+                                                                     qk_rope_dim=r_d, weight_errors=False)),
+        ("+ key/value errors weighted by their cost", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
+                                                                      qk_rope_dim=r_d)),
+        ("+ budget: d_r and per-layer r_kv chosen (the whole)", lambda b: dict(init="rorope", kv_budget=None))]
+results = {}
+sink = open(out, "a") if out else None
+for frac in budgets:
+    per_layer = int(frac * src)
+    for name, make in rows:
+        kw = make(per_layer)
+        if "kv_budget" in kw:
+            kw["kv_budget"] = frac
+        elif kw["kv_rank"] < 1:
+            results[name, frac] = "n/a"
+            continue
+        t0 = time.time()
+        student = upcycle(teacher, calib=calib, **kw).eval()
+        kl, ce = measure(student)
+        pct = 100 * student.kv_cache_elements_per_token() / teacher.kv_cache_elements_per_token()
+        c = student.config
+        note = f"d_r {c.qk_rope_dim}, r_kv {min(c.kv_rank)}-{max(c.kv_rank)}" if "kv_budget" in kw else ""
+        results[name, frac] = f"{kl:.3f} / {ce:.2f}"
+        print(f"  {frac:.3f} {name}: KL {kl:.3f} CE {ce:.3f} cache {pct:.1f}% {note} ({time.time() - t0:.0f} s)",
+              flush=True)
+        if sink:
+            sink.write(json.dumps(dict(model=model, budget=frac, row=name, kl=kl, ce=ce, cache_pct=pct, note=note,
+                                       settings={k: v for k, v in kw.items()}, calib_tokens=calib.numel())) + "\n")
+            sink.flush()
+print("\n| init (KL / CE at init) | " + " | ".join(f"{100 * b:g}% cache" for b in budgets) + " |")
+print("|---|" + "---|" * len(budgets))
+for name, _ in rows:
+    print(f"| {name} | " + " | ".join(results.get((name, b), "") for b in budgets) + " |")
+if calib_sizes:
+    print(f"\n| calibration tokens (the whole init, 50% cache) | KL at init | CE at init |\n|---|---|---|")
+    for n in calib_sizes:
+        ids = calibration_ids(sft_data, tok, data_cache, n, calib_seq_len, seed, log=quiet)
+        kl, ce = measure(upcycle(teacher, calib=ids, init="rorope", kv_budget=0.5).eval())
+        print(f"| {ids.numel()} | {kl:.3f} | {ce:.3f} |", flush=True)

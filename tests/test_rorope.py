@@ -1,0 +1,177 @@
+"""svd_init's init="rorope": the shared RoPE key's algebra (a cross-head mix commutes with RoPE; MQA is exact), the
+whitened factorisation against plain SVD, the budget allocation, the recorded rotary ladder, reproducibility, the
+errors for bad input, and (on the real stories260K checkpoint) that it beats Algorithm 1 at init."""
+import json
+import os
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import random_model, tiny_config
+from data import calibration_ids
+from model import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
+from svd_init import _truncate, _weighted_svd, allocate_ranks, kl_per_token, rope_pairs, teacher_text, upcycle
+from tokenizer import Tokenizer
+
+SFT = ["assets/data/sft/alpaca_en_demo.json"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def calib_for(model, n=8, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (n, T), generator=g)
+
+
+def test_cross_head_orthogonal_mix_commutes_with_rope():
+    """RoPE rotates pair (i, i + d_h/2) of every head by the same angle; mixing heads with an orthogonal U applied
+    alike to both dims of each pair commutes with it (what keeps the shared key rotating exactly)."""
+    torch.manual_seed(0)
+    T, n_kv, d_h = 11, 4, 16
+    k = torch.randn(1, T, n_kv, d_h, dtype=torch.float64)
+    cos, sin = rope_cos_sin(rope_inv_freq(d_h, 10000.0), torch.arange(T))
+    U = torch.linalg.qr(torch.randn(n_kv, n_kv, dtype=torch.float64))[0]
+    mix = lambda x: torch.einsum("mj,btjd->btmd", U, x)
+    assert_close(apply_rope(mix(k), cos.double(), sin.double()), mix(apply_rope(k, cos.double(), sin.double())),
+                 rtol=0, atol=1e-12)
+    # and a mix that treats the two dims of a pair differently does not commute: the test can fail
+    U2 = torch.linalg.qr(torch.randn(n_kv, n_kv, dtype=torch.float64))[0]
+    half = lambda x: torch.cat([mix(x[..., :d_h // 2]), torch.einsum("mj,btjd->btmd", U2, x[..., d_h // 2:])], -1)
+    assert (apply_rope(half(k), cos.double(), sin.double()) - half(apply_rope(k, cos.double(), sin.double()))
+            ).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ingredients", [dict(), dict(whiten=False, weight_errors=False)])
+def test_mqa_source_at_full_rank_is_exact(ingredients):
+    """n_kv = 1: the one key head IS the shared RoPE key, nothing is left unrotated; at full ranks and d_r = d_h the
+    MLA model computes the source's logits (float64)."""
+    cfg = tiny_config(n_kv_heads=1)
+    src = random_model(cfg).double()
+    student = upcycle(src, init="rorope", q_rank=64, kv_rank=32, qk_rope_dim=16, calib=calib_for(src),
+                      **ingredients).eval()
+    idx = calib_for(src, 2, 40, seed=1)
+    assert student.config.qk_nope_dim == 16 and student.config.qk_rope_dim == 16
+    assert_close(student(idx), src(idx), rtol=0, atol=1e-9)
+    # with fewer RoPE dims the dropped frequencies are scored unrotated: no longer exact
+    lossy = upcycle(src, init="rorope", q_rank=64, kv_rank=32, qk_rope_dim=8, calib=calib_for(src)).eval()
+    assert (lossy(idx) - src(idx)).abs().max() > 1e-3
+
+
+def _act_error(X, W, P, B):
+    return (X @ (W - P @ B)).pow(2).sum().item()
+
+
+def test_whitened_factorisation_beats_plain_svd_on_anisotropic_inputs():
+    torch.manual_seed(0)
+    d, out, r, N = 24, 16, 5, 4000
+    W = torch.randn(d, out, dtype=torch.float64)
+    X = torch.randn(N, d, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)  # anisotropic
+    C = X.T @ X / N
+    plain = _truncate(W, C, None, _weighted_svd(W, C, None, False), r, False)
+    white = _truncate(W, C, None, _weighted_svd(W, C, None, True), r, True)
+    e_plain, e_white = _act_error(X, W, *plain), _act_error(X, W, *white)
+    assert e_white < 0.5 * e_plain
+    # it is the optimum: E||X ΔW||² is the discarded energy of C^½ W
+    s = _weighted_svd(W, C, None, True)[1]
+    assert_close(e_white / N, s[r:].pow(2).sum().item(), rtol=1e-9, atol=0)
+    # isotropic inputs (C = I): the same error as plain SVD
+    I = torch.eye(d, dtype=torch.float64)
+    P1, B1 = _truncate(W, I, None, _weighted_svd(W, I, None, False), r, False)
+    P2, B2 = _truncate(W, I, None, _weighted_svd(W, I, None, True), r, True)
+    assert_close(P2 @ B2, P1 @ B1, rtol=0, atol=1e-10)
+
+
+def test_budget_allocation_is_exact_and_beats_uniform():
+    flat = torch.linspace(1.0, 0.9, 20, dtype=torch.float64)         # every rank is worth keeping
+    steep = 0.5 ** torch.arange(20, dtype=torch.float64)             # two ranks carry it all
+    spectra = {0: flat, 1: steep, 2: flat.clone()}
+    err = lambda ranks: sum(spectra[i][r:].pow(2).sum().item() for i, r in ranks.items())
+    for total in (3, 17, 30, 45):
+        ranks = allocate_ranks(spectra, total)
+        assert sum(ranks.values()) == total and min(ranks.values()) >= 1
+        uniform = {i: total // 3 for i in spectra}
+        assert err(ranks) <= err(uniform) + 1e-12
+    assert err(allocate_ranks(spectra, 30)) < 0.9 * err({i: 10 for i in spectra})
+    assert allocate_ranks(spectra, 60) == {0: 20, 1: 20, 2: 20}           # capped by the spectra's length
+    with pytest.raises(ValueError, match="cannot give 3 layers one each"):
+        allocate_ranks(spectra, 2)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 100])
+def test_the_cache_never_exceeds_the_budget(budget):
+    src = random_model(tiny_config())
+    student = upcycle(src, init="rorope", kv_budget=budget, calib=calib_for(src, 16, 32))
+    allowed = int(budget * src.kv_cache_elements_per_token()) if budget <= 1 else budget
+    assert student.kv_cache_elements_per_token() <= allowed
+    assert student.kv_cache_elements_per_token() >= allowed - src.config.n_layers  # and it is used, up to rounding
+
+
+@pytest.mark.parametrize("ladder", ["highest", "every"])
+def test_recorded_rope_ladder_reloads_to_the_same_logits(tmp_path, ladder):
+    src = random_model(tiny_config(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                     high_freq_factor=4.0, original_max_position_embeddings=16)))
+    student = upcycle(src, init="rorope", q_rank=64, kv_rank=16, qk_rope_dim=8, rope_ladder=ladder,
+                      calib=calib_for(src)).eval()
+    pairs, _ = rope_pairs(16, 8, ladder)
+    # the d_r-dim ladder computes exactly the source frequencies that were kept (llama3 scaling included)
+    assert_close(student.inv_freq_mla, src.inv_freq_gqa[pairs], rtol=1e-6, atol=0)
+    if ladder == "highest":
+        assert pairs == [0, 1, 2, 3] and student.config.qk_rope_theta == pytest.approx(10000.0 ** 0.5)
+    else:
+        assert pairs == [0, 2, 4, 6] and student.config.qk_rope_theta == 0.0
+    student.save_pretrained(str(tmp_path / "s"))
+    hf = json.load(open(tmp_path / "s" / "config.json"))
+    assert ("qk_rope_theta" in hf) == (ladder == "highest")
+    back = Transformer.from_pretrained(str(tmp_path / "s")).eval()
+    idx = calib_for(src, 2, 40, seed=3)
+    assert torch.equal(back.inv_freq_mla, student.inv_freq_mla)
+    assert_close(back(idx), student(idx), rtol=0, atol=0)
+
+
+def test_same_calibration_seed_gives_the_same_model(tmp_path):
+    tok = Tokenizer.from_name("bytes")
+    ids = lambda seed: calibration_ids([os.path.join(ROOT, s) for s in SFT], tok, str(tmp_path), 512, 64, seed,
+                                       log=lambda *a: None)
+    a, b, c = ids(0), ids(0), ids(1)
+    assert a.shape == (8, 64) and torch.equal(a, b) and not torch.equal(a, c)
+    src = random_model(tiny_config(vocab_size=512))
+    m1, m2 = (upcycle(src, init="rorope", kv_budget=0.5, calib=x).state_dict() for x in (a, b))
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    m3 = upcycle(src, init="rorope", kv_budget=0.5, calib=c).state_dict()
+    assert any(not torch.equal(m1[k], m3[k]) for k in m1 if k in m3 and m1[k].shape == m3[k].shape)
+
+
+def test_bad_input_is_named():
+    src = random_model(tiny_config())
+    ok = calib_for(src)
+    cases = [
+        (dict(kv_budget=0.5), "calib must be a non-empty LongTensor"),
+        (dict(kv_budget=0.5, calib=ok.float()), "calib must be a non-empty LongTensor"),
+        (dict(kv_budget=0.5, calib=ok + 1000), "outside \\[0, 96\\)"),
+        (dict(kv_rank=16, calib=ok[:1, :4]), "calibration has 4 tokens, fewer than the rank 64"),
+        (dict(kv_budget=0.01, calib=ok), "below what d_r = 2 and r_kv = 1 alone cost"),
+        (dict(kv_budget=0.1, qk_rope_dim=16, calib=ok), "below what d_r = 16 and r_kv = 1"),
+        (dict(kv_rank=8, qk_rope_dim=18, calib=ok), "qk_rope_dim=18 > d_h = 16"),
+        (dict(kv_rank=8, qk_rope_dim=6, rope_ladder="every", calib=ok), "rope_ladder='every' needs d_r/2 to divide"),
+        (dict(kv_rank=8, rope_ladder="lowest", calib=ok), "rope_ladder='lowest'"),
+        (dict(kv_rank=8, qk_nope_dim=8, calib=ok), "qk_nope_dim must be d_h = 16"),
+        (dict(kv_rank=8, kv_budget=0.5, calib=ok), "kv_budget or kv_rank"),
+        (dict(kv_budget=1.5, calib=ok), "kv_budget=1.5"),
+        (dict(kv_budget=5000, calib=ok), "kv_budget=5000"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            upcycle(src, init="rorope", **kw)
+
+
+def test_rorope_beats_algorithm1_at_init_on_a_trained_checkpoint(stories):
+    """stories260K (trained weights: random ones have no structure to keep), half of its KV cache."""
+    c = stories.config
+    idx = teacher_text(stories, 8, 128, seed=0)
+    calib = teacher_text(stories, 16, 128, seed=1)
+    half = c.n_kv_heads * c.head_dim  # 50% of 2 n_kv d_h per layer
+    alg1 = upcycle(stories, kv_rank=half - c.head_dim // 2).eval()
+    ours = upcycle(stories, init="rorope", kv_budget=0.5, calib=calib).eval()
+    assert ours.kv_cache_elements_per_token() <= alg1.kv_cache_elements_per_token()
+    kl_alg1, kl_ours = kl_per_token(stories, alg1, idx)[0], kl_per_token(stories, ours, idx)[0]
+    assert kl_ours < 0.7 * kl_alg1, (kl_ours, kl_alg1)
