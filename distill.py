@@ -112,7 +112,7 @@ if kl_weight > 0 and (teacher == "none" or teacher_from == "scratch"):
     raise ValueError("kl_weight > 0 needs a teacher: set teacher= to a model folder or hub id")
 mla_settings = dict(mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy, kv_energy=kv_energy,
                     qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap,
-                    kv_budget=kv_budget, rope_ladder=rope_ladder)
+                    kv_budget=kv_budget, rope_ladder=rope_ladder, rank_alloc=rank_alloc)
 converting = not student_from and init_from != "scratch" and any(
     v is not None for v in (q_rank, q_energy, kv_rank, kv_energy, kv_budget))
 if not student_from and init_from != "scratch" and not converting and teacher_from == init_from and kl_weight > 0:
@@ -188,7 +188,7 @@ else:
                                     val_every, log=lambda *a: None)
             log.print(f"calibration: {calib.numel()} tokens ({len(calib)} train sequences, seed {seed})")
         student = upcycle(source, **mla_settings, latent_norm=latent_norm, seed=seed, copy=False, calib=calib,
-                          rank_alloc=rank_alloc, log=log.print if d.master else None)
+                          log=log.print if d.master else None)
     del source
 kv_src = tmodel.kv_cache_elements_per_token() if tmodel is not None else None
 kv_stu = student.kv_cache_elements_per_token()

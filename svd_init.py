@@ -78,7 +78,7 @@ ALLOCS = ("auto", "uniform", "waterfill")
 
 
 def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init,
-                    allow_qk_overlap, kv_budget=None, rope_ladder="highest"):
+                    allow_qk_overlap, kv_budget=None, rope_ladder="highest", rank_alloc="auto"):
     n = cfg.n_layers
     if not layers or len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
         raise ValueError(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
@@ -96,6 +96,8 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
     if d_r is not None and d_r > d_h:
         raise ValueError(f"qk_rope_dim={d_r} > d_h = {d_h}: the shared RoPE key has at most one pair per source "
                          f"frequency (d_h / 2 of them). Fix: qk_rope_dim <= {d_h}")
+    if rank_alloc not in ALLOCS:
+        raise ValueError(f"rank_alloc={rank_alloc!r}: use one of {', '.join(map(repr, ALLOCS))}")
     if rope_ladder not in LADDERS:
         raise ValueError(f"rope_ladder={rope_ladder!r}: use 'highest' (the d_r/2 highest frequencies) or 'every' "
                          "(every (d_h/d_r)-th frequency)")
@@ -123,7 +125,8 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
             raise ValueError(f"kv_budget={kv_budget} is {total} numbers per token over {len(layers)} layers, below "
                              f"what d_r = {d_r if d_r is not None else 2} and r_kv = 1 alone cost ({least}). Fix: a "
                              "larger kv_budget" + (" or a smaller qk_rope_dim" if d_r is not None else ""))
-        kv_rank = 1  # checked below as a fixed rank; the allocation happens with the weights
+        # checked below as a fixed rank of 1; the allocation happens with the weights
+        kv_rank = 1
     for name, rank, energy, hi in (("q", q_rank, q_energy, max_q), ("kv", kv_rank, kv_energy, max_kv)):
         if (rank is None) == (energy is None):
             raise ValueError(f"give exactly one of {name}_rank (fixed) and {name}_energy (dynamic)"
@@ -162,7 +165,7 @@ def _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget):
 
 def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
                    qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, kv_budget=None,
-                   rope_ladder="highest", calib=None, calib_tokens=None, **_):
+                   rope_ladder="highest", rank_alloc="auto", calib_tokens=None, **_):
     """upcycle()'s settings checked against a source config alone (no weights needed): scripts call it before any
     work, so a bad rank fails in a second, not after the data is tokenised. q_rank=None with no q_energy means
     full rank here (as the command lines default it)."""
@@ -175,7 +178,7 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
         kv_rank = min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)
     d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
     _check_settings(cfg, list(layers), q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder)
+                    kv_budget, rope_ladder, rank_alloc)
     if init == "rorope" and calib_tokens is not None:
         _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
 
@@ -365,8 +368,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     above, which needs `calib` (a LongTensor (N, T) of token ids) and has d_qk = d_h (whiten / weight_errors
     switch its ingredients off, for ablations). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
     delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
-    layer r_kv by water-filling and, when qk_rope_dim is unset, d_r in {d_h, d_h/2, d_h/4} by KL on the
-    calibration tokens. q_rank=None with no q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd".
+    layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
+    {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd".
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
     cfg = model.config
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
@@ -375,7 +378,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         q_rank = min(d, H * d_h)
     d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
     _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder)
+                    kv_budget, rope_ladder, rank_alloc)
     budget = None
     if kv_budget is not None:
         budget = kv_budget_numbers(kv_budget, len(layers) * 2 * n_kv * d_h)
@@ -410,18 +413,18 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             W_KR, a, W, G = _rorope_layer(q_svd[i][0], f64(p + "k_proj.weight"), f64(p + "v_proj.weight"),
                                           f64(p + "o_proj.weight"), ridge[i], stats[i][1], cfg, pairs,
                                           weight_errors, kv_balance)
-            parts[i] = (W_KR, a, W, G, _weighted_svd(W, ridge[i], G, whiten))
+            parts[i] = dict(W_KR=W_KR, a=a, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
         if budget is not None:
             spare = budget - len(layers) * d_r_c
             cap = min(d, 2 * n_kv * d_h)
             allocs = {"uniform": {i: min(spare // len(layers), cap) for i in layers}}
             if rank_alloc != "uniform":  # relative error per layer: raw spectra are not comparable across layers
-                allocs["waterfill"] = allocate_ranks({i: parts[i][4][1] / parts[i][4][1].norm() for i in layers},
-                                                     spare)
+                spectra = {i: parts[i]["usv"][1] for i in layers}
+                allocs["waterfill"] = allocate_ranks({i: S / S.norm() for i, S in spectra.items()}, spare)
             if rank_alloc == "waterfill":
                 del allocs["uniform"]
         else:
-            allocs = {"fixed": {i: kv_rank if kv_rank is not None else energy_rank(parts[i][4][1], kv_energy)
+            allocs = {"fixed": {i: kv_rank if kv_rank is not None else energy_rank(parts[i]["usv"][1], kv_energy)
                                 for i in layers}}
         for how, r_kv in allocs.items():
             built = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
@@ -448,7 +451,7 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
     new_sd, ranks, rep = {}, {}, []
     for i in layers:
         p = f"model.layers.{i}.self_attn."
-        W_KR, a, W, G, usv = parts[i]
+        W_KR, a, W, G, usv = (parts[i][k] for k in ("W_KR", "a", "W", "G", "usv"))
         W_Q, q_usv = q_svd[i]
         r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
         ranks[i] = (r_q, r_kv[i])
@@ -480,7 +483,7 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
 @torch.no_grad()
 def _calib_kl(teacher, student, calib, n_seq=4):
     idx = calib[:n_seq].to(teacher.lm_head.weight.device)
-    return kl_per_token(teacher.eval() if not teacher.training else teacher, student.eval(), idx)[0]
+    return kl_per_token(teacher, student, idx)[0]  # no dropout here: train and eval mode compute the same
 
 
 def _assemble(model, layers, new_sd, new_cfg, copy):
@@ -702,7 +705,7 @@ if __name__ == "__main__":
     if not run_sweep:  # pre-flight: settings, output folder and tokenizer, before the weights are read
         src_cfg = read_model_config(folder)
         check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
-                       allow_qk_overlap, kv_budget, rope_ladder, calib_tokens=calib_tokens)
+                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, calib_tokens=calib_tokens)
         if init == "rorope":
             from data import check_sources
             check_sources(calib_data)

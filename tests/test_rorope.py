@@ -154,6 +154,7 @@ def test_bad_input_is_named():
         (dict(kv_rank=8, qk_rope_dim=18, calib=ok), "qk_rope_dim=18 > d_h = 16"),
         (dict(kv_rank=8, qk_rope_dim=6, rope_ladder="every", calib=ok), "rope_ladder='every' needs d_r/2 to divide"),
         (dict(kv_rank=8, rope_ladder="lowest", calib=ok), "rope_ladder='lowest'"),
+        (dict(kv_budget=0.5, rank_alloc="greedy", calib=ok), "rank_alloc='greedy'"),
         (dict(kv_rank=8, qk_nope_dim=8, calib=ok), "qk_nope_dim must be d_h = 16"),
         (dict(kv_rank=8, kv_budget=0.5, calib=ok), "kv_budget or kv_rank"),
         (dict(kv_budget=1.5, calib=ok), "kv_budget=1.5"),
