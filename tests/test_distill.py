@@ -154,3 +154,22 @@ def test_a_hugging_face_tokenizer_and_its_chat_template_end_to_end(setup):
     assert meta["tokenizer_fingerprint"] == tok.fingerprint()
     ids = np.fromfile(os.path.join(setup, "hf_cache", os.listdir(setup / "hf_cache")[0], "train.bin"), dtype=np.uint16)
     assert tok.decode(ids[:40].tolist()).startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>")
+
+
+def test_rorope_init_under_a_budget_on_two_processes(setup):
+    """init="rorope" calibrated on the run's own train data, kv_budget: both ranks end with rank 0's student, the
+    cache within the budget, the calibration settings recorded with the export."""
+    cfg, out = write_cfg(setup, "ror", init="rorope", q_rank=None, kv_rank=None, qk_nope_dim=None, qk_rope_dim=None,
+                         kv_budget=0.25, calib_tokens=256, max_steps=2)
+    r = run(cfg, 2)
+    assert "calibration: 256 tokens (8 train sequences" in r.stdout and "KL on the calibration tokens" in r.stdout
+    from model import Transformer
+    m = Transformer.from_pretrained(os.path.join(out, "final"))
+    teacher = Transformer.from_pretrained(str(setup / "teacher"))
+    assert m.config.qk_nope_dim == 16 and m.kv_cache_elements_per_token() <= teacher.kv_cache_elements_per_token() // 4
+    rc = json.load(open(os.path.join(out, "final", "run_config.json")))
+    assert rc["init"] == "rorope" and rc["kv_budget"] == 0.25 and rc["calib_tokens"] == 256
+    bad, _ = write_cfg(setup, "ror_bad", init="rorope", q_rank=None, kv_rank=None, qk_nope_dim=None,
+                       qk_rope_dim=None, kv_budget=0.25, calib_tokens=10**6, max_steps=2)
+    r = run(bad, 1, check=False)
+    assert r.returncode != 0 and "calibration needs" in r.stderr
