@@ -397,7 +397,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     q_svd = {}
     for i in layers:  # the query's factorisation does not depend on d_r
         W_Q = f64(f"model.layers.{i}.self_attn.q_proj.weight")
-        q_svd[i] = (W_Q, _weighted_svd(W_Q, ridge[i], None, whiten))
+        full = q_rank is not None and q_rank == min(d, H * d_h)  # nothing to truncate: no SVD (exact, and fast)
+        q_svd[i] = (W_Q, None if full else _weighted_svd(W_Q, ridge[i], None, whiten))
     if d_r is not None:
         candidates = [d_r]
     else:  # budget, no d_r given: the largest ones that leave every layer some latent; the calibration KL decides
@@ -455,7 +456,11 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
         W_Q, q_usv = q_svd[i]
         r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
         ranks[i] = (r_q, r_kv[i])
-        W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)         # (d, r_q), (r_q, H d_h)
+        if q_usv is None:  # full r_q: the identity on whichever side is smaller
+            eye = torch.eye(r_q, dtype=W_Q.dtype, device=W_Q.device)
+            W_DQ, B_q = (eye, W_Q) if r_q == W_Q.shape[0] else (W_Q, eye)
+        else:
+            W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)     # (d, r_q), (r_q, H d_h)
         W_DKV, B_kv = _truncate(W, ridge[i], G, usv, r_kv[i], whiten)           # (d, r_kv), (r_kv, 2 n_kv d_h)
         c = math.sqrt((d_h + d_r_c) / d_h)  # MLA divides scores by √(d_qk + d_r) = √(d_h + d_r), Llama by √d_h
         Bq = B_q.view(r_q, H, d_h)
@@ -473,7 +478,7 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
             new_sd[p + "q_norm.weight"] = torch.ones(r_q, dtype=dt, device=W_Q.device)
             new_sd[p + "kv_norm.weight"] = torch.ones(r_kv[i], dtype=dt, device=W_Q.device)
         n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
-        rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=energy_kept(q_usv[1], r_q),
+        rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=energy_kept(q_usv[1], r_q) if q_usv else 1.0,
                         kv_energy=energy_kept(usv[1], r_kv[i]), params=n_attn,
                         src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
                         cache=r_kv[i] + d_r_c, src_cache=2 * n_kv * d_h))

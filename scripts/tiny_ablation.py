@@ -4,6 +4,7 @@ budget for every row, and print held-out KL(teacher || student) and losses as a 
 
     python scripts/tiny_ablation.py                  # 2 processes per run (torchrun), about 3 minutes a row
     python scripts/tiny_ablation.py --nproc=1        # one process per run
+    python scripts/tiny_ablation.py --only=rorope    # only the rows whose name contains one of these (comma list)
 
 Rows: the rorope init (the default) vs Algorithm 1's SVD vs random init (paper Table 1), KL vs CE vs KL+CE
 (Table 3), with vs without latent norms (Table 4), fixed vs dynamic ranks (Tables 1, 7).
@@ -33,9 +34,12 @@ ROWS = [
 
 def main():
     nproc = int(next((a.split("=")[1] for a in sys.argv[1:] if a.startswith("--nproc=")), 2))
+    only = next((a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")), None)
     print("| setting | KV cache | held-out KL at init | KL at end | student loss at end | teacher loss |")
     print("|---|---|---|---|---|---|")
     for name, extra in ROWS:
+        if only and not any(o in name for o in only):
+            continue
         out = os.path.join("out", "ablation", re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
         shutil.rmtree(os.path.join(ROOT, out), ignore_errors=True)
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
