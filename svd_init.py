@@ -404,6 +404,11 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     else:  # budget, no d_r given: the largest ones that leave every layer some latent; the calibration KL decides
         candidates = [r for r in (d_h, d_h // 2, d_h // 4) if r >= 2 and r % 2 == 0 and budget >= len(layers) * (r + 1)
                       and (rope_ladder == "highest" or (d_h // 2) % (r // 2) == 0)]
+        if not candidates:  # a tight budget: the largest d_r that still leaves every layer r_kv >= 1
+            r = min(d_h, (budget // len(layers) - 1) // 2 * 2)
+            while rope_ladder == "every" and (d_h // 2) % (r // 2):
+                r -= 2
+            candidates = [r]
     best = None
     for d_r_c in candidates:
         pairs, exponent = rope_pairs(d_h, d_r_c, rope_ladder)
