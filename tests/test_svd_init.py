@@ -230,3 +230,19 @@ def test_command_line(tmp_path):
     assert (out / "run_config.json").exists() and (out / "tokenizer_tok512.json").exists()
     r = subprocess.run([sys.executable, "svd_init.py", "--kv_rnak=3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "unknown setting 'kv_rnak'" in r.stderr
+
+
+def test_command_line_rorope(tmp_path):
+    """init="rorope" from the command line; stories260K has no tokenizer, so it calibrates on its own samples."""
+    out = tmp_path / "ror"
+    r = subprocess.run([sys.executable, "svd_init.py", f"--init_from={STORIES}", f"--out_dir={out}", "--init=rorope",
+                        "--kv_budget=0.5", "--calib_tokens=512", "--calib_seq_len=64"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "calibration: 512 tokens (8 x 64, seed 0) of text sampled from the source" in r.stdout
+    m = Transformer.from_pretrained(out)
+    src = Transformer.from_pretrained(STORIES)
+    assert m.kv_cache_elements_per_token() <= src.kv_cache_elements_per_token() // 2
+    r = subprocess.run([sys.executable, "svd_init.py", "--init=rorope", "--kv_budget=0.5", "--calib_tokens=8",
+                        f"--out_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "calibration has 8 tokens, fewer than the rank" in r.stderr
