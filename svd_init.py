@@ -105,7 +105,7 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
         raise ValueError(f"rope_ladder='every' needs d_r/2 to divide d_h/2 = {d_h // 2} (every c-th frequency of a "
                          f"standard ladder); qk_rope_dim={d_r} does not. Fix: a d_r with d_h/d_r a whole number, "
                          "or rope_ladder='highest'")
-    if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim) and not (d_r is None and kv_budget):
+    if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim):
         raise ValueError(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
                          f"new layers must use the same (got {d_qk}, {d_r})")
     if d_r is not None and not (1 <= d_qk <= d_h and 2 <= d_r <= d_h and d_r % 2 == 0):
@@ -224,7 +224,8 @@ def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm=False, qk_r
 #           standard d_r-dim rotary computes as is (see rope_pairs), so a serving engine needs nothing special.
 #   Factorisation  [K_res | V] (d, 2 n_kv d_h) ≈ W_DKV B with the cost E||x (W - W_DKV B) G||², x the calibration
 #           activations (whitening, C) and G per column block: key errors through the queries that read them
-#           (E[q qᵀ] of the group, times the spread of the values they mix), value errors through W_O (W_O,h W_O,hᵀ).
+#           (E[q qᵀ] of the group, times the spread of the values they mix), value errors through W_O
+#           (W_O,h W_O,hᵀ).
 #           Optimum: the SVD of C^½ W G; W_DKV = W G V_r / S_r (= C^-½ U_r, without inverting C) and B by
 #           C-weighted least squares (B = W_DKVᵀ C W). W_Q alike with G = I.
 #   Budget  the same weighted singular values say what each unit of rank buys in each layer: water-filling.
@@ -240,8 +241,8 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
     if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"calib has token ids outside [0, {model.config.vocab_size}): not this model's tokenizer")
     d, dev = model.config.dim, model.lm_head.weight.device
-    stats = {i: [torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(d, dtype=torch.float64, device=dev),
-                 torch.zeros((), dtype=torch.float64, device=dev)] for i in layers}
+    stats = {i: [torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(d, dtype=torch.float64, device=dev)]
+             for i in layers}
 
     def hook(i):
         def f(_mod, args):
@@ -250,12 +251,7 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
             stats[i][1].add_(x.sum(0))
         return f
 
-    def res_hook(i):
-        def f(_mod, args):
-            stats[i][2].add_(args[0].double().pow(2).sum())                      # the residual stream's energy
-        return f
     handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i)) for i in layers]
-    handles += [model.model.layers[i].register_forward_pre_hook(res_hook(i)) for i in layers]
     try:
         for b in range(0, len(ids), batch_size):
             model.forward_hidden(ids[b:b + batch_size].to(dev))
@@ -263,7 +259,7 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
         for h in handles:
             h.remove()
     n = ids.numel()
-    return {i: (C / n, m / n, r / n) for i, (C, m, r) in stats.items()}, n
+    return {i: (C / n, m / n) for i, (C, m) in stats.items()}, n
 
 
 def rope_pairs(d_h, d_r, ladder="highest"):
@@ -369,7 +365,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     switch its ingredients off, for ablations). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
     delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
     layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
-    {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd".
+    {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
+    q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd".
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
     cfg = model.config
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
@@ -393,7 +390,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     src = model.state_dict()
     f64 = lambda k: src[k].double().T  # paper orientation, float64
     ridge = {i: C + 1e-6 * C.diagonal().mean() * torch.eye(d, dtype=C.dtype, device=C.device)
-             for i, (C, _, _) in stats.items()}
+             for i, (C, _) in stats.items()}
     q_svd = {}
     for i in layers:  # the query's factorisation does not depend on d_r
         W_Q = f64(f"model.layers.{i}.self_attn.q_proj.weight")
@@ -409,7 +406,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             while rope_ladder == "every" and (d_h // 2) % (r // 2):
                 r -= 2
             candidates = [r]
-    best = None
+    best = lp_t = None
     for d_r_c in candidates:
         pairs, exponent = rope_pairs(d_h, d_r_c, rope_ladder)
         theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
@@ -436,7 +433,10 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             built = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
                                   theta, whiten, latent_norm, copy)
             if len(candidates) * len(allocs) > 1:
-                kl = _calib_kl(model, built[0], calib)
+                if lp_t is None:  # the candidates are scored on the first 4 calibration sequences
+                    idx = calib[:4].to(model.lm_head.weight.device)
+                    lp_t = model(idx).float().log_softmax(-1)
+                kl = _calib_kl(lp_t, built[0], idx)
                 say(f"rorope: d_r {d_r_c}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f}): KL on the "
                     f"calibration tokens {kl:.4f}")
                 if best is not None and kl >= best[0]:
@@ -491,9 +491,10 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
 
 
 @torch.no_grad()
-def _calib_kl(teacher, student, calib, n_seq=4):
-    idx = calib[:n_seq].to(teacher.lm_head.weight.device)
-    return kl_per_token(teacher, student, idx)[0]  # no dropout here: train and eval mode compute the same
+def _calib_kl(lp_t, student, idx):
+    """KL(teacher || student) per token on idx, from the teacher's log-probs lp_t (computed once per upcycle)."""
+    lp_s = student(idx).float().log_softmax(-1)  # no dropout here: train and eval mode compute the same
+    return (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
 
 
 def _assemble(model, layers, new_sd, new_cfg, copy):
@@ -662,9 +663,9 @@ def bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="svd", calib_t
     dt = time.time() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     n = sum(p.numel() for p in student.parameters())
+    ncal = f", {calib.numel()} calibration tokens" if calib is not None else ""
     print(f"converted a random Llama-3.2-1B-shaped model (16 layers, init {init}, r_q {q_rank}, r_kv {kv_rank}, "
-          f"d_qk {qk_nope_dim}, d_r {qk_rope_dim}"
-          + (f", {calib.numel()} calibration tokens" if calib is not None else "") + f") on {device} with {torch.get_num_threads()} threads: "
+          f"d_qk {qk_nope_dim}, d_r {qk_rope_dim}{ncal}) on {device} with {torch.get_num_threads()} threads: "
           f"{dt:.1f} s; process peak RSS {rss1:.2f} GiB (source model alone: {rss0:.2f} GiB); {n:,} parameters")
     if device.startswith("cuda"):
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -3,8 +3,8 @@ The README's initialisation table: KL(teacher || student) and the student's CE a
 100 / 50 / 25 / 12.5% of the source's KV cache: Algorithm 1, then each ingredient of init="rorope" added in turn,
 then the whole; and the whole at 50% against the calibration size.
 
-    python scripts/init_ablation.py --model=assets/models/tiny_teacher             # the tiny teacher, ~2 minutes
-    python scripts/init_ablation.py --model=PATH/SmolLM2-135M-Instruct             # ~25 minutes on 2 CPU cores
+    python scripts/init_ablation.py --model=assets/models/tiny_teacher             # the tiny teacher, ~1 minute
+    python scripts/init_ablation.py --model=PATH/SmolLM2-135M-Instruct             # ~27 minutes on 2 CPU cores
     python scripts/init_ablation.py --model=DIR --budgets=0.5 --calib_sizes=       # one column, no size rows
 
 Held-out text: the first 8 packed sequences of 512 tokens of the bundled C4 sample (assets/data/corpus/c4_demo.jsonl,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from conftest import random_model, read_log, run_script, tiny_config, write_config
+from model import Transformer
 from trainer import latest_checkpoint
 
 
@@ -163,7 +164,6 @@ def test_rorope_init_under_a_budget_on_two_processes(setup):
                          kv_budget=0.25, calib_tokens=256, max_steps=2)
     r = run(cfg, 2)
     assert "calibration: 256 tokens (8 train sequences" in r.stdout and "KL on the calibration tokens" in r.stdout
-    from model import Transformer
     m = Transformer.from_pretrained(os.path.join(out, "final"))
     teacher = Transformer.from_pretrained(str(setup / "teacher"))
     assert m.config.qk_nope_dim == 16 and m.kv_cache_elements_per_token() <= teacher.kv_cache_elements_per_token() // 4
