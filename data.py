@@ -353,17 +353,21 @@ class PackedData:
     def batch_indices(self, step, micro, rank, world, micro_batch, accum, seed):
         return batch_indices(self.n_seq, step, micro, rank, world, micro_batch, accum, seed)
 
+    def sample(self, n_tokens, seed):
+        """n_tokens (rounded up to whole sequences) as a seeded random choice of this split's sequences, in order:
+        calibration data. -> LongTensor (N, seq_len) of inputs."""
+        n = -(-n_tokens // self.seq_len)
+        if n > self.n_seq:
+            raise ValueError(f"calibration needs {n} sequences of {self.seq_len} tokens ({n_tokens} tokens) but "
+                             f"{self.meta['sources']} give only {self.n_seq}. Fix: fewer calib_tokens, a shorter "
+                             "calib_seq_len, or more data")
+        return self.get(np.sort(np.random.default_rng(seed).choice(self.n_seq, n, replace=False)))[0]
+
 
 def calibration_ids(sources, tok, cache_dir, n_tokens, seq_len, seed, val_every=50, log=print):
-    """n_tokens of calibration (rounded up to whole sequences): a seeded random choice of packed seq_len sequences
-    from the train split of `sources` (tokenised into the same cache distill.py uses). -> LongTensor (N, seq_len)."""
-    data = PackedData(build_cache(sources, tok, cache_dir, val_every, log=log), "train", seq_len)
-    n = -(-n_tokens // seq_len)
-    if n > data.n_seq:
-        raise ValueError(f"calibration needs {n} sequences of {seq_len} tokens ({n_tokens} tokens) but {sources} "
-                         f"give only {data.n_seq}. Fix: fewer calib_tokens, a shorter calib_seq_len, or more data")
-    pick = np.sort(np.random.default_rng(seed).choice(data.n_seq, n, replace=False))
-    return data.get(pick)[0]
+    """n_tokens of calibration from the train split of `sources`, tokenised into the same cache distill.py uses
+    (see PackedData.sample). -> LongTensor (N, seq_len)."""
+    return PackedData(build_cache(sources, tok, cache_dir, val_every, log=log), "train", seq_len).sample(n_tokens, seed)
 
 
 @functools.lru_cache(maxsize=4)

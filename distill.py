@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from data import PackedData, build_cache, calibration_ids, check_sources
+from data import PackedData, build_cache, check_sources
 from kernels import linear_kl
 from model import ModelConfig, Transformer, read_model_config, resolve_checkpoint, resolve_dtype
 from svd_init import check_settings, upcycle
@@ -184,8 +184,7 @@ else:
     else:
         calib = None
         if init == "rorope":  # calibration: this run's own train data, the same sequences on every rank
-            calib = calibration_ids(sft_data, tok, data_cache, calib_tokens, calib_seq_len or seq_len, seed,
-                                    val_every, log=lambda *a: None)
+            calib = PackedData(cache, "train", calib_seq_len or seq_len).sample(calib_tokens, seed)
             log.print(f"calibration: {calib.numel()} tokens ({len(calib)} train sequences, seed {seed})")
         student = upcycle(source, **mla_settings, latent_norm=latent_norm, seed=seed, copy=False, calib=calib,
                           log=log.print if d.master else None)
