@@ -45,7 +45,8 @@ rope_ladder = "highest"    # rorope settings as in svd_init.py
 rank_alloc = "auto"
 calib_tokens = 8192        # rorope: calibration tokens, a seeded choice of train sequences of calib_seq_len
 calib_seq_len = 0          # 0: seq_len
-latent_norm = False
+latent_norm = "none"         # RMSNorm on "kv" (c_kv) or "both" (c_q, c_kv) latents: what serving needs
+latent_norm_init = "calibrated"  # their weights: "calibrated" per dimension, "scalar" or "ones"
 allow_qk_overlap = False
 # teacher: any Llama with the same vocabulary; "" = init_from (self-distillation); "none" = no teacher (CE only;
 # with a teacher and kl_weight = 0 it is still used to measure the held-out KL)
@@ -97,7 +98,7 @@ config = configure(globals())
 # settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
 MODEL_KEYS = ("init_from", "student_from", "model_config", "mla_layers", "q_rank", "kv_rank", "q_energy", "kv_energy",
               "qk_nope_dim", "qk_rope_dim", "init", "kv_budget", "rope_ladder", "rank_alloc", "calib_tokens",
-              "calib_seq_len", "latent_norm", "allow_qk_overlap", "teacher", "kl_weight",
+              "calib_seq_len", "latent_norm", "latent_norm_init", "allow_qk_overlap", "teacher", "kl_weight",
               "ce_weight", "loss_on", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
 SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
 
@@ -124,7 +125,8 @@ folders = {"student": student_from or (init_from if init_from != "scratch" else 
 folders = {k: resolve_checkpoint(v) for k, v in folders.items() if v}
 configs = {k: read_model_config(v) for k, v in folders.items()}
 if converting:
-    check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens)
+    check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens, latent_norm=latent_norm,
+                   latent_norm_init=latent_norm_init)
 stu_cfg = configs.get("student") or ModelConfig(**model_config)
 if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
     raise ValueError(f"teacher vocabulary {configs['teacher'].vocab_size} != student {stu_cfg.vocab_size}: "
@@ -183,10 +185,11 @@ else:
         student = source  # no MLA settings: fine-tune the source as it is
     else:
         calib = None
-        if init == "rorope":  # calibration: this run's own train data, the same sequences on every rank
+        if init == "rorope" or latent_norm != "none":  # calibration: this run's own train data, the same on all ranks
             calib = PackedData(cache, "train", calib_seq_len or seq_len).sample(calib_tokens, seed)
             log.print(f"calibration: {calib.numel()} tokens ({len(calib)} train sequences, seed {seed})")
-        student = upcycle(source, **mla_settings, latent_norm=latent_norm, seed=seed, copy=False, calib=calib,
+        student = upcycle(source, **mla_settings, latent_norm=latent_norm, latent_norm_init=latent_norm_init,
+                          seed=seed, copy=False, calib=calib,
                           log=log.print if d.master else None)
     del source
 kv_src = tmodel.kv_cache_elements_per_token() if tmodel is not None else None

@@ -36,10 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import deepseek
 from kernels import latent_attention
 
 # -----------------------------------------------------------------------------
 # Config
+
+LATENT_NORMS = ("none", "kv", "both")
 
 
 @dataclass
@@ -67,7 +70,9 @@ class ModelConfig:
     qk_rope_theta: float = 0.0         # theta of MLA's d_r-dim rotary ladder (0: rope_theta). svd_init's "rorope"
                                        # keeps a subset of the source's frequencies that such a ladder computes
     v_head_dim: int = 0                # d_v (0: = head_dim)
-    latent_norm: bool = False          # RMSNorm on c_q and c_kv (DeepSeek has it; paper Table 4: off is better)
+    latent_norm: str = "none"          # RMSNorm on the latents: "none", "kv" (on c_kv) or "both" (c_q and c_kv).
+                                       # DeepSeek has both; serving engines need "kv" at least (deepseek.py)
+    latent_norm_eps: float = 1e-6      # DeepSeek's (HF DeepseekV3 computes its latent norms with 1e-6)
 
     def __post_init__(self):
         for name in ("mla_layers", "q_rank", "kv_rank", "eos_id"):
@@ -75,6 +80,10 @@ class ModelConfig:
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v is not None else ()))
         if self.v_head_dim == 0:
             self.v_head_dim = self.head_dim
+        if isinstance(self.latent_norm, bool):  # True / False: the older on/off switch (True meant both latents)
+            self.latent_norm = "both" if self.latent_norm else "none"
+        if self.latent_norm not in LATENT_NORMS:
+            raise ValueError(f"latent_norm={self.latent_norm!r}: use one of {LATENT_NORMS}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_scaling is not None:
@@ -106,8 +115,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         mt = hf.get("model_type", "llama")
+        if mt in deepseek.DS_TYPES:  # a DeepSeek-format MLA folder: read as its llama_mla equivalent
+            hf = deepseek.Reader(hf).config
+            mt = "llama_mla"
         if mt not in ("llama", "llama_mla"):
-            raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama' and 'llama_mla' folders")
+            raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama' and 'llama_mla' folders, "
+                             f"and DeepSeek-V2/V3-format MLA folders ({', '.join(deepseek.DS_TYPES)})")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -130,6 +143,9 @@ class ModelConfig:
             mla_layers=hf.get("mla_layers", ()), q_rank=hf.get("mla_q_rank", ()), kv_rank=hf.get("mla_kv_rank", ()),
             qk_nope_dim=hf.get("qk_nope_head_dim", 0), qk_rope_dim=hf.get("qk_rope_head_dim", 0),
             v_head_dim=hf.get("v_head_dim", 0), latent_norm=hf.get("mla_latent_norm", False),
+            # folders written before the field existed computed their latent norms with rms_norm_eps
+            latent_norm_eps=hf.get("mla_latent_norm_eps", hf.get("rms_norm_eps", 1e-6) if hf.get("mla_latent_norm")
+                                   else 1e-6),
             qk_rope_theta=float(hf.get("qk_rope_theta", 0.0)),
         )
 
@@ -152,7 +168,7 @@ class ModelConfig:
                 "mla_layers": list(self.mla_layers), "mla_q_rank": list(self.q_rank),
                 "mla_kv_rank": list(self.kv_rank), "qk_nope_head_dim": self.qk_nope_dim,
                 "qk_rope_head_dim": self.qk_rope_dim, "v_head_dim": self.v_head_dim,
-                "mla_latent_norm": self.latent_norm,
+                "mla_latent_norm": self.latent_norm, "mla_latent_norm_eps": self.latent_norm_eps,
             })
             if self.qk_rope_theta:  # a rotary ladder other than the source's theta over d_r dims (svd_init rorope)
                 hf["qk_rope_theta"] = self.qk_rope_theta
@@ -316,8 +332,8 @@ class MLAttention(nn.Module):
         self.W_UK = nn.Linear(r_kv, H * d_qk, bias=False)
         self.W_UV = nn.Linear(r_kv, H * d_v, bias=False)
         self.o_proj = nn.Linear(H * d_v, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(r_q, cfg.norm_eps) if cfg.latent_norm else nn.Identity()
-        self.kv_norm = RMSNorm(r_kv, cfg.norm_eps) if cfg.latent_norm else nn.Identity()
+        self.q_norm = RMSNorm(r_q, cfg.latent_norm_eps) if cfg.latent_norm == "both" else nn.Identity()
+        self.kv_norm = RMSNorm(r_kv, cfg.latent_norm_eps) if cfg.latent_norm != "none" else nn.Identity()
         self.cache = None
         self.path = "auto"
 
@@ -551,11 +567,17 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load an HF Llama folder (config.json + model.safetensors or a sharded index), a folder this project
-        wrote (MLA fields in config.json), or a hub id (downloaded through huggingface_hub when a hub is reachable).
+        wrote (MLA fields in config.json), a DeepSeek-V2/V3-format MLA folder with dense MLPs (deepseek.py), or a
+        hub id (downloaded through huggingface_hub when a hub is reachable). dtype None keeps the stored dtypes.
         The model is built on the meta device and the tensors assigned one by one: one copy of the weights at most."""
         from safetensors import safe_open
         path = resolve_checkpoint(path)
         config = read_model_config(path)
+        reader = None
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("model_type") in deepseek.DS_TYPES:
+            reader = deepseek.Reader(hf)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -570,17 +592,23 @@ class Transformer(nn.Module):
                 raise ValueError(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
                                  "truncated or corrupt. Fix: copy or download it again") from None
             with handle as f:
-                for k in f.keys():
-                    if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and config.tie_embeddings):
-                        continue  # derived buffers of old checkpoints; a tied head duplicates the embedding
-                    if k not in expected:
-                        unexpected.append(k)
+                for name in f.keys():
+                    if reader is not None and reader.skip(name):
                         continue
-                    t = f.get_tensor(k)
-                    if tuple(t.shape) != tuple(expected[k]):
-                        mis_shaped.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k])}")
-                        continue
-                    sd[k] = t.to(dtype)
+                    pairs = [(name, None)] if reader is None else reader.tensors(name, f.get_tensor(name))
+                    for k, t in pairs:
+                        if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and config.tie_embeddings):
+                            continue  # derived buffers of old checkpoints; a tied head duplicates the embedding
+                        if k not in expected:
+                            unexpected.append(k)
+                            continue
+                        t = f.get_tensor(k) if t is None else t
+                        if tuple(t.shape) != tuple(expected[k]):
+                            mis_shaped.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k])}")
+                            continue
+                        sd[k] = t.to(dtype) if dtype is not None else t
+        if reader is not None:
+            sd.update(reader.generated(next(iter(sd.values())).dtype, device))
         missing = sorted(set(expected) - set(sd) - {m.split(':')[0] for m in mis_shaped})
         if missing or unexpected or mis_shaped:
             raise ValueError(f"checkpoint {path} does not match its config.json:\n"
@@ -594,15 +622,20 @@ class Transformer(nn.Module):
         model._init_rope(device)
         return model
 
-    def save_pretrained(self, path, run_config=None, max_shard_bytes=5 * 2**30, tokenizer=None, extra_files=()):
+    def save_pretrained(self, path, run_config=None, max_shard_bytes=5 * 2**30, tokenizer=None, extra_files=(),
+                        fmt="llama"):
         """Write config.json + safetensors (sharded with an index above max_shard_bytes) into `path`, atomically:
         everything goes to a temporary folder beside it, which then replaces `path`. A pure Llama folder loads in
-        transformers' LlamaForCausalLM as is. `run_config` (a dict, e.g. the resolved training config) is saved as
+        transformers' LlamaForCausalLM as is. fmt="deepseek": the DeepSeek-V3 format that transformers, vLLM and
+        SGLang load as DeepseekV3ForCausalLM (deepseek.py; a model it cannot hold exactly is refused first). `run_config` (a dict, e.g. the resolved training config) is saved as
         run_config.json beside it; `tokenizer` (a tokenizer.Tokenizer) is recorded in the folder, and extra_files
         are copied in.
         An existing `path` is replaced only if it is empty or a folder this project wrote holding nothing else
         (its WRITTEN_BY.json lists what it wrote); anything else is refused before any work, never deleted."""
         from safetensors.torch import save_file
+        if fmt not in ("llama", "deepseek"):
+            raise ValueError(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
+        hf = self.config.to_hf() if fmt == "llama" else deepseek.export_config(self.config)
         path = os.path.abspath(path)
         check_replaceable(path)
         parent = os.path.dirname(path)
@@ -610,7 +643,9 @@ class Transformer(nn.Module):
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
         try:
             sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            if self.config.tie_embeddings:
+            if fmt == "deepseek":
+                sd = deepseek.export_tensors(self.config, sd)
+            elif self.config.tie_embeddings:
                 sd.pop("lm_head.weight")
             shards, cur, size = [], {}, 0
             for k, v in sd.items():
@@ -632,7 +667,6 @@ class Transformer(nn.Module):
                 total = sum(v.numel() * v.element_size() for v in sd.values())
                 _write_json(os.path.join(tmp, "model.safetensors.index.json"),
                             {"metadata": {"total_size": total}, "weight_map": weight_map})
-            hf = self.config.to_hf()
             hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
             _write_json(os.path.join(tmp, "config.json"), hf)
             if run_config is not None:

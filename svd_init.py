@@ -165,7 +165,8 @@ def _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget):
 
 def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
                    qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, kv_budget=None,
-                   rope_ladder="highest", rank_alloc="auto", calib_tokens=None, **_):
+                   rope_ladder="highest", rank_alloc="auto", calib_tokens=None, latent_norm="none",
+                   latent_norm_init="calibrated", **_):
     """upcycle()'s settings checked against a source config alone (no weights needed): scripts call it before any
     work, so a bad rank fails in a second, not after the data is tokenised. q_rank=None with no q_energy means
     full rank here (as the command lines default it)."""
@@ -181,6 +182,11 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
                     kv_budget, rope_ladder, rank_alloc)
     if init == "rorope" and calib_tokens is not None:
         _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
+    if ModelConfig(latent_norm=latent_norm).latent_norm != "none" and latent_norm_init not in NORM_INITS:
+        raise ValueError(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+    if cfg.mla_layers and ModelConfig(latent_norm=latent_norm).latent_norm != cfg.latent_norm:
+        raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm!r}; new layers must match "
+                         f"(got {latent_norm!r})")
 
 
 def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
@@ -191,7 +197,7 @@ def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
                          f"(calib_tokens; a few x d = {cfg.dim} is the least useful, 8192+ recommended)")
 
 
-def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm=False, qk_rope_theta=0.0) -> ModelConfig:
+def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_rope_theta=0.0) -> ModelConfig:
     """The config of the upcycled model: `cfg` with layers {layer: (r_q, r_kv)} made MLA (added to the source's own
     MLA layers, if any, which keep their ranks). Each layer keeps its own ranks: nothing is shared between layers."""
     if cfg.mla_layers and latent_norm != cfg.latent_norm:
@@ -260,6 +266,66 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
             h.remove()
     n = ids.numel()
     return {i: (C / n, m / n) for i, (C, m) in stats.items()}, n
+
+
+NORM_INITS = ("calibrated", "scalar", "ones")
+
+
+@torch.no_grad()
+def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", batch_size=4):
+    """Set the latent RMSNorms of MLA `layers` (in place) so the model computes, as nearly as one norm weight can, what
+    it computed without them. RMSNorm(c) = g * c / sqrt(ms(c) + eps) divides each token's latent by its own RMS, which
+    no weight undoes; a per-dimension g fits the rest. On the calibration ids, with the norms bypassed (the no-norm
+    model), each layer's W_DKV (and, for latent_norm "both", W_DQ) is scaled by s so its output has mean square
+    about 1 (s from the first batch; eps then matters as little as it can, for 1e-6 here and rms_norm_eps in serving
+    engines, and the cached latent is O(1)), then, with u = s c / sqrt(ms(s c) + eps):
+        how="calibrated"  g_j = E[u_j c_j] / E[u_j^2]     the least-squares fit of g * u to c, per dimension
+        how="scalar"      the same with one g for all dimensions
+        how="ones"        g = 1 and no rescaling (what a norm starts as otherwise: it changes the latent's scale)
+    One forward pass; the statistics are those of the no-norm model, all layers at once. Running it again on a
+    calibrated model recomputes the same kind of fit (the norms are bypassed while measuring)."""
+    if how not in NORM_INITS:
+        raise ValueError(f"latent_norm_init={how!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+    cfg = model.config
+    if cfg.latent_norm == "none" or how == "ones":
+        return
+    if ids is None:
+        raise ValueError("latent norms are initialised from calibration data: pass calib (token ids (N, T)), or "
+                         "latent_norm_init='ones'")
+    blocks = {i: model.model.layers[i].self_attn for i in layers}
+    pairs = [(i, "kv", a.W_DKV, a.kv_norm) for i, a in blocks.items()]
+    if cfg.latent_norm == "both":
+        pairs += [(i, "q", a.W_DQ, a.q_norm) for i, a in blocks.items()]
+    stats = {}  # key -> [s, sum u*c, sum u*u]
+
+    def collect(key, eps):
+        def f(_mod, _args, out):
+            c = out.flatten(0, 1).double()                                         # (B T, r)
+            ms = c.pow(2).mean(-1, keepdim=True)                                   # (B T, 1)
+            if key not in stats:
+                stats[key] = [float(ms.mean().clamp_min(1e-30).rsqrt()), 0.0, 0.0]
+            s = stats[key][0]
+            u = s * c / (s * s * ms + eps).sqrt()
+            stats[key][1] = stats[key][1] + (u * c).sum(0)
+            stats[key][2] = stats[key][2] + (u * u).sum(0)
+        return f
+
+    handles = []
+    for i, kind, lin, norm in pairs:
+        handles.append(lin.register_forward_hook(collect((i, kind), norm.eps)))
+        handles.append(norm.register_forward_hook(lambda _m, args, _out: args[0]))  # bypassed: the no-norm model
+    dev = model.lm_head.weight.device
+    try:
+        for b in range(0, len(ids), batch_size):
+            model.forward_hidden(ids[b:b + batch_size].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    for i, kind, lin, norm in pairs:
+        s, uc, uu = stats[(i, kind)]
+        g = uc / uu if how == "calibrated" else (uc.sum() / uu.sum()).expand_as(uc)
+        lin.weight.mul_(s)
+        norm.weight.copy_(g.to(norm.weight.dtype))
 
 
 def rope_pairs(d_h, d_r, ladder="highest"):
@@ -353,9 +419,10 @@ def allocate_ranks(spectra: dict, total: int):
 
 @torch.no_grad()
 def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-            qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm=False, allow_qk_overlap=False, seed=0,
+            qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
             report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
-            weight_errors=True, kv_balance=1.0, rank_alloc="auto", log=None) -> Transformer:
+            weight_errors=True, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
+            log=None) -> Transformer:
     """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
     every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
     `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
@@ -367,8 +434,16 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
     {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
     q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd".
+    latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q and c_kv (serving engines need them: deepseek.py),
+    set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
     cfg = model.config
+    latent_norm = ModelConfig(latent_norm=latent_norm).latent_norm  # True / False as "both" / "none"; checked
+    if latent_norm != "none" and latent_norm_init not in NORM_INITS:
+        raise ValueError(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+    if latent_norm != "none" and latent_norm_init != "ones" and calib is None:
+        raise ValueError(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
+                         "(N, T)), or latent_norm_init='ones'")
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
     if q_rank is None and q_energy is None:
@@ -382,8 +457,10 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         if init != "rorope":  # Algorithm 1 / random under a budget: the same r_kv in every layer
             kv_rank = min(budget // len(layers) - d_r, min(d, 2 * n_kv * d_h))
     if init != "rorope":
-        return _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm, seed,
-                           report, copy)
+        student = _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm,
+                              seed, report, copy)
+        calibrate_latent_norms(student, calib, layers, latent_norm_init)
+        return student
     say = log or (lambda *a: None)
     stats, n_tok = calibrate(model, calib, layers)
     _check_calib_size(n_tok, q_rank, kv_rank, cfg)
@@ -432,7 +509,10 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         for how, r_kv in allocs.items():
             built = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
                                   theta, whiten, latent_norm, copy)
-            if len(candidates) * len(allocs) > 1:
+            # norms before scoring, as they will be used: fitted on the scoring sequences (cheap), on all later
+            scored = len(candidates) * len(allocs) > 1
+            calibrate_latent_norms(built[0], calib[:4] if scored else calib, layers, latent_norm_init)
+            if scored:
                 if lp_t is None:  # the candidates are scored on the first 4 calibration sequences
                     idx = calib[:4].to(model.lm_head.weight.device)
                     lp_t = model(idx).float().log_softmax(-1)
@@ -446,6 +526,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                 best = (None, *built)
     if report is not None:
         report.extend(best[2])
+    if len(candidates) * len(allocs) > 1:
+        calibrate_latent_norms(best[1], calib, layers, latent_norm_init)
     return best[1]
 
 
@@ -479,15 +561,23 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
         for name, Wt in weights.items():
             new_sd[p + name + ".weight"] = Wt.T.contiguous().to(dt)
         new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
-        if latent_norm:
-            new_sd[p + "q_norm.weight"] = torch.ones(r_q, dtype=dt, device=W_Q.device)
-            new_sd[p + "kv_norm.weight"] = torch.ones(r_kv[i], dtype=dt, device=W_Q.device)
+        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv[i], dt, W_Q.device))
         n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
         rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=energy_kept(q_usv[1], r_q) if q_usv else 1.0,
                         kv_energy=energy_kept(usv[1], r_kv[i]), params=n_attn,
                         src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
                         cache=r_kv[i] + d_r_c, src_cache=2 * n_kv * d_h))
     return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_h, d_r_c, latent_norm, theta), copy), rep
+
+
+def _norm_placeholders(prefix, latent_norm, r_q, r_kv, dtype, device):
+    """Latent-norm weights at 1 (calibrate_latent_norms then sets them)."""
+    out = {}
+    if latent_norm != "none":
+        out[prefix + "kv_norm.weight"] = torch.ones(r_kv, dtype=dtype, device=device)
+    if latent_norm == "both":
+        out[prefix + "q_norm.weight"] = torch.ones(r_q, dtype=dtype, device=device)
+    return out
 
 
 @torch.no_grad()
@@ -554,9 +644,7 @@ def _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, 
                 W = torch.randn(W.shape, generator=gen).to(W.device) * W.float().pow(2).mean().sqrt()
             new_sd[p + name + ".weight"] = W.T.contiguous().to(out_dtype)  # nn.Linear holds (out, in)
         new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
-        if latent_norm:
-            new_sd[p + "q_norm.weight"] = torch.ones(r_q, dtype=out_dtype, device=W_Q.device)
-            new_sd[p + "kv_norm.weight"] = torch.ones(r_kv, dtype=out_dtype, device=W_Q.device)
+        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv, out_dtype, W_Q.device))
         if report is not None:
             n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
             report.append(dict(layer=i, r_q=r_q, r_kv=r_kv, q_energy=energy_kept(S_q, r_q),
@@ -697,7 +785,8 @@ if __name__ == "__main__":
     calib_tokens = 8192        # calibration tokens (seeded choice of whole sequences; `seed`)
     calib_seq_len = 512
     data_cache = "out/data_cache"
-    latent_norm = False
+    latent_norm = "none"         # RMSNorm on "kv" (c_kv) or "both" (c_q, c_kv) latents: what serving needs
+    latent_norm_init = "calibrated"  # their weights: "calibrated" per dimension, "scalar" or "ones"
     allow_qk_overlap = False
     device = "cpu"
     dtype = "float32"          # the dtype the model is loaded and saved in (the SVD itself is always float32)
@@ -716,8 +805,9 @@ if __name__ == "__main__":
     if not run_sweep:  # pre-flight: settings, output folder and tokenizer, before the weights are read
         src_cfg = read_model_config(folder)
         check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
-                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, calib_tokens=calib_tokens)
-        if init == "rorope":
+                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, calib_tokens=calib_tokens,
+                       latent_norm=latent_norm, latent_norm_init=latent_norm_init)
+        if init == "rorope" or latent_norm != "none":
             from data import check_sources
             check_sources(calib_data)
         check_replaceable(os.path.abspath(out_dir))
@@ -739,7 +829,7 @@ if __name__ == "__main__":
     if kv_rank is None and kv_energy is None and kv_budget is None:  # nothing chosen: keep the full rank
         kv_rank = min(teacher.config.dim, 2 * teacher.config.n_kv_heads * teacher.config.head_dim)
     calib = None
-    if init == "rorope":
+    if init == "rorope" or latent_norm != "none":
         from data import calibration_ids
         if tok is not None:
             calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
@@ -752,7 +842,8 @@ if __name__ == "__main__":
     t0 = time.time()
     student = upcycle(teacher, mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy,
                       kv_energy=kv_energy, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init,
-                      latent_norm=latent_norm, allow_qk_overlap=allow_qk_overlap, seed=seed, report=report,
+                      latent_norm=latent_norm, latent_norm_init=latent_norm_init,
+                      allow_qk_overlap=allow_qk_overlap, seed=seed, report=report,
                       copy=False, kv_budget=kv_budget, calib=calib, rope_ladder=rope_ladder, rank_alloc=rank_alloc,
                       whiten=whiten, weight_errors=weight_errors, kv_balance=kv_balance,
                       log=print).eval()  # the teacher's untouched tensors are shared, not duplicated

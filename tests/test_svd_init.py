@@ -132,7 +132,8 @@ def test_svd_init_beats_random_and_full_rank_beats_rank_8(stories):
 
 
 def test_round_trip(stories, tmp_path):
-    student = upcycle(stories, mla_layers=[0, 2, 4], q_energy=0.9, kv_energy=0.8, latent_norm=True).eval()
+    student = upcycle(stories, mla_layers=[0, 2, 4], q_energy=0.9, kv_energy=0.8, latent_norm="both",
+                      latent_norm_init="ones").eval()
     assert len(set(student.config.kv_rank)) > 1                       # per-layer ranks survive the round trip
     student.save_pretrained(tmp_path / "s")
     back = Transformer.from_pretrained(tmp_path / "s").eval()
@@ -185,7 +186,7 @@ PAPER_KV = {"llama1b_kv512": 53.1, "llama1b_random_kv512": 53.1, "llama1b_kv256"
 
 def load_cfg(path):
     ns = dict(init_from="", mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-              qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm=False, allow_qk_overlap=False,
+              qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False,
               kv_budget=None, calib_tokens=8192, calib_seq_len=0)
     ns["__annotations__"] = dict(mla_layers=list | None, q_rank=int | None, kv_rank=int | None,
                                  q_energy=float | None, kv_energy=float | None, qk_nope_dim=int | None,

@@ -1,0 +1,333 @@
+"""
+The DeepSeek-V3 checkpoint format: an upcycled MLA model written as a folder that transformers, vLLM and SGLang load
+as DeepseekV3ForCausalLM with no custom code (the engines then serve it with their MLA kernels and a paged latent
+cache), and such folders read back by Transformer.from_pretrained.
+
+    python deepseek.py out/rorope50_kv out/rorope50_kv-deepseek               # export (CPU, seconds)
+    python deepseek.py out/rorope50_kv out/rorope50_kv-deepseek --check=True  # + logits vs transformers' DeepseekV3
+    python deepseek.py out/tiny_kv8 out/tiny_kv8-deepseek --dtype=bfloat16    # halve the folder for serving
+    vllm serve out/rorope50_kv-deepseek                                       # README "Serving it"
+    python evaluate.py --init_from=out/rorope50_kv-deepseek ...               # any script reads it back
+
+What every engine builds for this format, so what an exact export must hold (read from transformers 5.24's
+modeling_deepseek_v3.py and vLLM's / SGLang's deepseek_v2.py):
+    q_proj          (H (d_qk + d_r), d)      when q_lora_rank is null: the query is not factorised, no norm on it
+    q_a_proj        (q_lora_rank, d)         otherwise W_DQ, then q_a_layernorm (RMSNorm) and
+    q_b_proj        (H (d_qk + d_r), q_lora_rank)                  [W_UQ_h | W_QR_h] per head
+    kv_a_proj_with_mqa  (kv_lora_rank + d_r, d)                    [W_DKV ; W_KR]
+    kv_a_layernorm  (kv_lora_rank,)          ALWAYS built: an RMSNorm on c_kv, so a model without one has no exact
+                                             export (an RMSNorm is not an identity); eps 1e-6 in transformers,
+                                             rms_norm_eps in vLLM / SGLang
+    kv_b_proj       (H (d_qk + d_v), kv_lora_rank)                 [W_UK_h ; W_UV_h] per head
+    o_proj, MLPs (first_k_dense_replace = num_hidden_layers: all dense), norms, lm_head (never tied in the engines)
+    RoPE dims in interleaved pairs (2i, 2i+1) at theta^(-2i/d_r) (our layout pairs i with i + d_r/2: permuted
+    here), softmax scale (d_qk + d_r)^-1/2, one kv_lora_rank and one q_lora_rank for all layers.
+
+So: per-layer ranks are padded to the largest with zero rows, and the padded width's RMS is compensated exactly
+(W_DKV scaled by k = sqrt(R / r), the norm weight by 1 / k: sqrt(ms_R(k c) + eps) = sqrt(ms_r(c) + eps)). A query
+without a norm on c_q is exported fused (q_proj = [W_UQ | W_QR] W_DQ). GQA layers, a c_kv without a norm, a latent
+norm eps other than 1e-6 and RoPE scalings the format cannot state are refused. What the format does not say (the
+source's head_dim, KV heads and tying, each layer's own ranks) goes into config.json under "mla_upcycle", which the
+engines ignore and the import reads, so ours -> DeepSeek -> ours gives the same model back.
+
+This file is the format alone (config dicts and tensors, no model); model.py calls it, its command line uses model.py.
+"""
+import math
+import os
+import sys
+import warnings
+
+import torch
+
+DS_TYPES = ("deepseek_v3", "deepseek_v2")
+RECORD = "mla_upcycle"     # config.json key of what an exact round trip needs beyond the format
+HF_LATENT_EPS = 1e-6       # transformers' DeepseekV2/V3 latent RMSNorms (built without the config's eps)
+
+
+def _interleaved(n):
+    """Permutation p of n RoPE dims from our rotate-half layout (dim i pairs with i + n/2) to DeepSeek's
+    interleaved pairs (2i, 2i + 1): deepseek[j] = ours[p[j]]."""
+    h = n // 2
+    return torch.stack([torch.arange(h), torch.arange(h) + h], 1).flatten()
+
+
+# -----------------------------------------------------------------------------
+# Export: our MLA model -> DeepSeek-V3 config.json + tensors
+
+
+def export_config(cfg) -> dict:
+    """The DeepSeek-V3 config.json for a ModelConfig `cfg`, or a ValueError naming what the format cannot hold."""
+    L = cfg.n_layers
+    gqa = [i for i in range(L) if i not in cfg.mla_layers]
+    if gqa:
+        raise ValueError(f"layers {gqa} are GQA: the DeepSeek-V3 format has MLA in every layer. Fix: convert all "
+                         "layers (svd_init.py / distill.py with mla_layers unset)")
+    if cfg.latent_norm == "none":
+        raise ValueError("this model has no RMSNorm on c_kv, and every engine builds one (kv_a_layernorm): an RMSNorm "
+                         "is not an identity, so the export would compute something else (what makes TransMLA's "
+                         "exports emit nonsense in stock engines, fxmeng/TransMLA#24). Fix: upcycle with "
+                         "latent_norm=kv (its calibrated init keeps the model close, README 'Serving it') and distil")
+    if cfg.latent_norm_eps != HF_LATENT_EPS:
+        raise ValueError(f"the latent norms use eps {cfg.latent_norm_eps}; transformers' DeepseekV3 computes them "
+                         f"with {HF_LATENT_EPS}. Fix: a model upcycled by this version (latent_norm_eps "
+                         f"{HF_LATENT_EPS}), then distil")
+    scaling = cfg.rope_scaling
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "llama3":
+        warnings.warn("Llama 3 RoPE scaling is exact in transformers' DeepseekV3, but vLLM and SGLang turn any "
+                      "rope_scaling of a DeepSeek model into DeepSeek-YaRN: served there, long-context positions "
+                      "would rotate differently. Fix for serving: export a model without rope_scaling, or check the "
+                      "engine's output against ours at your context length", UserWarning, stacklevel=3)
+    q_fused = cfg.latent_norm != "both"
+    eos = list(cfg.eos_id)
+    hf = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": L, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+        "q_lora_rank": None if q_fused else max(cfg.q_rank), "kv_lora_rank": max(cfg.kv_rank),
+        "qk_nope_head_dim": cfg.qk_nope_dim, "qk_rope_head_dim": cfg.qk_rope_dim, "v_head_dim": cfg.v_head_dim,
+        "rope_theta": cfg.qk_rope_theta or cfg.rope_theta, "rope_scaling": scaling, "rope_interleave": True,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
+        "bos_token_id": cfg.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        # dense MLPs in every layer. The expert fields stay small integers: engines do arithmetic on them
+        "first_k_dense_replace": L, "moe_layer_freq": 1, "n_routed_experts": 1, "n_shared_experts": 1,
+        "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "moe_intermediate_size": cfg.intermediate_size,
+        "routed_scaling_factor": 1.0, "norm_topk_prob": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "num_nextn_predict_layers": 0, "initializer_range": 0.02, "use_cache": True,
+        RECORD: {"version": 1, "q_rank": list(cfg.q_rank), "kv_rank": list(cfg.kv_rank), "q_fused": q_fused,
+                 "latent_norm": cfg.latent_norm, "tie_embeddings": cfg.tie_embeddings, "head_dim": cfg.head_dim,
+                 "n_kv_heads": cfg.n_kv_heads, "rope_theta": cfg.rope_theta, "qk_rope_theta": cfg.qk_rope_theta},
+    }
+    if scaling is None:
+        del hf["rope_scaling"]
+    return hf
+
+
+@torch.no_grad()
+def export_tensors(cfg, sd) -> dict:
+    """Our state dict `sd` (HF Llama names, MLA layers W_DQ ... W_UV) -> DeepSeek-V3 tensors, in sd's dtype."""
+    H, d_qk, d_r, d_v = cfg.n_heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
+    R_q, R_kv, q_fused = max(cfg.q_rank), max(cfg.kv_rank), cfg.latent_norm != "both"
+    perm = _interleaved(d_r)
+    out = {k: v for k, v in sd.items() if ".self_attn." not in k}
+    head = sd["lm_head.weight"]
+    out["lm_head.weight"] = head.clone() if cfg.tie_embeddings else head  # tied here or not: engines read their own
+    for j, i in enumerate(cfg.mla_layers):
+        p = f"model.layers.{i}.self_attn."
+        w = lambda n: sd[p + n + ".weight"]
+        dt = w("W_DKV").dtype
+        r_q, r_kv = cfg.q_rank[j], cfg.kv_rank[j]
+        q_up = torch.cat([w("W_UQ").view(H, d_qk, r_q), w("W_QR").view(H, d_r, r_q)[:, perm]], 1)
+        q_up = q_up.reshape(H * (d_qk + d_r), r_q)                                # rows per head [nope | rope]
+        if q_fused:  # no norm between W_DQ and W_UQ: one matrix, rounded once from float64
+            out[p + "q_proj.weight"] = (q_up.double() @ w("W_DQ").double()).to(dt)
+        else:
+            k = math.sqrt(R_q / r_q)
+            out[p + "q_a_proj.weight"] = _pad_rows(_scaled(w("W_DQ"), k), R_q)
+            out[p + "q_a_layernorm.weight"] = _pad_rows(_scaled(w("q_norm"), 1 / k), R_q)
+            out[p + "q_b_proj.weight"] = _pad_cols(q_up, R_q)
+        k = math.sqrt(R_kv / r_kv)
+        out[p + "kv_a_proj_with_mqa.weight"] = torch.cat([_pad_rows(_scaled(w("W_DKV"), k), R_kv), w("W_KR")[perm]])
+        out[p + "kv_a_layernorm.weight"] = _pad_rows(_scaled(w("kv_norm"), 1 / k), R_kv)
+        kv_b = torch.cat([w("W_UK").view(H, d_qk, r_kv), w("W_UV").view(H, d_v, r_kv)], 1)
+        out[p + "kv_b_proj.weight"] = _pad_cols(kv_b.reshape(H * (d_qk + d_v), r_kv), R_kv)
+        out[p + "o_proj.weight"] = w("o_proj")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _scaled(t, k):  # k == 1 (an unpadded layer) leaves the tensor bit for bit as it was
+    return t if k == 1 else (t.double() * k).to(t.dtype)
+
+
+def _pad_rows(t, n):
+    return t if t.shape[0] == n else torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])])
+
+
+def _pad_cols(t, n):
+    return t if t.shape[1] == n else torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1])], 1)
+
+
+# -----------------------------------------------------------------------------
+# Import: a DeepSeek-V2/V3-format folder with dense MLPs -> our config.json fields and tensors
+
+
+class Reader:
+    """Reads a DeepSeek-format config.json (ours, TransMLA's --deepseek-style exports, DeepSeek-V2-Lite-shaped
+    attention with dense MLPs). `.config` is the equivalent config.json in this project's own form (llama_mla);
+    `.tensors(name, t)` maps one checkpoint tensor to ours; `.generated(dtype, device)` makes what the checkpoint
+    does not hold (W_DQ = I for a query without factorisation)."""
+
+    def __init__(self, hf: dict):
+        self.hf = hf
+        mt = hf.get("model_type")
+        L, H, d = hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"]
+        bad = []
+        if hf.get("attention_bias"):
+            bad.append("attention_bias (biases on the projections)")
+        if hf.get("use_qk_head_norm"):
+            bad.append("use_qk_head_norm (per-head q/k norms)")
+        if hf.get("hidden_act", "silu") != "silu":
+            bad.append(f"hidden_act {hf['hidden_act']!r}")
+        freq = hf.get("moe_layer_freq", 1) or 1
+        if hf.get("n_routed_experts") and any(i >= hf.get("first_k_dense_replace", 0) and i % freq == 0
+                                              for i in range(L)):
+            bad.append(f"MoE layers (n_routed_experts {hf['n_routed_experts']}, first_k_dense_replace "
+                       f"{hf.get('first_k_dense_replace', 0)} < {L} layers)")
+        rp = dict(hf.get("rope_parameters") or {})
+        theta = hf.get("rope_theta", rp.pop("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind not in ("default", "llama3"):
+            bad.append(f"rope_scaling {kind!r} (model.py's rotary has none or Llama 3's; DeepSeek's YaRN is not "
+                       "implemented here)")
+        if bad:
+            raise ValueError(f"a {mt} checkpoint with " + "; ".join(bad) + ": this project's model cannot compute "
+                             "it. It reads DeepSeek-format folders with dense SiLU MLPs and plain MLA attention")
+        rec = hf.get(RECORD) or {}
+        self.q_fused = hf.get("q_lora_rank") is None
+        self.R_q = d if self.q_fused else hf["q_lora_rank"]
+        self.R_kv = hf["kv_lora_rank"]
+        self.normed = hf.get("qk_latent_layernorm", True)  # TransMLA writes False when it built no latent norms
+        self.latent_norm = "none" if not self.normed else ("kv" if self.q_fused else "both")
+        self.q_rank = [self.R_q] * L if self.q_fused or "q_rank" not in rec else list(rec["q_rank"])
+        self.kv_rank = list(rec.get("kv_rank", [self.R_kv] * L))
+        self.interleaved = mt == "deepseek_v2" or hf.get("rope_interleave", True)  # V2 is always interleaved
+        self.H, self.L = H, L
+        self.d_qk, self.d_r, self.d_v = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"]
+        self.tied = rec.get("tie_embeddings", hf.get("tie_word_embeddings", False))
+        self.config = {
+            "model_type": "llama_mla", "vocab_size": hf["vocab_size"], "hidden_size": d,
+            "intermediate_size": hf["intermediate_size"], "num_hidden_layers": L, "num_attention_heads": H,
+            "num_key_value_heads": rec.get("n_kv_heads", H), "head_dim": rec.get("head_dim", self.d_v),
+            "rms_norm_eps": hf.get("rms_norm_eps", 1e-6), "rope_theta": rec.get("rope_theta", theta),
+            "qk_rope_theta": rec.get("qk_rope_theta", 0.0), "rope_scaling": scaling,
+            "max_position_embeddings": hf.get("max_position_embeddings", 2048), "tie_word_embeddings": self.tied,
+            "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id"),
+            "mla_layers": list(range(L)), "mla_q_rank": self.q_rank, "mla_kv_rank": self.kv_rank,
+            "qk_nope_head_dim": self.d_qk, "qk_rope_head_dim": self.d_r, "v_head_dim": self.d_v,
+            "mla_latent_norm": self.latent_norm, "mla_latent_norm_eps": HF_LATENT_EPS,
+        }
+        if not rec and theta != self.config["rope_theta"]:
+            self.config["qk_rope_theta"] = theta
+        inv = torch.argsort(_interleaved(self.d_r)) if self.interleaved else torch.arange(self.d_r)
+        self._inv = inv
+
+    def skip(self, name):
+        """Tensors with no counterpart: derived rotary buffers, multi-token-prediction layers (index >= L)."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return True
+        parts = name.split(".")
+        return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= self.L
+
+    def tensors(self, name, t):
+        """One DeepSeek tensor -> [(our name, tensor), ...]."""
+        if ".mlp.experts." in name or ".mlp.gate." in name or ".shared_experts." in name:
+            raise ValueError(f"{name}: MoE weights; this project's model has dense MLPs only")
+        if ".self_attn." not in name:
+            return [(name, t)]
+        p, leaf = name.rsplit(".self_attn.", 1)
+        i, p = int(p.split(".")[-1]), p + ".self_attn."
+        H, d_qk, d_r, d_v = self.H, self.d_qk, self.d_r, self.d_v
+        r_q, r_kv = self.q_rank[i], self.kv_rank[i]
+        k_q, k_kv = math.sqrt(self.R_q / r_q), math.sqrt(self.R_kv / r_kv)
+        if leaf == "q_proj.weight" or leaf == "q_b_proj.weight":
+            q = self._unpad(name, t.view(H, d_qk + d_r, -1), r_q, dim=2)
+            return [(p + "W_UQ.weight", q[:, :d_qk].reshape(H * d_qk, -1)),
+                    (p + "W_QR.weight", q[:, d_qk:][:, self._inv].reshape(H * d_r, -1))]
+        if leaf == "q_a_proj.weight":
+            return [(p + "W_DQ.weight", _scaled(self._unpad(name, t, r_q, dim=0), 1 / k_q))]
+        if leaf == "q_a_layernorm.weight":
+            return [(p + "q_norm.weight", _scaled(self._unpad(name, t, r_q, dim=0), k_q))]
+        if leaf == "kv_a_proj_with_mqa.weight":
+            c, rope = t[:self.R_kv], t[self.R_kv:]
+            return [(p + "W_DKV.weight", _scaled(self._unpad(name, c, r_kv, dim=0), 1 / k_kv)),
+                    (p + "W_KR.weight", rope[self._inv])]
+        if leaf == "kv_a_layernorm.weight":
+            return [(p + "kv_norm.weight", _scaled(self._unpad(name, t, r_kv, dim=0), k_kv))]
+        if leaf == "kv_b_proj.weight":
+            kv = self._unpad(name, t.view(H, d_qk + d_v, -1), r_kv, dim=2)
+            return [(p + "W_UK.weight", kv[:, :d_qk].reshape(H * d_qk, -1)),
+                    (p + "W_UV.weight", kv[:, d_qk:].reshape(H * d_v, -1))]
+        if leaf == "o_proj.weight":
+            return [(name, t)]
+        raise ValueError(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, q_b_proj, "
+                         "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj)")
+
+    @staticmethod
+    def _unpad(name, t, r, dim):
+        """The first r entries along dim; the rest was padding (an export's per-layer rank) and must be zero."""
+        n = t.shape[dim]
+        if r == n:
+            return t
+        if t.narrow(dim, r, n - r).count_nonzero():
+            raise ValueError(f"{name}: the padding beyond this layer's rank {r} (config.json {RECORD}) is not zero: "
+                             f"the folder was changed after export. Fix: delete {RECORD} from its config.json to read "
+                             "it at the padded width")
+        return t.narrow(dim, 0, r)
+
+    def generated(self, dtype, device):
+        """Tensors the format does not hold: a query without factorisation is W_DQ = I (r_q = d) here."""
+        if not self.q_fused:
+            return {}
+        eye = torch.eye(self.R_q, dtype=dtype, device=device)
+        return {f"model.layers.{i}.self_attn.W_DQ.weight": eye for i in range(self.L)}
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+@torch.no_grad()
+def compare_with_transformers(model, folder, n_tokens=64):
+    """Max |logits(transformers DeepseekV3ForCausalLM on folder) - logits(model)| in float32 on random ids."""
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, min(n_tokens, model.config.max_seq_len)),
+                        generator=torch.Generator().manual_seed(0))
+    ours = model.float()(ids)
+    return (ref(ids).logits - ours).abs().max().item()
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    from model import Transformer, check_replaceable, resolve_checkpoint, resolve_dtype
+    from tokenizer import Tokenizer
+    init_from = ""             # our MLA model folder (or hub id) to export
+    out_dir = ""               # the DeepSeek-V3 folder to write (new or empty, or one this project wrote)
+    dtype = ""                 # "" keeps the checkpoint's; "bfloat16" halves the folder (engines serve bf16)
+    check = False              # then compare logits with transformers' DeepseekV3ForCausalLM (needs transformers)
+    _argv = sys.argv[1:]
+    _bare = [a for a in _argv[:2] if not a.startswith("--")]  # MODEL_DIR OUT_DIR, as bare arguments
+    if _bare:
+        init_from, _argv = _bare[0], _argv[1:]
+    if len(_bare) == 2:
+        out_dir, _argv = _bare[1], _argv[1:]
+    sys.argv = sys.argv[:1] + _argv
+    config = configure(globals())
+    if not init_from or not out_dir:
+        raise SystemExit("usage: python deepseek.py MODEL_DIR OUT_DIR [--dtype=bfloat16] [--check=True]")
+    folder = resolve_checkpoint(init_from)
+    check_replaceable(os.path.abspath(out_dir))
+    model = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, "cpu") if dtype else None).eval()
+    try:
+        export_config(model.config)  # the refusals, before anything is written
+    except ValueError as e:
+        raise SystemExit(f"error: {folder} cannot be exported exactly: {e}")
+    try:
+        tok = Tokenizer.from_name("", folder)
+    except (FileNotFoundError, ValueError):
+        tok = None
+    model.save_pretrained(out_dir, run_config={**config, "format": "deepseek_v3"}, tokenizer=tok, fmt="deepseek")
+    c = model.config
+    R = max(c.kv_rank)
+    print(f"wrote {out_dir}: DeepseekV3ForCausalLM, {c.n_layers} MLA layers, kv_lora_rank {R}, qk_rope_head_dim "
+          f"{c.qk_rope_dim}, q_lora_rank {max(c.q_rank) if c.latent_norm == 'both' else 'null (query fused)'}")
+    print(f"  an engine caches (kv_lora_rank + qk_rope_head_dim) x {c.n_layers} layers = "
+          f"{c.n_layers * (R + c.qk_rope_dim)} numbers per token, {2 * c.n_layers * (R + c.qk_rope_dim)} bytes in bf16")
+    if R != min(c.kv_rank):
+        print(f"  per-layer r_kv {min(c.kv_rank)}..{R} are padded to {R}: {c.n_layers * R - sum(c.kv_rank)} of those "
+              "numbers per token are padding")
+    if check:
+        err = compare_with_transformers(model, out_dir)
+        print(f"transformers' DeepseekV3ForCausalLM vs ours, float32, 64 random ids: max |logit difference| {err:.2e}")
