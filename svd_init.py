@@ -40,6 +40,7 @@ Choices where the paper is silent or ambiguous (each said again where it is made
       of a tiny one, where it silences attention altogether; matching the scale makes the baseline differ from
       SVD in structure only, at any model size.
 """
+import contextlib
 import math
 import os
 import resource
@@ -48,7 +49,7 @@ import time
 
 import torch
 
-from model import ModelConfig, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
+from model import ModelConfig, RMSNorm, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
 
 
 # -----------------------------------------------------------------------------
@@ -268,22 +269,28 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
     return {i: (C / n, m / n) for i, (C, m) in stats.items()}, n
 
 
-NORM_INITS = ("calibrated", "scalar", "ones")
+NORM_INITS = ("calibrated", "diagonal", "gain", "scalar", "ones")
 
 
 @torch.no_grad()
 def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", batch_size=4):
-    """Set the latent RMSNorms of MLA `layers` (in place) so the model computes, as nearly as one norm weight can, what
-    it computed without them. RMSNorm(c) = g * c / sqrt(ms(c) + eps) divides each token's latent by its own RMS, which
-    no weight undoes; a per-dimension g fits the rest. On the calibration ids, with the norms bypassed (the no-norm
-    model), each layer's W_DKV (and, for latent_norm "both", W_DQ) is scaled by s so its output has mean square
-    about 1 (s from the first batch; eps then matters as little as it can, for 1e-6 here and rms_norm_eps in serving
-    engines, and the cached latent is O(1)), then, with u = s c / sqrt(ms(s c) + eps):
-        how="calibrated"  g_j = E[u_j c_j] / E[u_j^2]     the least-squares fit of g * u to c, per dimension
-        how="scalar"      the same with one g for all dimensions
-        how="ones"        g = 1 and no rescaling (what a norm starts as otherwise: it changes the latent's scale)
-    One forward pass; the statistics are those of the no-norm model, all layers at once. Running it again on a
-    calibrated model recomputes the same kind of fit (the norms are bypassed while measuring)."""
+    """Set the latent RMSNorms of MLA `layers` (in place) so the model computes, as nearly as it can with them, what it
+    computed without. RMSNorm(c) = g * c / sqrt(ms(c) + eps) divides each token's latent by that token's own RMS, which
+    no weight undoes; the fit below first makes that RMS as steady across tokens as it can, then fits g to the rest.
+    All statistics are of the no-norm model (the norms bypassed while measuring) on the calibration ids, all layers
+    at once:
+      1. A basis of the latent in which every token's RMS is about the same: c -> T c, with W_DKV's rows mixed by T
+         and W_UK's, W_UV's columns by T^-1 (the same model, exactly). how="calibrated": T (r x r) minimises
+         Var(|T c|^2) / E[|T c|^2]^2 over the calibration tokens (steady_basis: Adam, condition number <= 10 so no
+         direction is lost). how="diagonal": T diagonal, t_j^2 = w_j with w ∝ Cov(c^2)^-1 E[c^2], the closed form
+         of the same problem, floored at 0.1 x its mean. Directions whose magnitude swings from token to token
+         (outlier tokens) then count less in the RMS.
+      2. W_DKV times s so the latent's mean square is about 1 (s from the first batch): eps then matters as little
+         as it can, for 1e-6 here and rms_norm_eps in the serving engines, and the cached latent is O(1).
+      3. With u = s c / sqrt(ms(s c) + eps): g_j = E[u_j c_j] / E[u_j^2], the least-squares fit of g * u to c.
+    how="gain" skips step 1; "scalar" also fits one g for all dimensions; "ones" leaves g = 1 and the weights as
+    they are (what a norm starts as otherwise: it changes the latent's scale). latent_norm "both" does the same for
+    c_q (W_DQ; W_UQ and W_QR read it)."""
     if how not in NORM_INITS:
         raise ValueError(f"latent_norm_init={how!r}: use one of {', '.join(map(repr, NORM_INITS))}")
     cfg = model.config
@@ -292,40 +299,115 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
     if ids is None:
         raise ValueError("latent norms are initialised from calibration data: pass calib (token ids (N, T)), or "
                          "latent_norm_init='ones'")
-    blocks = {i: model.model.layers[i].self_attn for i in layers}
-    pairs = [(i, "kv", a.W_DKV, a.kv_norm) for i, a in blocks.items()]
-    if cfg.latent_norm == "both":
-        pairs += [(i, "q", a.W_DQ, a.q_norm) for i, a in blocks.items()]
-    stats = {}  # key -> [s, sum u*c, sum u*u]
+    pairs = {}  # (layer, "kv" | "q") -> (down projection, its norm, the up projections reading the latent)
+    for i in layers:
+        a = model.model.layers[i].self_attn
+        pairs[i, "kv"] = (a.W_DKV, a.kv_norm, (a.W_UK, a.W_UV))
+        if cfg.latent_norm == "both":
+            pairs[i, "q"] = (a.W_DQ, a.q_norm, (a.W_UQ, a.W_QR))
+    if how == "calibrated":
+        samples = _latent_pass(model, ids, pairs, batch_size, lambda c, acc: acc + [c.float()], [])
+        T = {key: steady_basis(torch.cat(samples.pop(key))) for key in list(samples)}
+    elif how == "diagonal":
+        moments = _latent_pass(model, ids, pairs, batch_size, lambda c, acc: (
+            acc[0] + c.shape[0], acc[1] + c.pow(2).sum(0), acc[2] + c.pow(2).T @ c.pow(2)), (0, 0.0, 0.0))
+        T = {}
+        for key, (n, s1, s2) in moments.items():
+            m = s1 / n
+            cov = s2 / n - torch.outer(m, m)                                       # Cov(c^2), (r, r)
+            cov += 1e-9 * cov.diagonal().mean() * torch.eye(len(m), dtype=cov.dtype, device=cov.device)
+            w = torch.linalg.solve(cov, m)
+            T[key] = torch.diag(w.clamp_min(0.1 * w.clamp_min(0).mean()).sqrt())
+    if how in ("calibrated", "diagonal"):
+        for key, (down, _, ups) in pairs.items():
+            Tk = T[key].to(down.weight.device, torch.float64)
+            down.weight.copy_(Tk @ down.weight.double())
+            for up in ups:
+                up.weight.copy_(up.weight.double() @ torch.linalg.inv(Tk))
 
-    def collect(key, eps):
+    def fit(c, acc):
+        ms = c.pow(2).mean(-1, keepdim=True)                                       # (N, 1)
+        s = acc[0] if acc[0] is not None else float(ms.mean().clamp_min(1e-30).rsqrt())
+        u = s * c / (s * s * ms + acc[3]).sqrt()
+        return s, acc[1] + (u * c).sum(0), acc[2] + (u * u).sum(0), acc[3]
+
+    sums = _latent_pass(model, ids, pairs, batch_size, fit, lambda key: (None, 0.0, 0.0, pairs[key][1].eps))
+    for key, (down, norm, _) in pairs.items():
+        s, uc, uu, _ = sums[key]
+        g = uc / uu if how != "scalar" else (uc.sum() / uu.sum()).expand_as(uc)
+        down.weight.mul_(s)
+        norm.weight.copy_(g.to(norm.weight.dtype))
+
+
+def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_tokens=8192):
+    """T (r, r) float64 minimising Var(|T c|^2) / E[|T c|^2]^2 over the rows of c (N, r): the basis in which a token's
+    RMS varies least. In standardised coordinates z (each dimension of c divided by its RMS): start from the closed-
+    form diagonal solution (t_j^2 ∝ (Cov(z^2)^-1 E[z^2])_j), keep it if it is already steady (relative variance
+    < 1e-4, e.g. a full-rank query latent, which is the RMS-normed x itself), else refine the full matrix by Adam.
+    T's singular values stay within max_cond of each other (without the bound the problem degenerates: a direction
+    weighted ~0 no longer counts, and its tokens' latents blow up). Deterministic on CPU for given c."""
+    c = c[:max_tokens].float()
+    scale = c.pow(2).mean(0).sqrt().clamp_min(1e-12)                               # (r,)
+    z = c / scale
+    z2 = z.pow(2).double()
+    m = z2.mean(0)
+    cov = z2.T @ z2 / len(z2) - torch.outer(m, m)
+    cov += 1e-9 * cov.diagonal().mean() * torch.eye(len(m), dtype=cov.dtype, device=cov.device)
+    w = torch.linalg.solve(cov, m)
+    w = w.clamp(w.max() / max_cond ** 2, None)                                     # t within max_cond
+    T = torch.diag(w.sqrt()).float().requires_grad_(True)
+
+    def rel_var(T):
+        q = (z @ T.T).pow(2).sum(-1)                                                # |T z|^2 per token, (N,)
+        return q.var() / q.mean().pow(2)
+
+    if rel_var(T).item() >= 1e-4:
+        opt = torch.optim.Adam([T], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = rel_var(T)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    U, S, Vh = torch.linalg.svd(T)
+                    T.copy_(U @ torch.diag(S.clamp_min(S.max() / max_cond)) @ Vh)
+    return T.detach().double() / scale.double()[None, :]
+
+
+def _latent_pass(model, ids, pairs, batch_size, step, init):
+    """One forward pass over ids with the latent norms of `pairs` bypassed; acc[key] = step(c (N, r) float64, acc)
+    for each latent c = down(x). init: the first acc (or a function of the key giving it)."""
+    acc = {key: init(key) if callable(init) else init for key in pairs}
+
+    def hook(key):
         def f(_mod, _args, out):
-            c = out.flatten(0, 1).double()                                         # (B T, r)
-            ms = c.pow(2).mean(-1, keepdim=True)                                   # (B T, 1)
-            if key not in stats:
-                stats[key] = [float(ms.mean().clamp_min(1e-30).rsqrt()), 0.0, 0.0]
-            s = stats[key][0]
-            u = s * c / (s * s * ms + eps).sqrt()
-            stats[key][1] = stats[key][1] + (u * c).sum(0)
-            stats[key][2] = stats[key][2] + (u * u).sum(0)
+            acc[key] = step(out.flatten(0, 1).double(), acc[key])
         return f
 
-    handles = []
-    for i, kind, lin, norm in pairs:
-        handles.append(lin.register_forward_hook(collect((i, kind), norm.eps)))
-        handles.append(norm.register_forward_hook(lambda _m, args, _out: args[0]))  # bypassed: the no-norm model
+    handles = [down.register_forward_hook(hook(key)) for key, (down, _, _) in pairs.items()]
     dev = model.lm_head.weight.device
     try:
-        for b in range(0, len(ids), batch_size):
-            model.forward_hidden(ids[b:b + batch_size].to(dev))
+        with _bypassed(model, sorted({i for i, _ in pairs})):
+            for b in range(0, len(ids), batch_size):
+                model.forward_hidden(ids[b:b + batch_size].to(dev))
     finally:
         for h in handles:
             h.remove()
-    for i, kind, lin, norm in pairs:
-        s, uc, uu = stats[(i, kind)]
-        g = uc / uu if how == "calibrated" else (uc.sum() / uu.sum()).expand_as(uc)
-        lin.weight.mul_(s)
-        norm.weight.copy_(g.to(norm.weight.dtype))
+    return acc
+
+
+@contextlib.contextmanager
+def _bypassed(model, layers):
+    """The latent norms of MLA `layers` act as identities inside the block: the model computes its no-norm self."""
+    norms = [n for i in layers for n in (model.model.layers[i].self_attn.q_norm, model.model.layers[i].self_attn.kv_norm)
+             if isinstance(n, RMSNorm)]
+    handles = [n.register_forward_hook(lambda _m, args, _out: args[0]) for n in norms]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def rope_pairs(d_h, d_r, ladder="highest"):
@@ -509,14 +591,12 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         for how, r_kv in allocs.items():
             built = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
                                   theta, whiten, latent_norm, copy)
-            # norms before scoring, as they will be used: fitted on the scoring sequences (cheap), on all later
             scored = len(candidates) * len(allocs) > 1
-            calibrate_latent_norms(built[0], calib[:4] if scored else calib, layers, latent_norm_init)
             if scored:
                 if lp_t is None:  # the candidates are scored on the first 4 calibration sequences
                     idx = calib[:4].to(model.lm_head.weight.device)
                     lp_t = model(idx).float().log_softmax(-1)
-                kl = _calib_kl(lp_t, built[0], idx)
+                kl = _calib_kl(lp_t, built[0], idx, layers)  # scored without latent norms (fitted to the best)
                 say(f"rorope: d_r {d_r_c}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f}): KL on the "
                     f"calibration tokens {kl:.4f}")
                 if best is not None and kl >= best[0]:
@@ -526,8 +606,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                 best = (None, *built)
     if report is not None:
         report.extend(best[2])
-    if len(candidates) * len(allocs) > 1:
-        calibrate_latent_norms(best[1], calib, layers, latent_norm_init)
+    calibrate_latent_norms(best[1], calib, layers, latent_norm_init)
     return best[1]
 
 
@@ -581,9 +660,11 @@ def _norm_placeholders(prefix, latent_norm, r_q, r_kv, dtype, device):
 
 
 @torch.no_grad()
-def _calib_kl(lp_t, student, idx):
-    """KL(teacher || student) per token on idx, from the teacher's log-probs lp_t (computed once per upcycle)."""
-    lp_s = student(idx).float().log_softmax(-1)  # no dropout here: train and eval mode compute the same
+def _calib_kl(lp_t, student, idx, layers):
+    """KL(teacher || student) per token on idx, from the teacher's log-probs lp_t (computed once per upcycle), with
+    the latent norms of `layers` bypassed (they are fitted after the choice)."""
+    with _bypassed(student, layers):
+        lp_s = student(idx).float().log_softmax(-1)  # no dropout here: train and eval mode compute the same
     return (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
 
 
