@@ -339,23 +339,28 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
         norm.weight.copy_(g.to(norm.weight.dtype))
 
 
-def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_tokens=8192):
+def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_work=2 ** 31):
     """T (r, r) float64 minimising Var(|T c|^2) / E[|T c|^2]^2 over the rows of c (N, r): the basis in which a token's
     RMS varies least. In standardised coordinates z (each dimension of c divided by its RMS): start from the closed-
     form diagonal solution (t_j^2 ∝ (Cov(z^2)^-1 E[z^2])_j), keep it if it is already steady (relative variance
-    < 1e-4, e.g. a full-rank query latent, which is the RMS-normed x itself), else refine the full matrix by Adam.
-    T's singular values stay within max_cond of each other (without the bound the problem degenerates: a direction
-    weighted ~0 no longer counts, and its tokens' latents blow up). Deterministic on CPU for given c."""
-    c = c[:max_tokens].float()
+    < 1e-4, e.g. a full-rank query latent, which is the RMS-normed x itself), else refine the full matrix by Adam
+    on at most max_work / r^2 tokens (a step costs N r^2). T's singular values stay within max_cond of each other
+    (without the bound the problem degenerates: a direction weighted ~0 no longer counts, and its tokens' latents
+    blow up). Deterministic on CPU for given c."""
+    r = c.shape[1]
+    c = c.float()
     scale = c.pow(2).mean(0).sqrt().clamp_min(1e-12)                               # (r,)
     z = c / scale
     z2 = z.pow(2).double()
     m = z2.mean(0)
     cov = z2.T @ z2 / len(z2) - torch.outer(m, m)
-    cov += 1e-9 * cov.diagonal().mean() * torch.eye(len(m), dtype=cov.dtype, device=cov.device)
+    cov += 1e-9 * cov.diagonal().mean() * torch.eye(r, dtype=cov.dtype, device=cov.device)
     w = torch.linalg.solve(cov, m)
+    if not (torch.isfinite(w).all() and w.max() > 0):
+        w = torch.ones_like(m)
     w = w.clamp(w.max() / max_cond ** 2, None)                                     # t within max_cond
     T = torch.diag(w.sqrt()).float().requires_grad_(True)
+    z = z[:max(256, max_work // (r * r))]
 
     def rel_var(T):
         q = (z @ T.T).pow(2).sum(-1)                                                # |T z|^2 per token, (N,)
@@ -366,11 +371,13 @@ def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_tokens=8192):
         with torch.enable_grad():
             for _ in range(steps):
                 loss = rel_var(T)
+                if not torch.isfinite(loss):
+                    break
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    U, S, Vh = torch.linalg.svd(T)
+                    U, S, Vh = torch.linalg.svd(T.double())
                     T.copy_(U @ torch.diag(S.clamp_min(S.max() / max_cond)) @ Vh)
     return T.detach().double() / scale.double()[None, :]
 

@@ -6,6 +6,7 @@ then the whole; and the whole at 50% against the calibration size.
     python scripts/init_ablation.py --model=assets/models/tiny_teacher             # the tiny teacher, ~1 minute
     python scripts/init_ablation.py --model=PATH/SmolLM2-135M-Instruct             # ~27 minutes on 2 CPU cores
     python scripts/init_ablation.py --model=DIR --budgets=0.5 --calib_sizes=       # one column, no size rows
+    python scripts/init_ablation.py --model=DIR --budgets= --calib_sizes= --norms=True   # the latent-norm table only
 
 Held-out text: the first 8 packed sequences of 512 tokens of the bundled C4 sample (assets/data/corpus/c4_demo.jsonl,
 never used for calibration). Calibration: a seeded choice of 512-token sequences of the bundled SFT mix (the train
@@ -36,6 +37,7 @@ held_out = "assets/data/corpus/c4_demo.jsonl"
 held_out_seqs = 8
 data_cache = "out/data_cache"
 seed = 0
+norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
 configure(globals())
 
@@ -92,13 +94,36 @@ for frac in budgets:
             sink.write(json.dumps(dict(model=model, budget=frac, row=name, kl=kl, ce=ce, cache_pct=pct, note=note,
                                        settings={k: v for k, v in kw.items()}, calib_tokens=calib.numel())) + "\n")
             sink.flush()
-print("\n| init (KL / CE at init) | " + " | ".join(f"{100 * b:g}% cache" for b in budgets) + " |")
-print("|---|" + "---|" * len(budgets))
-for name, _ in rows:
-    print(f"| {name} | " + " | ".join(results.get((name, b), "") for b in budgets) + " |")
+if budgets:
+    print("\n| init (KL / CE at init) | " + " | ".join(f"{100 * b:g}% cache" for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for name, _ in rows:
+        print(f"| {name} | " + " | ".join(results.get((name, b), "") for b in budgets) + " |")
 if calib_sizes:
     print(f"\n| calibration tokens (the whole init, 50% cache) | KL at init | CE at init |\n|---|---|---|")
     for n in calib_sizes:
         ids = calibration_ids(sft_data, tok, data_cache, n, calib_seq_len, seed, log=quiet)
         kl, ce = measure(upcycle(teacher, calib=ids, init="rorope", kv_budget=0.5).eval())
         print(f"| {ids.numel()} | {kl:.3f} | {ce:.3f} |", flush=True)
+if norms:
+    # what a serving engine's RMSNorm on c_kv (and c_q) costs at init, by how its weight is set; KL against the
+    # teacher and against the same init without norms
+    base = upcycle(teacher, calib=calib, init="rorope", kv_budget=0.5).eval()
+    kl0, ce0 = measure(base)
+    print(f"\n| latent norms (the whole init, 50% cache) | KL at init | CE at init | KL to the no-norm init | time |"
+          f"\n|---|---|---|---|---|\n| none | {kl0:.3f} | {ce0:.3f} | 0 | |")
+    for kind, how in [("kv", "ones"), ("kv", "scalar"), ("kv", "gain"), ("kv", "diagonal"), ("kv", "calibrated"),
+                      ("both", "calibrated")]:
+        t0 = time.time()
+        student = upcycle(teacher, calib=calib, init="rorope", kv_budget=0.5, latent_norm=kind,
+                          latent_norm_init=how).eval()
+        dt = time.time() - t0
+        kl, ce = measure(student)
+        with torch.no_grad():
+            lb, ls = base(x).float().log_softmax(-1), student(x).float().log_softmax(-1)
+            kl_b = (lb.exp() * (lb - ls)).sum(-1).mean().item()
+        print(f"| {kind}, {how} | {kl:.3f} | {ce:.3f} | {kl_b:.3f} | {dt:.0f} s |", flush=True)
+        if sink:
+            sink.write(json.dumps(dict(model=model, budget=0.5, latent_norm=kind, latent_norm_init=how, kl=kl, ce=ce,
+                                       kl_to_no_norm=kl_b, seconds=dt)) + "\n")
+            sink.flush()
