@@ -7,7 +7,7 @@ budget for every row, and print held-out KL(teacher || student) and losses as a 
     python scripts/tiny_ablation.py --only=rorope    # only the rows whose name contains one of these (comma list)
 
 Rows: the rorope init (the default) vs Algorithm 1's SVD vs random init (paper Table 1), KL vs CE vs KL+CE
-(Table 3), with vs without latent norms (Table 4), fixed vs dynamic ranks (Tables 1, 7).
+(Table 3), with vs without latent norms (Table 4; at 1 or calibrated), fixed vs dynamic ranks (Tables 1, 7).
 """
 import json
 import os
@@ -26,8 +26,11 @@ ROWS = [
     ("random init, fixed r_kv 8, KL", ["--init=random", "--q_rank=240", "--qk_nope_dim=16"]),
     ("SVD init, CE only", ALG1 + ["--kl_weight=0.0", "--ce_weight=1.0"]),
     ("SVD init, CE + 0.1 KL", ALG1 + ["--kl_weight=0.1", "--ce_weight=1.0"]),
-    ("SVD init, with latent RMSNorms", ALG1 + ["--latent_norm=True"]),
-    ("rorope init, with latent RMSNorms", ["--latent_norm=True"]),
+    ("SVD init, latent norms on c_q and c_kv at 1", ALG1 + ["--latent_norm=both", "--latent_norm_init=ones"]),
+    ("SVD init, latent norms on c_q and c_kv, calibrated", ALG1 + ["--latent_norm=both"]),
+    ("rorope init, latent norms on c_q and c_kv at 1", ["--latent_norm=both", "--latent_norm_init=ones"]),
+    ("rorope init, latent norms on c_q and c_kv, calibrated", ["--latent_norm=both"]),
+    ("rorope init, latent norm on c_kv, calibrated (what serving needs)", ["--latent_norm=kv"]),
     ("SVD init, dynamic r_kv (δ_kv = 0.4: about the same cache)", ALG1 + ["--kv_rank=None", "--kv_energy=0.4"]),
 ]
 
