@@ -539,7 +539,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         warnings.warn("latent_norm='both' with a calibrated basis for c_q starts close to the no-norm model but trained "
                       "badly in the README's tiny ablation (KL 1.73 -> 1.39, against 0.19 for latent_norm='kv'). "
                       "Prefer 'kv' (a full-rank query is exported without a norm anyway), or "
-                      "latent_norm_init='ones' for 'both'", UserWarning, stacklevel=2)
+                      "latent_norm_init='ones' for 'both'", UserWarning, stacklevel=3)
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
     if q_rank is None and q_energy is None:
