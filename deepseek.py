@@ -3,11 +3,12 @@ The DeepSeek-V3 checkpoint format: an upcycled MLA model written as a folder tha
 as DeepseekV3ForCausalLM with no custom code (the engines then serve it with their MLA kernels and a paged latent
 cache), and such folders read back by Transformer.from_pretrained.
 
-    python deepseek.py out/rorope50_kv out/rorope50_kv-deepseek               # export (CPU, seconds)
-    python deepseek.py out/rorope50_kv out/rorope50_kv-deepseek --check=True  # + logits vs transformers' DeepseekV3
-    python deepseek.py out/tiny_kv8 out/tiny_kv8-deepseek --dtype=bfloat16    # halve the folder for serving
-    vllm serve out/rorope50_kv-deepseek                                       # README "Serving it"
-    python evaluate.py --init_from=out/rorope50_kv-deepseek ...               # any script reads it back
+    python svd_init.py --init=rorope --kv_budget=0.5 --latent_norm=kv --out_dir=out/s   # a student to export
+    python deepseek.py out/s out/s-deepseek                  # export (CPU)
+    python deepseek.py out/s out/s-deepseek --check=True     # + logits against transformers' DeepseekV3
+    python deepseek.py out/s out/s-deepseek --dtype=bfloat16 # halve the folder for serving
+    vllm serve out/s-deepseek                                # on a GPU machine: README "Serving it"
+    python evaluate.py --model=out/s-deepseek ...            # any script reads it back
 
 What every engine builds for this format, so what an exact export must hold (read from transformers 5.24's
 modeling_deepseek_v3.py and vLLM's / SGLang's deepseek_v2.py):
