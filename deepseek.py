@@ -209,10 +209,8 @@ class Reader:
             "qk_nope_head_dim": self.d_qk, "qk_rope_head_dim": self.d_r, "v_head_dim": self.d_v,
             "mla_latent_norm": self.latent_norm, "mla_latent_norm_eps": HF_LATENT_EPS,
         }
-        if not rec and theta != self.config["rope_theta"]:
-            self.config["qk_rope_theta"] = theta
-        inv = torch.argsort(_interleaved(self.d_r)) if self.interleaved else torch.arange(self.d_r)
-        self._inv = inv
+        # our layout from theirs: the inverse of the export's permutation (none for a rotate-half checkpoint)
+        self._inv = torch.argsort(_interleaved(self.d_r)) if self.interleaved else torch.arange(self.d_r)
 
     def skip(self, name):
         """Tensors with no counterpart: derived rotary buffers, multi-token-prediction layers (index >= L)."""

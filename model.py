@@ -45,6 +45,15 @@ from kernels import latent_attention
 LATENT_NORMS = ("none", "kv", "both")
 
 
+def latent_norm_kind(value) -> str:
+    """A latent_norm setting as one of LATENT_NORMS; True / False (the older on/off switch) mean "both" / "none"."""
+    if isinstance(value, bool):
+        value = "both" if value else "none"
+    if value not in LATENT_NORMS:
+        raise ValueError(f"latent_norm={value!r}: use one of {LATENT_NORMS}")
+    return value
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 512
@@ -80,10 +89,7 @@ class ModelConfig:
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v is not None else ()))
         if self.v_head_dim == 0:
             self.v_head_dim = self.head_dim
-        if isinstance(self.latent_norm, bool):  # True / False: the older on/off switch (True meant both latents)
-            self.latent_norm = "both" if self.latent_norm else "none"
-        if self.latent_norm not in LATENT_NORMS:
-            raise ValueError(f"latent_norm={self.latent_norm!r}: use one of {LATENT_NORMS}")
+        self.latent_norm = latent_norm_kind(self.latent_norm)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_scaling is not None:
@@ -572,12 +578,9 @@ class Transformer(nn.Module):
         The model is built on the meta device and the tensors assigned one by one: one copy of the weights at most."""
         from safetensors import safe_open
         path = resolve_checkpoint(path)
-        config = read_model_config(path)
-        reader = None
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type") in deepseek.DS_TYPES:
-            reader = deepseek.Reader(hf)
+        hf = read_config_json(path)
+        reader = deepseek.Reader(hf) if hf.get("model_type") in deepseek.DS_TYPES else None  # maps its tensors
+        config = read_model_config(path, reader.config if reader is not None else hf)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -627,8 +630,8 @@ class Transformer(nn.Module):
         """Write config.json + safetensors (sharded with an index above max_shard_bytes) into `path`, atomically:
         everything goes to a temporary folder beside it, which then replaces `path`. A pure Llama folder loads in
         transformers' LlamaForCausalLM as is. fmt="deepseek": the DeepSeek-V3 format that transformers, vLLM and
-        SGLang load as DeepseekV3ForCausalLM (deepseek.py; a model it cannot hold exactly is refused first). `run_config` (a dict, e.g. the resolved training config) is saved as
-        run_config.json beside it; `tokenizer` (a tokenizer.Tokenizer) is recorded in the folder, and extra_files
+        SGLang load as DeepseekV3ForCausalLM (deepseek.py; a model it cannot hold exactly is refused first).
+        `run_config` (a dict, e.g. the resolved training config) is saved as run_config.json beside it; `tokenizer` (a tokenizer.Tokenizer) is recorded in the folder, and extra_files
         are copied in.
         An existing `path` is replaced only if it is empty or a folder this project wrote holding nothing else
         (its WRITTEN_BY.json lists what it wrote); anything else is refused before any work, never deleted."""
@@ -750,14 +753,20 @@ def resolve_checkpoint(path, need_config=True):
                                 "and pass the folder") from None
 
 
-def read_model_config(path):
-    """ModelConfig from a folder's config.json, with errors that name the file."""
+def read_config_json(path):
+    """A folder's config.json as a dict, with an error that names the file."""
     cfg_path = os.path.join(path, "config.json")
     try:
         with open(cfg_path) as f:
-            hf = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({e}). Fix: restore it from the model's source") from None
+
+
+def read_model_config(path, hf=None):
+    """ModelConfig from a folder's config.json (or `hf`, that file already read), with errors that name the file."""
+    cfg_path = os.path.join(path, "config.json")
+    hf = read_config_json(path) if hf is None else hf
     try:
         return ModelConfig.from_hf(hf)
     except KeyError as e:

@@ -51,7 +51,8 @@ import warnings
 
 import torch
 
-from model import ModelConfig, RMSNorm, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
+from model import (ModelConfig, RMSNorm, Transformer, check_replaceable, latent_norm_kind, read_model_config,
+                   resolve_checkpoint, resolve_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -81,7 +82,8 @@ ALLOCS = ("auto", "uniform", "waterfill")
 
 
 def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init,
-                    allow_qk_overlap, kv_budget=None, rope_ladder="highest", rank_alloc="auto"):
+                    allow_qk_overlap, kv_budget=None, rope_ladder="highest", rank_alloc="auto", latent_norm="none",
+                    latent_norm_init="calibrated"):
     n = cfg.n_layers
     if not layers or len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
         raise ValueError(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
@@ -101,6 +103,11 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
                          f"frequency (d_h / 2 of them). Fix: qk_rope_dim <= {d_h}")
     if rank_alloc not in ALLOCS:
         raise ValueError(f"rank_alloc={rank_alloc!r}: use one of {', '.join(map(repr, ALLOCS))}")
+    if latent_norm_kind(latent_norm) != "none" and latent_norm_init not in NORM_INITS:
+        raise ValueError(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+    if cfg.mla_layers and latent_norm_kind(latent_norm) != cfg.latent_norm:
+        raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm!r}; new layers must match "
+                         f"(got {latent_norm!r})")
     if rope_ladder not in LADDERS:
         raise ValueError(f"rope_ladder={rope_ladder!r}: use 'highest' (the d_r/2 highest frequencies) or 'every' "
                          "(every (d_h/d_r)-th frequency)")
@@ -182,14 +189,9 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
         kv_rank = min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)
     d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
     _check_settings(cfg, list(layers), q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder, rank_alloc)
+                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init)
     if init == "rorope" and calib_tokens is not None:
         _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
-    if ModelConfig(latent_norm=latent_norm).latent_norm != "none" and latent_norm_init not in NORM_INITS:
-        raise ValueError(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
-    if cfg.mla_layers and ModelConfig(latent_norm=latent_norm).latent_norm != cfg.latent_norm:
-        raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm!r}; new layers must match "
-                         f"(got {latent_norm!r})")
 
 
 def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
@@ -284,9 +286,8 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
       1. A basis of the latent in which every token's RMS is about the same: c -> T c, with W_DKV's rows mixed by T
          and W_UK's, W_UV's columns by T^-1 (the same model, exactly). how="calibrated": T (r x r) minimises
          Var(|T c|^2) / E[|T c|^2]^2 over the calibration tokens (steady_basis: Adam, condition number <= 10 so no
-         direction is lost). how="diagonal": T diagonal, t_j^2 = w_j with w ∝ Cov(c^2)^-1 E[c^2], the closed form
-         of the same problem, floored at 0.1 x its mean. Directions whose magnitude swings from token to token
-         (outlier tokens) then count less in the RMS.
+         direction is lost). how="diagonal": only steady_basis's closed-form diagonal start. Directions whose
+         magnitude swings from token to token (outlier tokens) then count less in the RMS.
       2. W_DKV times s so the latent's mean square is about 1 (s from the first batch): eps then matters as little
          as it can, for 1e-6 here and rms_norm_eps in the serving engines, and the cached latent is O(1).
       3. With u = s c / sqrt(ms(s c) + eps): g_j = E[u_j c_j] / E[u_j^2], the least-squares fit of g * u to c.
@@ -307,22 +308,10 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
         pairs[i, "kv"] = (a.W_DKV, a.kv_norm, (a.W_UK, a.W_UV))
         if cfg.latent_norm == "both":
             pairs[i, "q"] = (a.W_DQ, a.q_norm, (a.W_UQ, a.W_QR))
-    if how == "calibrated":
-        samples = _latent_pass(model, ids, pairs, batch_size, lambda c, acc: acc + [c.float()], [])
-        T = {key: steady_basis(torch.cat(samples.pop(key))) for key in list(samples)}
-    elif how == "diagonal":
-        moments = _latent_pass(model, ids, pairs, batch_size, lambda c, acc: (
-            acc[0] + c.shape[0], acc[1] + c.pow(2).sum(0), acc[2] + c.pow(2).T @ c.pow(2)), (0, 0.0, 0.0))
-        T = {}
-        for key, (n, s1, s2) in moments.items():
-            m = s1 / n
-            cov = s2 / n - torch.outer(m, m)                                       # Cov(c^2), (r, r)
-            cov += 1e-9 * cov.diagonal().mean() * torch.eye(len(m), dtype=cov.dtype, device=cov.device)
-            w = torch.linalg.solve(cov, m)
-            T[key] = torch.diag(w.clamp_min(0.1 * w.clamp_min(0).mean()).sqrt())
     if how in ("calibrated", "diagonal"):
+        samples = _latent_pass(model, ids, pairs, batch_size, lambda c, acc: acc + [c.float()], [])
         for key, (down, _, ups) in pairs.items():
-            Tk = T[key].to(down.weight.device, torch.float64)
+            Tk = steady_basis(torch.cat(samples.pop(key)), steps=100 if how == "calibrated" else 0)
             down.weight.copy_(Tk @ down.weight.double())
             for up in ups:
                 up.weight.copy_(up.weight.double() @ torch.linalg.inv(Tk))
@@ -529,9 +518,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
     cfg = model.config
-    latent_norm = ModelConfig(latent_norm=latent_norm).latent_norm  # True / False as "both" / "none"; checked
-    if latent_norm != "none" and latent_norm_init not in NORM_INITS:
-        raise ValueError(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+    latent_norm = latent_norm_kind(latent_norm)  # True / False as "both" / "none"
     if latent_norm != "none" and latent_norm_init != "ones" and calib is None:
         raise ValueError(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
                          "(N, T)), or latent_norm_init='ones'")
@@ -546,7 +533,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         q_rank = min(d, H * d_h)
     d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
     _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder, rank_alloc)
+                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init)
     budget = None
     if kv_budget is not None:
         budget = kv_budget_numbers(kv_budget, len(layers) * 2 * n_kv * d_h)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, STORIES, mla_kw, random_model, tiny_config
-from model import ModelConfig, Transformer
+from model import Transformer
 from svd_init import kl_per_token, steady_basis, teacher_text, upcycle
 
 
@@ -91,7 +91,7 @@ def test_norm_settings_and_refusals(trained, tmp_path):
     with pytest.raises(ValueError, match="latent_norm_init="):
         upcycle(teacher, q_rank=64, kv_rank=32, latent_norm="kv", calib=calib, latent_norm_init="best")
     with pytest.raises(ValueError, match="latent_norm='q'"):
-        ModelConfig(**tiny_config(**mla_kw([0])).__dict__ | {"latent_norm": "q"})
+        tiny_config(**mla_kw([0], latent_norm="q"))
     # True / False still mean both / none; the eps is DeepSeek's 1e-6 and is written to config.json
     cfg = tiny_config(**mla_kw([0, 1], latent_norm=True))
     assert cfg.latent_norm == "both" and cfg.latent_norm_eps == 1e-6
