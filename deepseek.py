@@ -59,6 +59,9 @@ def _interleaved(n):
 def export_config(cfg) -> dict:
     """The DeepSeek-V3 config.json for a ModelConfig `cfg`, or a ValueError naming what the format cannot hold."""
     L = cfg.n_layers
+    if cfg.mamba_layers:
+        raise ValueError(f"layers {list(cfg.mamba_layers)} are Mamba2: the DeepSeek-V3 format has MLA in every layer, "
+                         "and no engine serves this hybrid in it. Fix: save it in this project's format (fmt='llama')")
     gqa = [i for i in range(L) if i not in cfg.mla_layers]
     if gqa:
         raise ValueError(f"layers {gqa} are GQA: the DeepSeek-V3 format has MLA in every layer. Fix: convert all "

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import deepseek
 from kernels import latent_attention
+from mamba2 import Mamba2
 
 # -----------------------------------------------------------------------------
 # Config
@@ -82,9 +83,16 @@ class ModelConfig:
     latent_norm: str = "none"          # RMSNorm on the latents: "none", "kv" (on c_kv) or "both" (c_q and c_kv).
                                        # DeepSeek has both; serving engines need "kv" at least (deepseek.py)
     latent_norm_eps: float = 1e-6      # DeepSeek's (HF DeepseekV3 computes its latent norms with 1e-6)
+    # --- Mamba2 (Zebra-Llama): which layers are state space layers instead of attention (mamba2.py) ---
+    mamba_layers: tuple = ()           # indices; disjoint from mla_layers. Every other layer is GQA or MLA
+    ssm_d_inner: int = 0               # 0: n_heads d_h (C and z; as Q)
+    ssm_d_xb: int = 0                  # 0: n_kv_heads d_h (x and B; as V and K)
+    ssm_d_state: int = 0               # 0: d_h (= headdim; nheads = d_inner / d_state)
+    ssm_d_conv: int = 4                # causal conv width
+    ssm_chunk: int = 64                # SSD chunk length (compute only: any value gives the same numbers)
 
     def __post_init__(self):
-        for name in ("mla_layers", "q_rank", "kv_rank", "eos_id"):
+        for name in ("mla_layers", "q_rank", "kv_rank", "eos_id", "mamba_layers"):
             v = getattr(self, name)
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v is not None else ()))
         if self.v_head_dim == 0:
@@ -92,6 +100,17 @@ class ModelConfig:
         self.latent_norm = latent_norm_kind(self.latent_norm)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        self.ssm_d_inner = self.ssm_d_inner or self.n_heads * self.head_dim
+        self.ssm_d_xb = self.ssm_d_xb or self.n_kv_heads * self.head_dim
+        self.ssm_d_state = self.ssm_d_state or self.head_dim
+        if self.mamba_layers:
+            m = list(self.mamba_layers)
+            if len(set(m)) != len(m) or not all(0 <= i < self.n_layers for i in m):
+                raise ValueError(f"mamba_layers={m} must be distinct indices in [0, {self.n_layers})")
+            if set(m) & set(self.mla_layers):
+                raise ValueError(f"layers {sorted(set(m) & set(self.mla_layers))} are in both mla_layers and "
+                                 "mamba_layers: a layer is GQA, MLA or Mamba2")
+            Mamba2.check_shape(self.ssm_d_inner, self.ssm_d_xb, self.ssm_d_state, self.ssm_d_conv, self.ssm_chunk)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default"):
@@ -110,6 +129,9 @@ class ModelConfig:
             raise ValueError(f"MLA needs qk_nope_dim >= 1 and an even qk_rope_dim >= 2, "
                              f"got {self.qk_nope_dim} and {self.qk_rope_dim}")
 
+    def layer_type(self, layer: int) -> str:
+        return "mamba2" if layer in self.mamba_layers else "mla" if layer in self.mla_layers else "gqa"
+
     def mla_ranks(self, layer: int):
         """(r_q, r_kv) if `layer` is an MLA layer, else None."""
         if layer not in self.mla_layers:
@@ -124,9 +146,9 @@ class ModelConfig:
         if mt in deepseek.DS_TYPES:  # a DeepSeek-format MLA folder: read as its llama_mla equivalent
             hf = deepseek.Reader(hf).config
             mt = "llama_mla"
-        if mt not in ("llama", "llama_mla"):
-            raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama' and 'llama_mla' folders, "
-                             f"and DeepSeek-V2/V3-format MLA folders ({', '.join(deepseek.DS_TYPES)})")
+        if mt not in ("llama", "llama_mla", "llama_hybrid"):
+            raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama', 'llama_mla' and "
+                             f"'llama_hybrid' folders and DeepSeek-V2/V3-format MLA folders ({', '.join(deepseek.DS_TYPES)})")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -153,6 +175,9 @@ class ModelConfig:
             latent_norm_eps=hf.get("mla_latent_norm_eps", hf.get("rms_norm_eps", 1e-6) if hf.get("mla_latent_norm")
                                    else 1e-6),
             qk_rope_theta=float(hf.get("qk_rope_theta", 0.0)),
+            mamba_layers=hf.get("mamba_layers", ()), ssm_d_inner=hf.get("ssm_d_inner", 0),
+            ssm_d_xb=hf.get("ssm_d_xb", 0), ssm_d_state=hf.get("ssm_d_state", 0), ssm_d_conv=hf.get("ssm_d_conv", 4),
+            ssm_chunk=hf.get("ssm_chunk_size", 64),
         )
 
     def to_hf(self) -> dict:
@@ -178,6 +203,13 @@ class ModelConfig:
             })
             if self.qk_rope_theta:  # a rotary ladder other than the source's theta over d_r dims (svd_init rorope)
                 hf["qk_rope_theta"] = self.qk_rope_theta
+        if self.mamba_layers:  # Zebra-Llama: the state space layers and their shape
+            hf.update({
+                "architectures": ["LlamaHybridForCausalLM"], "model_type": "llama_hybrid",
+                "mamba_layers": list(self.mamba_layers), "ssm_d_inner": self.ssm_d_inner, "ssm_d_xb": self.ssm_d_xb,
+                "ssm_d_state": self.ssm_d_state, "ssm_d_conv": self.ssm_d_conv, "ssm_chunk_size": self.ssm_chunk,
+                "layer_types": [self.layer_type(i) for i in range(self.n_layers)],  # for readers; not read back
+            })
         return hf
 
 
@@ -406,16 +438,26 @@ class MLAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer; its mixer is GQA or MLA (`self_attn`) or Mamba2 (`mamba`, as Zebra-Llama names it)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         ranks = cfg.mla_ranks(layer)
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = MLAttention(cfg, *ranks) if ranks else Attention(cfg)
+        if layer in cfg.mamba_layers:
+            self.mamba = Mamba2(cfg.dim, cfg.ssm_d_inner, cfg.ssm_d_xb, cfg.ssm_d_state, cfg.ssm_d_conv,
+                                cfg.ssm_chunk, cfg.norm_eps)
+        else:
+            self.self_attn = MLAttention(cfg, *ranks) if ranks else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    @property
+    def mixer(self):
+        return self.mamba if "mamba" in self._modules else self.self_attn
+
     def forward(self, x, rope, input_pos=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, input_pos, mask)
+        x = x + self.mixer(self.input_layernorm(x), rope, input_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -425,7 +467,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """State-dict keys are exactly Hugging Face Llama's (model.layers.N.self_attn.q_proj.weight, ...);
-    MLA layers hold model.layers.N.self_attn.W_DQ.weight etc. instead of q/k/v_proj."""
+    MLA layers hold model.layers.N.self_attn.W_DQ.weight etc. instead of q/k/v_proj, Mamba2 layers
+    model.layers.N.mamba.in_proj.weight etc. (mamba2.py)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -507,26 +550,33 @@ class Transformer(nn.Module):
         if self.cache_len is not None and getattr(self, "_cache_key", None) == key:
             return
         for block in self.model.layers:
-            attn = block.self_attn
-            attn.cache = attn.make_cache(batch_size, max_seq_len, dtype, device)
+            block.mixer.cache = block.mixer.make_cache(batch_size, max_seq_len, dtype, device)
         self.cache_len, self._cache_key = max_seq_len, key
 
     def clear_caches(self):
         for block in self.model.layers:
-            block.self_attn.cache = None
+            block.mixer.cache = None
         self.cache_len = self._cache_key = None
 
     def kv_cache_elements_per_token(self) -> int:
-        """Numbers cached per token, summed over layers: 2 n_kv d_h per GQA layer, r_kv + d_r per MLA layer."""
-        return sum(block.self_attn.cache_elements_per_token() for block in self.model.layers)
+        """Numbers cached per token, summed over layers: 2 n_kv d_h per GQA layer, r_kv + d_r per MLA layer, none
+        per Mamba2 layer (its cache is a fixed-size state: state_bytes)."""
+        return sum(block.mixer.cache_elements_per_token() for block in self.model.layers)
+
+    def state_bytes(self, batch_size, dtype=torch.bfloat16) -> int:
+        """Bytes of the Mamba2 layers' fixed-size caches (conv window in `dtype`, state in fp32), whatever the
+        context length."""
+        return sum(b.mamba.state_bytes(batch_size, dtype) for b in self.model.layers if "mamba" in b._modules)
 
     def kv_cache_bytes(self, batch_size, seq_len, dtype=torch.bfloat16) -> int:
-        return self.kv_cache_elements_per_token() * batch_size * seq_len * torch.empty((), dtype=dtype).element_size()
+        """The whole cache of a batch at a context of seq_len: per-token caches plus the fixed states."""
+        per_token = self.kv_cache_elements_per_token() * torch.empty((), dtype=dtype).element_size()
+        return per_token * batch_size * seq_len + self.state_bytes(batch_size, dtype)
 
     def allocated_cache_bytes(self) -> int:
         """Bytes actually held by the allocated caches (to check kv_cache_bytes against)."""
-        return sum(b.numel() * b.element_size() for blk in self.model.layers if blk.self_attn.cache is not None
-                   for b in blk.self_attn.cache.buffers())
+        return sum(b.numel() * b.element_size() for blk in self.model.layers if blk.mixer.cache is not None
+                   for b in blk.mixer.cache.buffers())
 
     # --- generation ---
     def decode_step(self, idx, input_pos):
