@@ -9,6 +9,10 @@ KL(teacher || student) per token over every token of an SFT chat mix (+ an optio
         distill.py config/llama1b_kv64.py                                         # 4 nodes (same command on each)
     python distill.py config/tiny_kv8.py --resume=True                            # continue from the last checkpoint
 
+With ild=True it runs Zebra-Llama's intermediate-layer distillation instead (zebra.py): each converted layer on the
+teacher's hidden states, trained to give the teacher's next ones; the teacher is then the source the student was
+converted from. Zebra-Llama's pipeline: zebra.py composes the hybrid, then ILD, then the KL (see zebra.py).
+
 The same script pre-trains the tiny CPU teacher with CE only (config/tiny_teacher.py: init_from="scratch",
 kl_weight=0, ce_weight=1). Settings below; a config file, then --key=value, overrides them (configurator.py).
 """
@@ -23,6 +27,7 @@ from kernels import linear_kl
 from model import ModelConfig, Transformer, read_model_config, resolve_checkpoint, resolve_dtype
 from svd_init import check_settings, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
+from zebra import converted_layers, ild_errors
 from trainer import (RunLog, barrier, check_resume_config, checkpoint_bytes, eval_chunks, export_model, fit,
                      init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step, shard)
 
@@ -56,6 +61,7 @@ kl_weight = 1.0
 ce_weight = 0.0
 kl_chunk = 1024            # tokens per chunk of the chunked loss (kernels.linear_kl)
 loss_on = "all"            # "all" tokens (the paper) or "assistant" tokens only
+ild = False                # intermediate-layer distillation (zebra.py) instead of the KL; teacher = the source
 # data
 sft_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
             "assets/data/sft/fastchat_dummy_conversation.json"]
@@ -99,7 +105,7 @@ config = configure(globals())
 MODEL_KEYS = ("init_from", "student_from", "model_config", "mla_layers", "q_rank", "kv_rank", "q_energy", "kv_energy",
               "qk_nope_dim", "qk_rope_dim", "init", "kv_budget", "rope_ladder", "rank_alloc", "calib_tokens",
               "calib_seq_len", "latent_norm", "latent_norm_init", "allow_qk_overlap", "teacher", "kl_weight",
-              "ce_weight", "loss_on", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
+              "ce_weight", "loss_on", "ild", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
 SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
 
 d = init_distributed(device)
@@ -109,8 +115,9 @@ mp_dtype = cdtype if cdtype != torch.float32 else None  # FSDP2 mixed precision:
 
 # --- pre-flight: every setting, the folders, the tokenizer against the models, the disk; before any work
 teacher_from = teacher or init_from
-if kl_weight > 0 and (teacher == "none" or teacher_from == "scratch"):
-    raise ValueError("kl_weight > 0 needs a teacher: set teacher= to a model folder or hub id")
+if (kl_weight > 0 or ild) and (teacher == "none" or teacher_from == "scratch"):
+    raise ValueError(f"{'ild=True' if ild else 'kl_weight > 0'} needs a teacher: set teacher= to a model folder or "
+                     "hub id")
 mla_settings = dict(mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy, kv_energy=kv_energy,
                     qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap,
                     kv_budget=kv_budget, rope_ladder=rope_ladder, rank_alloc=rank_alloc)
@@ -128,6 +135,8 @@ if converting:
     check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens, latent_norm=latent_norm,
                    latent_norm_init=latent_norm_init)
 stu_cfg = configs.get("student") or ModelConfig(**model_config)
+if ild and "student" in configs and not converting:  # the layers ILD trains; converting: known after upcycling
+    converted_layers(configs["student"], configs["teacher"])
 if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
     raise ValueError(f"teacher vocabulary {configs['teacher'].vocab_size} != student {stu_cfg.vocab_size}: "
                      "distillation compares distributions over the same tokens")
@@ -198,6 +207,10 @@ n_params = sum(p.numel() for p in student.parameters())
 log.print(f"student: {n_params:,} parameters, {len(student.config.mla_layers)}/{student.config.n_layers} MLA layers, "
           f"KV cache {kv_stu} numbers/token" + (f" = {100 * kv_stu / kv_src:.1f}% of the teacher's {kv_src}"
                                                 if kv_src else ""))
+ild_layers = converted_layers(student.config, tmodel.config) if ild else []
+if ild:
+    log.print(f"ILD: layers {ild_layers} ({', '.join(student.config.layer_type(i) for i in ild_layers)}), each on the "
+              "teacher's hidden states")
 cfg0 = [student.config]  # every rank built the student; GPU SVDs need not be bit-identical, so take rank 0's
 dist.broadcast_object_list(cfg0, src=0)  # (its ranks too: a near-tie in a rank choice could go either way)
 if cfg0[0] != student.config:
@@ -213,35 +226,53 @@ start_step = resume_step(go_on, out_dir, student, optimizer, d, log)
 
 
 def loss_on_batch(x, y, weight, with_teacher):
-    """Student forward with the chunked loss; the teacher's hidden states come first, without gradients."""
+    """Student forward with the chunked loss; the teacher's hidden states come first, without gradients.
+    -> (loss, stats [sum KL, sum CE, sum teacher CE, n tokens, sum ILD error])."""
     x, y, weight = x.to(d.device), y.to(d.device), weight.to(d.device)
     h_t = W_t = None
     if with_teacher:
         with torch.no_grad():
             h_t, W_t = tmodel.forward_hidden(x).flatten(0, 1), tmodel.lm_head.weight
-    return student(x, head_fn=lambda h, W: linear_kl(h.flatten(0, 1), W, h_t, W_t, y.flatten(), weight.flatten(),
-                                                     kl_weight, ce_weight, kl_chunk))
+    loss, stats = student(x, head_fn=lambda h, W: linear_kl(h.flatten(0, 1), W, h_t, W_t, y.flatten(),
+                                                            weight.flatten(), kl_weight, ce_weight, kl_chunk))
+    return loss, torch.cat([stats, stats.new_zeros(1)])
+
+
+def ild_on_batch(x, y, weight):
+    """ILD: the converted blocks on the teacher's residual stream; loss = sum_t w_t sum_i ||block_i(h_i) - h_i+1||."""
+    x, y, weight = x.to(d.device), y.to(d.device), weight.to(d.device)
+    with torch.no_grad():
+        hs = tmodel.forward_hidden(x, layer_states=True)                     # [h_0 .. h_L], (B, T, d) each
+    err = ild_errors(student(x, layer_inputs={i: hs[i] for i in ild_layers}), hs)  # (B, T)
+    valid = (y != -100).to(err.dtype)
+    stats = torch.stack([*err.new_zeros(3), valid.sum(), (err.detach() * valid).sum()])
+    return (err * weight).sum(), stats
 
 
 @torch.no_grad()
 def evaluate():
-    """Held-out per-token KL(teacher || student), student CE and teacher CE, over eval_batches batches."""
+    """Held-out per-token KL(teacher || student), student CE and teacher CE, over eval_batches batches (and with
+    ild, the ILD error per token)."""
     student.eval()
-    stats = torch.zeros(4, device=d.device)
+    stats = torch.zeros(5, device=d.device)
     # the same eval_batches x micro_batch sequences whatever the number of processes
     for ids, real in eval_chunks(min(eval_batches * micro_batch, val_data.n_seq), micro_batch, d):
         x, y = val_data.get(ids)
         stats += loss_on_batch(x, y, (y != -100).float(), tmodel is not None)[1] * float(real)
+        if ild:
+            stats[4] += ild_on_batch(x, y, (y != -100).float())[1][4] * float(real)
     dist.all_reduce(stats)
     student.train()
-    kl, ce, tce, ntok = stats.tolist()
-    return {"kl": kl / ntok, "student_ce": ce / ntok, "teacher_ce": tce / ntok if tmodel is not None else None}
+    kl, ce, tce, ntok, ild_err = stats.tolist()
+    return {"kl": kl / ntok, "student_ce": ce / ntok, "teacher_ce": tce / ntok if tmodel is not None else None,
+            **({"ild": ild_err / ntok} if ild else {})}
 
 
 def fmt(ev):
     if ev["teacher_ce"] is None:  # no teacher: CE only
         return f"loss {ev['student_ce']:.4f}"
-    return f"KL {ev['kl']:.4f}  student loss {ev['student_ce']:.4f}  teacher loss {ev['teacher_ce']:.4f}"
+    return ((f"ILD {ev['ild']:.4f}  " if ild else "")
+            + f"KL {ev['kl']:.4f}  student loss {ev['student_ce']:.4f}  teacher loss {ev['teacher_ce']:.4f}")
 
 
 def micro_batches(step):
@@ -251,6 +282,8 @@ def micro_batches(step):
                for m in range(accum)]
     n_tok = torch.tensor(float(sum(int((y != -100).sum()) for _, y in batches)), device=d.device)
     dist.all_reduce(n_tok)
+    if ild:
+        return [lambda x=x, y=y: ild_on_batch(x, y, (y != -100).float() * (d.world / n_tok)) for x, y in batches]
     return [lambda x=x, y=y: loss_on_batch(x, y, (y != -100).float() * (d.world / n_tok), kl_weight > 0)
             for x, y in batches]
 
@@ -259,8 +292,11 @@ flops_per_token = 6 * n_params + (2 * sum(p.numel() for p in tmodel.parameters()
 
 
 def report(stats, seconds, steps):
-    kl, ce, _, ntok = stats.tolist()
+    kl, ce, _, ntok, ild_err = stats.tolist()
     tok_s = steps * tokens_per_step / seconds
+    if ild:
+        return f"ILD {ild_err / ntok:.4f}  {tok_s:,.0f} tok/s", dict(loss=ild_err / ntok, ild=ild_err / ntok,
+                                                                     tokens_per_s=tok_s)
     text = (f"loss {(kl_weight * kl + ce_weight * ce) / ntok:.4f}  "
             + (f"KL {kl / ntok:.4f}  CE {ce / ntok:.4f}" if kl_weight > 0 else f"CE {ce / ntok:.4f}")
             + f"  {tok_s:,.0f} tok/s")
@@ -279,7 +315,7 @@ log.print(f"held-out at step {start_step}: {fmt(ev0)}")
 log.record("eval", step=start_step, **ev0)
 fit(student, optimizer, d, log, micro_batches, report, evaluate_and_format,
     start_step=start_step, max_steps=max_steps, lr_fn=lambda s: lr_at(s, lr, max_steps, warmup, lr * min_lr_ratio),
-    grad_clip=grad_clip, n_stats=4, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every,
+    grad_clip=grad_clip, n_stats=5, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every,
     out_dir=out_dir, keep_ckpts=keep_ckpts, meta={"config": config}, debug_kill_at_step=debug_kill_at_step,
     debug_kill_in_save=debug_kill_in_save)
 

@@ -500,34 +500,46 @@ class Transformer(nn.Module):
                                                            ).to(device), persistent=False)
 
     # --- forward ---
-    def forward_hidden(self, idx, input_pos=None):
+    def _rope(self, pos):
+        return {"gqa": rope_cos_sin(self.inv_freq_gqa, pos), "mla": rope_cos_sin(self.inv_freq_mla, pos)}
+
+    def forward_hidden(self, idx, input_pos=None, layer_states=False):
         """Final normed hidden states (B, T, d). `input_pos` (T,) positions: given, the layers read and write their
         caches (set up by setup_caches) and attend to all cached positions <= their own; None: a plain causal forward
-        over positions 0..T-1 with no cache."""
+        over positions 0..T-1 with no cache. layer_states=True returns the residual stream instead: the list
+        [h_0, ..., h_L] of each block's input and the last block's output (before the final norm), for ILD."""
         B, T = idx.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
-        rope = {"gqa": rope_cos_sin(self.inv_freq_gqa, pos), "mla": rope_cos_sin(self.inv_freq_mla, pos)}
+        rope = self._rope(pos)
         mask = None
         if input_pos is not None:
             if self.cache_len is None:
                 raise RuntimeError("input_pos given but no cache: call model.setup_caches(batch, max_seq_len) first")
             mask = torch.arange(self.cache_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, S)
         x = self.model.embed_tokens(idx)                                           # (B, T, d)
+        states = [x]
         for block in self.model.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # keep only each block's input; recompute its activations in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, input_pos, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, input_pos, mask)
-        return self.model.norm(x)
+            x = self._run(block, x, rope, input_pos, mask)
+            states.append(x)
+        return states if layer_states else self.model.norm(x)
+
+    def _run(self, block, x, rope, input_pos=None, mask=None):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # keep only each block's input; recompute its activations in backward
+            return torch.utils.checkpoint.checkpoint(block, x, rope, input_pos, mask, use_reentrant=False)
+        return block(x, rope, input_pos, mask)
 
     activation_checkpointing = False
 
-    def forward(self, idx, targets=None, input_pos=None, head_fn=None):
+    def forward(self, idx, targets=None, input_pos=None, head_fn=None, layer_inputs=None):
         """idx (B, T) -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (targets == -100 ignored)
         and the return value is (logits, loss). With head_fn, returns head_fn(hidden (B, T, d), lm_head.weight)
         instead of logits: the training losses run there (kernels.linear_kl) because under FSDP the head's weight
-        is only gathered while the model's forward runs."""
+        is only gathered while the model's forward runs. layer_inputs {i: (B, T, d)} (ILD, zebra.py): returns
+        {i: block i applied to that input} instead, each block on its own input (idx gives only the length)."""
+        if layer_inputs is not None:
+            rope = self._rope(torch.arange(idx.shape[1], device=idx.device))
+            return {i: self._run(self.model.layers[i], h, rope) for i, h in layer_inputs.items()}
         h = self.forward_hidden(idx, input_pos)
         if head_fn is not None:
             return head_fn(h, self.lm_head.weight)

@@ -87,9 +87,10 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
     n = cfg.n_layers
     if not layers or len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
         raise ValueError(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
-    already = [i for i in layers if i in cfg.mla_layers]
+    already = [i for i in layers if cfg.layer_type(i) != "gqa"]
     if already:
-        raise ValueError(f"layers {already} are already MLA; upcycle converts GQA layers only")
+        raise ValueError(f"layers {already} are already {[cfg.layer_type(i) for i in already]}; upcycle converts GQA "
+                         "layers only")
     if cfg.v_head_dim != cfg.head_dim:
         raise ValueError(f"d_v must equal d_h (paper §4.1), got v_head_dim={cfg.v_head_dim}, head_dim={cfg.head_dim}")
     if init not in INITS:

@@ -1,0 +1,325 @@
+"""
+Zebra-Llama (arXiv 2505.17272): a hybrid composed from one pre-trained Llama, most layers Mamba2 (mamba2.py), a
+few MLA (svd_init.py), so the cache is a fixed-size state plus a small per-token latent. This file builds it:
+Mamba2 layers from attention weights, the choice of which layers stay MLA under a cache budget, and the
+intermediate-layer distillation loss (ILD) that distill.py trains it with before the end-to-end KL.
+
+    python zebra.py                                         # tiny teacher -> 2 MLA + 4 Mamba2 layers, CPU, seconds
+    python zebra.py --mla_fraction=0.25 --placement=uniform # the published way of choosing the MLA layers
+    python zebra.py --init_from=DIR --mla_fraction=0.125 --kv_rank=32 --qk_rope_dim=32 --out_dir=out/zebra8
+    python distill.py --student_from=out/zebra --teacher=assets/models/tiny_teacher --ild=True --out_dir=out/ild
+    python distill.py --student_from=out/ild/final --teacher=assets/models/tiny_teacher --out_dir=out/e2e
+    python dpo.py --init_from=out/e2e/final                 # DPO runs on the hybrid as on any model here
+(torchrun --standalone --nproc_per_node=N distill.py ... for several processes or GPUs, as everywhere.)
+
+Mamba2 from attention (MambaInLlama's mapping, which Zebra-Llama uses): in_proj rows [z, x, B, C, dt] with
+x <- W_V, B <- W_K, C <- W_Q (x and B keep the n_kv heads and are repeated to the H heads as GQA repeats K and V),
+out_proj <- W_O; nheads = H, headdim = d_state = d_h. With no decay (A = 0), dt = 1 and an identity conv the scan
+is then causal linear attention of SiLU(q) and SiLU(k) over SiLU(v): the attention without its softmax or RoPE.
+z, dt and dt_bias (log-uniform in [1e-3, 0.1]), A_log (log of U[1, 16]), D = 1 and the conv are fresh; the MLP
+and norms are copied. One choice of ours: conv_init="identity" (tap 1 on the current token) instead of Mamba2's
+random conv, which keeps that mapping intact at init; "random" is the published init. The README measures both.
+
+Placement (placement="sensitivity"): each layer's sensitivity is KL(source || source with that one layer
+replaced by its Mamba2 init) on calibration tokens; the most sensitive layers stay MLA. placement="uniform" is
+the published hand-picked pattern: every (L / n_mla)-th layer from layer 0 (1B, 8 + 8: [0, 2, ..., 14]).
+
+ILD (distill.py ild=True): every converted layer i runs on the teacher's hidden state h_i and is trained to
+produce the teacher's next one: loss = sum_i mean over tokens ||block_i(h_i) - h_{i+1}||_2. The layers do not see
+each other, so one hybrid trained this way gets exactly what the published separate all-MLA and all-Mamba2 ILD
+runs give its layers, at one run's cost. (The published loss adds the same norm on the mixer outputs alone.)
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+
+from model import ModelConfig, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
+
+CONV_INITS = ("identity", "random")
+PLACEMENTS = ("sensitivity", "uniform")
+
+
+# -----------------------------------------------------------------------------
+# Mamba2 layers from attention
+
+
+def mamba_config(cfg: ModelConfig, layers) -> ModelConfig:
+    """`cfg` with `layers` (GQA layers) made Mamba2, shaped by the source's heads."""
+    return ModelConfig(**{**vars(cfg), "mamba_layers": tuple(sorted(set(cfg.mamba_layers) | set(layers))),
+                          "ssm_d_inner": 0, "ssm_d_xb": 0, "ssm_d_state": 0})
+
+
+def check_mamba_layers(cfg: ModelConfig, layers):
+    n = cfg.n_layers
+    if len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
+        raise ValueError(f"mamba layers {list(layers)} must be distinct layer indices in [0, {n})")
+    taken = [i for i in layers if cfg.layer_type(i) != "gqa"]
+    if taken:
+        raise ValueError(f"layers {taken} are not GQA ({[cfg.layer_type(i) for i in taken]}): Mamba2 is initialised "
+                         "from a GQA layer's attention")
+
+
+@torch.no_grad()
+def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=0, copy=True) -> Transformer:
+    """A new Transformer whose GQA layers `layers` are Mamba2 initialised from their attention (the mapping above);
+    every other tensor cloned (copy=False: shared with `model`)."""
+    cfg = model.config
+    layers = [int(i) for i in layers]
+    check_mamba_layers(cfg, layers)
+    if conv_init not in CONV_INITS:
+        raise ValueError(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
+    new_cfg = mamba_config(cfg, layers)
+    src = model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    d = cfg.dim
+    fresh = lambda *shape, bound: (torch.rand(*shape, generator=gen) * 2 - 1) * bound  # nn.Linear / Conv1d's init
+    new_sd = {}
+    for i in layers:
+        p, q = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mamba."
+        W_Q, W_K, W_V = (src[p + f"{n}_proj.weight"] for n in "qkv")           # (out, in), HF layout
+        dt, dev = W_Q.dtype, W_Q.device
+        ref = Mamba2Shape(new_cfg)
+        z = fresh(ref.d_inner, d, bound=d ** -0.5)
+        dt_rows = fresh(ref.H, d, bound=d ** -0.5)
+        new_sd[q + "in_proj.weight"] = torch.cat([z.to(dev, dt), W_V, W_K, W_Q, dt_rows.to(dev, dt)], dim=0)
+        if conv_init == "identity":
+            w = torch.zeros(ref.conv_dim, 1, cfg.ssm_d_conv)
+            w[..., -1] = 1.0                                                   # the current token, unchanged
+            b = torch.zeros(ref.conv_dim)
+        else:
+            w = fresh(ref.conv_dim, 1, cfg.ssm_d_conv, bound=cfg.ssm_d_conv ** -0.5)
+            b = fresh(ref.conv_dim, bound=cfg.ssm_d_conv ** -0.5)
+        new_sd[q + "conv1d.weight"], new_sd[q + "conv1d.bias"] = w.to(dev, dt), b.to(dev, dt)
+        u = torch.rand(ref.H, generator=gen)                                   # dt log-uniform in [1e-3, 0.1]
+        dt0 = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        new_sd[q + "dt_bias"] = (dt0 + torch.log(-torch.expm1(-dt0))).to(dev, dt)  # softplus^-1(dt)
+        new_sd[q + "A_log"] = torch.empty(ref.H).uniform_(1.0, 16.0, generator=gen).log().to(dev, dt)
+        new_sd[q + "D"] = torch.ones(ref.H, dtype=dt, device=dev)
+        new_sd[q + "norm_weight"] = torch.ones(ref.d_inner, dtype=dt, device=dev)
+        new_sd[q + "out_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
+    converted = tuple(f"model.layers.{i}.self_attn." for i in layers)
+    for k, v in src.items():
+        if not k.startswith(converted) and not (k == "lm_head.weight" and cfg.tie_embeddings):
+            new_sd[k] = v.clone() if copy else v
+    with torch.device("meta"):
+        student = Transformer(new_cfg)
+    student.load_state_dict(new_sd, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        student.lm_head.weight = student.model.embed_tokens.weight
+    student._init_rope(model.lm_head.weight.device)
+    for name in ("inv_freq_gqa", "inv_freq_mla"):
+        setattr(student, name, getattr(student, name).to(model.inv_freq_gqa.dtype))
+    return student.train(model.training)
+
+
+class Mamba2Shape:
+    """The Mamba2 widths a config gives (without building the layer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.d_inner, self.d_xb, self.N = cfg.ssm_d_inner, cfg.ssm_d_xb, cfg.ssm_d_state
+        self.H = self.d_inner // self.N
+        self.conv_dim = self.d_inner + 2 * self.d_xb
+
+
+# -----------------------------------------------------------------------------
+# Which layers stay MLA
+
+
+def n_mla_for(cfg: ModelConfig, n_mla=None, mla_fraction=None, cache_budget=None, mla_cache=None):
+    """The number of MLA layers: n_mla, else the most that fit cache_budget (numbers per token, or a fraction in
+    (0, 1] of the source's GQA cache) at mla_cache = r_kv + d_r numbers each, else mla_fraction of the layers."""
+    L = cfg.n_layers
+    if n_mla is not None and cache_budget is not None:
+        raise ValueError(f"give n_mla or cache_budget, not both (got {n_mla} and {cache_budget})")
+    if n_mla is None and mla_fraction is None and cache_budget is None:
+        raise ValueError("give one of n_mla, mla_fraction and cache_budget")
+    if n_mla is not None:
+        n = n_mla
+    elif cache_budget is None:
+        if not 0 < mla_fraction <= 1:
+            raise ValueError(f"mla_fraction={mla_fraction} must be in (0, 1]")
+        n = max(1, round(L * mla_fraction))
+    else:
+        src = L * 2 * cfg.n_kv_heads * cfg.head_dim
+        numbers = cache_budget * src if isinstance(cache_budget, float) and cache_budget <= 1 else cache_budget
+        n = int(numbers // mla_cache)
+        if n < 1:
+            raise ValueError(f"cache_budget={cache_budget} ({numbers:.0f} numbers per token) does not hold one MLA "
+                             f"layer of r_kv + d_r = {mla_cache}. Fix: a larger budget, or smaller kv_rank / "
+                             "qk_rope_dim")
+    if not (isinstance(n, int) and 0 <= n <= L):
+        raise ValueError(f"n_mla={n} must be an integer in [0, {L}]")
+    return n
+
+
+def check_budget(cfg: ModelConfig, mla_layers, mla_cache, cache_budget):
+    """A ValueError if the hybrid's per-token cache (MLA layers only) exceeds cache_budget."""
+    if cache_budget is None:
+        return
+    src = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim
+    numbers = cache_budget * src if isinstance(cache_budget, float) and cache_budget <= 1 else cache_budget
+    need = len(mla_layers) * mla_cache + sum(2 * cfg.n_kv_heads * cfg.head_dim for i in range(cfg.n_layers)
+                                             if cfg.layer_type(i) == "gqa" and i not in mla_layers)
+    if need > numbers:
+        raise ValueError(f"{len(mla_layers)} MLA layers {sorted(mla_layers)} cache {need} numbers per token, over "
+                         f"cache_budget={cache_budget} ({numbers:.0f} numbers). Fix: fewer mla_layers, smaller "
+                         "ranks, or a larger budget")
+
+
+def uniform_layers(n_layers, n_mla):
+    """The published pattern: every (L / n)-th layer from layer 0."""
+    return [i * n_layers // n_mla for i in range(n_mla)]
+
+
+@torch.no_grad()
+def layer_sensitivity(model: Transformer, calib, conv_init="identity", seed=0, batch_size=4):
+    """{layer: KL(model || model with only that layer as its Mamba2 init)} per token on calib (N, T) ids."""
+    ids = calib.to(model.lm_head.weight.device)
+    lp_t = torch.cat([model(ids[j:j + batch_size]).float().log_softmax(-1) for j in range(0, len(ids), batch_size)])
+    out = {}
+    for i in range(model.config.n_layers):
+        if model.config.layer_type(i) != "gqa":
+            continue
+        one = mamba_from_attention(model, [i], conv_init, seed, copy=False).eval()
+        lp_s = torch.cat([one(ids[j:j + batch_size]).float().log_softmax(-1) for j in range(0, len(ids), batch_size)])
+        out[i] = (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
+    return out
+
+
+def place(sensitivity: dict, n_mla):
+    """The n_mla most sensitive layers (ties: the lower index)."""
+    return sorted(sorted(sensitivity, key=lambda i: (-sensitivity[i], i))[:n_mla])
+
+
+# -----------------------------------------------------------------------------
+# Intermediate-layer distillation
+
+
+def ild_errors(outputs: dict, states):
+    """outputs {layer i: the student's block i on the teacher's h_i, (B, T, d)}, states the teacher's residual stream
+    [h_0 .. h_L], (B, T, d) each -> (B, T): sum_i ||out_i - h_{i+1}||_2 per token, in fp32 at least."""
+    err = 0.0
+    for i, out in outputs.items():
+        f = torch.promote_types(out.dtype, torch.float32)
+        err = err + (out.to(f) - states[i + 1].to(f)).norm(dim=-1)
+    return err
+
+
+def converted_layers(student_cfg: ModelConfig, teacher_cfg: ModelConfig):
+    """The layers whose mixer differs from the teacher's (what ILD trains), after checking that the two have the same
+    residual stream shape."""
+    if (student_cfg.n_layers, student_cfg.dim) != (teacher_cfg.n_layers, teacher_cfg.dim):
+        raise ValueError(f"ild=True needs the teacher the student was converted from: same layers and width, got "
+                         f"student {student_cfg.n_layers} x {student_cfg.dim} vs teacher {teacher_cfg.n_layers} x "
+                         f"{teacher_cfg.dim}. Fix: teacher=<the source model>; distil from a larger one afterwards")
+    layers = [i for i in range(student_cfg.n_layers) if student_cfg.layer_type(i) != teacher_cfg.layer_type(i)]
+    if not layers:
+        raise ValueError("ild=True: the student has no layer whose mixer differs from the teacher's")
+    return layers
+
+
+# -----------------------------------------------------------------------------
+# Compose a hybrid
+
+
+def compose(source: Transformer, mla_layers, calib=None, conv_init="identity", seed=0, log=None, **mla_settings):
+    """The hybrid: `mla_layers` upcycled to MLA by svd_init.upcycle(**mla_settings), every other GQA layer Mamba2."""
+    from svd_init import upcycle
+    mla_layers = sorted(int(i) for i in mla_layers)
+    mamba = [i for i in range(source.config.n_layers) if i not in mla_layers and source.config.layer_type(i) == "gqa"]
+    model = source
+    if mla_layers:
+        model = upcycle(source, mla_layers=mla_layers, calib=calib, seed=seed, log=log, **mla_settings)
+    return mamba_from_attention(model, mamba, conv_init, seed, copy=model is source) if mamba else model
+
+
+def cache_table(model: Transformer, source: Transformer, contexts=(1024, 8192, 32768), dtype=torch.bfloat16):
+    """Rows of (context, bytes of the hybrid's cache, bytes of the source's) for one sequence."""
+    return [(T, model.kv_cache_bytes(1, T, dtype), source.kv_cache_bytes(1, T, dtype)) for T in contexts]
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    # -----------------------------------------------------------------------------
+    # settings (a config file, then --key=value)
+    init_from = "assets/models/tiny_teacher"  # HF Llama folder or hub id
+    out_dir = "out/zebra"      # a new or empty folder, or one written here before
+    mla_layers: list | None = None  # explicit MLA layers; else chosen by `placement` from one of the three below
+    n_mla: int | None = None
+    mla_fraction: float | None = 0.25  # a quarter of the layers stay MLA (unless n_mla or cache_budget is given)
+    cache_budget: float | None = None  # per-token cache: a fraction of the source's GQA cache, or numbers per token
+    placement = "sensitivity"  # "sensitivity" (measured here) or "uniform" (the published pattern)
+    conv_init = "identity"     # Mamba2's conv at init: "identity" (ours) or "random" (Mamba2's)
+    # MLA layers: svd_init.py's settings (init rorope needs calibration, as does placement="sensitivity")
+    init = "rorope"
+    q_rank: int | None = None
+    kv_rank: int | None = 16
+    qk_rope_dim: int | None = 16
+    latent_norm = "none"
+    calib_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
+                  "assets/data/sft/fastchat_dummy_conversation.json"]
+    calib_tokens = 8192
+    calib_seq_len = 256
+    data_cache = "out/data_cache"
+    tokenizer = ""             # "" = the source folder's own
+    device = "cpu"
+    dtype = "float32"
+    seed = 0
+    config = configure(globals())
+    # -----------------------------------------------------------------------------
+    from data import PackedData, build_cache, calibration_ids, check_sources
+    from svd_init import check_settings, kl_per_token
+    from tokenizer import Tokenizer, check_tokenizer_for
+    folder = resolve_checkpoint(init_from)
+    src_cfg = read_model_config(folder)
+    # pre-flight: every setting before the weights are read
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}")
+    if conv_init not in CONV_INITS:
+        raise ValueError(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
+    mla_settings = dict(init=init, q_rank=q_rank, kv_rank=kv_rank, qk_rope_dim=qk_rope_dim, latent_norm=latent_norm)
+    d_r = qk_rope_dim if qk_rope_dim is not None else src_cfg.head_dim // 2
+    mla_cache = (kv_rank or min(src_cfg.dim, 2 * src_cfg.n_kv_heads * src_cfg.head_dim)) + d_r
+    if mla_layers is None:
+        n = n_mla_for(src_cfg, n_mla, mla_fraction, cache_budget, mla_cache)
+    else:
+        if n_mla is not None:
+            raise ValueError("give mla_layers or n_mla, not both")
+        n = len(mla_layers)
+    if n:
+        check_settings(src_cfg, mla_layers if mla_layers is not None else list(range(n)), calib_tokens=calib_tokens,
+                       **mla_settings)
+    if mla_layers is not None:
+        check_mamba_layers(src_cfg, [i for i in range(src_cfg.n_layers) if i not in mla_layers])
+    check_budget(src_cfg, mla_layers if mla_layers is not None else list(range(n)), mla_cache, cache_budget)
+    check_sources(calib_data)
+    check_replaceable(os.path.abspath(out_dir))
+    tok = Tokenizer.from_name(tokenizer, folder)
+    check_tokenizer_for(tok, folder, "source")
+    source = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type),
+                                         device=device).eval()
+    calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
+    t0 = time.time()
+    if mla_layers is None:
+        if placement == "uniform":
+            mla_layers = uniform_layers(src_cfg.n_layers, n) if n else []
+        else:
+            sens = layer_sensitivity(source, calib[:8], conv_init, seed)
+            print("layer sensitivity, KL(source || that layer alone as Mamba2) per token on 8 calibration sequences:")
+            print("  " + "  ".join(f"{i}: {v:.3f}" for i, v in sens.items()))
+            mla_layers = place(sens, n)
+    print(f"MLA layers {mla_layers} ({placement if mla_layers is not None else 'given'}); the other "
+          f"{src_cfg.n_layers - len(mla_layers)} Mamba2")
+    hybrid = compose(source, mla_layers, calib, conv_init, seed, log=print, **mla_settings).eval()
+    print(f"composed in {time.time() - t0:.1f} s")
+    held = PackedData(build_cache(calib_data, tok, data_cache), "val", calib_seq_len).sample(4 * calib_seq_len, seed)
+    kl, _ = kl_per_token(source, hybrid, held)
+    print(f"KL(source || hybrid) at init: {kl:.3f} nats/token on {held.numel()} held-out tokens")
+    for T, b, s in cache_table(hybrid, source):
+        print(f"cache of one sequence at {T:>6} tokens (bf16, state fp32): {b / 2**20:8.3f} MiB vs the source's "
+              f"{s / 2**20:8.3f} MiB ({100 * b / s:.2f}%)")
+    hybrid.save_pretrained(out_dir, run_config=config, tokenizer=tok)
+    print(f"saved {out_dir}; next: python distill.py --student_from={out_dir} --teacher={init_from} --ild=True")
