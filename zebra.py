@@ -161,8 +161,7 @@ def check_budget(cfg: ModelConfig, mla_layers, mla_cache, cache_budget):
         return
     src = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim
     numbers = cache_budget * src if isinstance(cache_budget, float) and cache_budget <= 1 else cache_budget
-    need = len(mla_layers) * mla_cache + sum(2 * cfg.n_kv_heads * cfg.head_dim for i in range(cfg.n_layers)
-                                             if cfg.layer_type(i) == "gqa" and i not in mla_layers)
+    need = len(mla_layers) * mla_cache  # every other layer becomes Mamba2: no per-token cache
     if need > numbers:
         raise ValueError(f"{len(mla_layers)} MLA layers {sorted(mla_layers)} cache {need} numbers per token, over "
                          f"cache_budget={cache_budget} ({numbers:.0f} numbers). Fix: fewer mla_layers, smaller "
