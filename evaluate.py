@@ -337,8 +337,9 @@ def perplexity_and_kl(model, tok, text, seq_len, teacher=None, max_tokens=None):
 
 
 def kv_report(model, source=None, batch=1, context=32768, dtype=torch.bfloat16):
-    per_layer = [b.self_attn.cache_elements_per_token() for b in model.model.layers]
+    per_layer = [b.mixer.cache_elements_per_token() for b in model.model.layers]
     rep = {"elements_per_token_per_layer": per_layer, "elements_per_token": sum(per_layer),
+           "state_bytes": model.state_bytes(batch, dtype),  # Mamba2 layers: fixed, whatever the context
            "bytes": model.kv_cache_bytes(batch, context, dtype), "batch": batch, "context": context,
            "dtype": str(dtype).replace("torch.", "")}
     if source is not None:
@@ -348,8 +349,11 @@ def kv_report(model, source=None, batch=1, context=32768, dtype=torch.bfloat16):
 
 
 @torch.no_grad()
-def decode_speed(model, batch, context, new_tokens=32, repeats=1):
-    """Tokens/s of generate's decode steps (prefill timed apart) with the model's real cache, random prompt ids."""
+def decode_speed(model, batch, context, new_tokens=32, repeats=1, prefill=True):
+    """Tokens/s of generate's decode steps (prefill timed apart) with the model's real cache, random prompt ids.
+    prefill=False decodes from position `context` against caches that were allocated but never filled (zeros):
+    the same work per step, without a long prompt's prefill (whose attention scores, at 32K tokens, a CPU cannot
+    hold)."""
     dev = model.lm_head.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), device=dev,
                            generator=torch.Generator(device=dev).manual_seed(0))
@@ -359,7 +363,10 @@ def decode_speed(model, batch, context, new_tokens=32, repeats=1):
         model.setup_caches(batch, context + new_tokens)
         sync()
         t0 = time.time()
-        logits = model(prompt, input_pos=torch.arange(context, device=dev))[:, -1]
+        if prefill:
+            logits = model(prompt, input_pos=torch.arange(context, device=dev))[:, -1]
+        else:
+            logits = model(prompt[:, -1:], input_pos=torch.tensor([context - 1], device=dev))[:, -1]
         sync()
         t1 = time.time()
         for t in range(new_tokens):
@@ -367,7 +374,7 @@ def decode_speed(model, batch, context, new_tokens=32, repeats=1):
         sync()
         best = min(best, time.time() - t1)
         model.clear_caches()
-    return {"batch": batch, "context": context, "new_tokens": new_tokens, "prefill_s": t1 - t0,
+    return {"batch": batch, "context": context, "new_tokens": new_tokens, "prefill_s": t1 - t0 if prefill else None,
             "decode_tokens_per_s": batch * new_tokens / best}
 
 

@@ -191,8 +191,10 @@ def _bench():
 def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repeats=5):
     """One Llama-3.2-1B-shaped attention layer (d 2048, 32 heads, 8 KV heads of 64), one decode step against a
     filled cache of S tokens: GQA (SDPA over its own K/V cache), MLA naive (per-head K/V expanded into the cache,
-    as the official X-EcoMLA code caches them) and MLA latent (this project: r_kv + d_r per token, one SDPA call).
+    as the official X-EcoMLA code caches them), MLA latent (this project: r_kv + d_r per token, one SDPA call) and
+    the Mamba2 layer Zebra-Llama puts in its place (a fixed state; "GB/s" there is the state read per step).
     Prints step time, tokens/s (batch / step time), cache bytes read per step / step time, and cache memory."""
+    from mamba2 import Mamba2, ssd_sequential
     from model import Attention, KVCache, MLAttention, ModelConfig, rope_cos_sin, rope_inv_freq
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -265,11 +267,21 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
                 rows.append((f"MLA r_kv {r_kv} latent", r_kv + 32, timed(lambda mla=mla: mla(x, rope, pos, mask)),
                              timed(lambda mla=mla, ql=ql, r_kv=r_kv: latent_attention(ql, mla.cache.kv, r_kv, 0.125,
                                                                                       mask))))
+            # Mamba2 (Zebra-Llama) of the same layer's shape: d_inner 2048, d_xb 512, d_state = headdim 64. Its cache
+            # is a fixed state (B, 32, 64, 64) in fp32 plus a 3-token conv window, whatever the context S
+            ssm = Mamba2(2048, 2048, 512, 64).to(dev, dt)
+            ssm.cache = ssm.make_cache(B, S, dt, dev)
+            sx, sdt = torch.randn(B, 1, 32, 64, device=dev), torch.rand(B, 1, 32, device=dev)
+            sB, sC = torch.randn(B, 1, 32, 64, device=dev), torch.randn(B, 1, 32, 64, device=dev)
+            A = -torch.rand(32, device=dev)
+            rows.append(("Mamba2 (fixed state)", 0, timed(lambda: ssm(x, None, pos, None)),
+                         timed(lambda: ssd_sequential(sx, sdt, A, sB, sC, ssm.cache.ssm))))
+            state_read = ssm.state_bytes(B, dt)
             t_gqa = rows[0][3]
             spread = max(spreads)
             spreads.clear()
             for name, per_tok, t, core in rows:
-                gbs = B * S * per_tok * esize / core / 1e9
+                gbs = (B * S * per_tok * esize if per_tok else state_read) / core / 1e9
                 print(f"| {name} | {per_tok} | {B} | {S} | {1e3 * t:.2f} | {B / t:,.0f} | {1e3 * core:.3f} | "
                       f"{gbs:.1f} | {t_gqa / core:.2f}x |", flush=True)
             print(f"|  | per-call spread (max/min of {repeats}) over this block: {spread:.2f}x"

@@ -81,6 +81,15 @@ def ssd_chunked(x, dt, A, B, C, chunk=64, state=None):
     return y.reshape(b, c * chunk, H, P)[:, :T], states[:, -1]
 
 
+def ssm_init(H, generator=None, dt_range=(1e-3, 0.1), A_range=(1.0, 16.0)):
+    """Mamba2's own init of a layer's SSM parameters, (dt_bias, A_log, D) of H each: dt log-uniform in dt_range
+    (dt_bias = softplus^-1(dt)), A uniform in A_range (A_log = log A), D = 1."""
+    u = torch.rand(H, generator=generator)
+    dt = torch.exp(u * (math.log(dt_range[1]) - math.log(dt_range[0])) + math.log(dt_range[0])).clamp(min=1e-4)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))                                # softplus^-1(dt)
+    return dt_bias, torch.empty(H).uniform_(*A_range, generator=generator).log(), torch.ones(H)
+
+
 class SSMCache(nn.Module):
     """A Mamba2 layer's whole cache for a batch: the last d_conv - 1 inputs of the causal conv, (B, conv_dim,
     d_conv - 1), and the state S, (B, H, P, N) in fp32. Its size does not grow with the context."""
@@ -127,14 +136,9 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2 needs ssm_d_conv >= 1 and ssm_chunk >= 1, got {d_conv} and {chunk}")
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min=1e-3, dt_max=0.1, A_range=(1.0, 16.0), generator=None):
-        """Mamba2's own init of the SSM parameters: dt log-uniform in [dt_min, dt_max] (dt_bias = softplus^-1(dt)),
-        A uniform in A_range (A_log = log A), D = 1."""
-        u = torch.rand(self.H, generator=generator)
-        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))                  # softplus^-1(dt)
-        self.A_log.copy_(torch.empty(self.H).uniform_(*A_range, generator=generator).log())
-        self.D.fill_(1.0)
+    def reset_ssm_parameters(self, generator=None):
+        for p, v in zip((self.dt_bias, self.A_log, self.D), ssm_init(self.H, generator)):
+            p.copy_(v)
 
     def make_cache(self, B, S, dtype, device):  # S (the context) is not needed: the state has a fixed size
         return SSMCache(B, self.conv_dim, self.d_conv, self.H, self.P, self.N, dtype, device)

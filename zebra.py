@@ -36,7 +36,9 @@ import time
 
 import torch
 
+from mamba2 import ssm_init
 from model import ModelConfig, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
+from svd_init import _assemble, upcycle
 
 CONV_INITS = ("identity", "random")
 PLACEMENTS = ("sensitivity", "uniform")
@@ -93,26 +95,11 @@ def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=
             w = fresh(ref.conv_dim, 1, cfg.ssm_d_conv, bound=cfg.ssm_d_conv ** -0.5)
             b = fresh(ref.conv_dim, bound=cfg.ssm_d_conv ** -0.5)
         new_sd[q + "conv1d.weight"], new_sd[q + "conv1d.bias"] = w.to(dev, dt), b.to(dev, dt)
-        u = torch.rand(ref.H, generator=gen)                                   # dt log-uniform in [1e-3, 0.1]
-        dt0 = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        new_sd[q + "dt_bias"] = (dt0 + torch.log(-torch.expm1(-dt0))).to(dev, dt)  # softplus^-1(dt)
-        new_sd[q + "A_log"] = torch.empty(ref.H).uniform_(1.0, 16.0, generator=gen).log().to(dev, dt)
-        new_sd[q + "D"] = torch.ones(ref.H, dtype=dt, device=dev)
+        for name, v in zip(("dt_bias", "A_log", "D"), ssm_init(ref.H, gen)):  # Mamba2's own, fresh
+            new_sd[q + name] = v.to(dev, dt)
         new_sd[q + "norm_weight"] = torch.ones(ref.d_inner, dtype=dt, device=dev)
         new_sd[q + "out_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
-    converted = tuple(f"model.layers.{i}.self_attn." for i in layers)
-    for k, v in src.items():
-        if not k.startswith(converted) and not (k == "lm_head.weight" and cfg.tie_embeddings):
-            new_sd[k] = v.clone() if copy else v
-    with torch.device("meta"):
-        student = Transformer(new_cfg)
-    student.load_state_dict(new_sd, strict=not cfg.tie_embeddings, assign=True)
-    if cfg.tie_embeddings:
-        student.lm_head.weight = student.model.embed_tokens.weight
-    student._init_rope(model.lm_head.weight.device)
-    for name in ("inv_freq_gqa", "inv_freq_mla"):
-        setattr(student, name, getattr(student, name).to(model.inv_freq_gqa.dtype))
-    return student.train(model.training)
+    return _assemble(model, layers, new_sd, new_cfg, copy)  # the rest as svd_init assembles an MLA student
 
 
 class Mamba2Shape:
@@ -226,7 +213,6 @@ def converted_layers(student_cfg: ModelConfig, teacher_cfg: ModelConfig):
 
 def compose(source: Transformer, mla_layers, calib=None, conv_init="identity", seed=0, log=None, **mla_settings):
     """The hybrid: `mla_layers` upcycled to MLA by svd_init.upcycle(**mla_settings), every other GQA layer Mamba2."""
-    from svd_init import upcycle
     mla_layers = sorted(int(i) for i in mla_layers)
     mamba = [i for i in range(source.config.n_layers) if i not in mla_layers and source.config.layer_type(i) == "gqa"]
     model = source
@@ -303,7 +289,7 @@ if __name__ == "__main__":
     calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
     t0 = time.time()
     if mla_layers is None:
-        if placement == "uniform":
+        if placement == "uniform" or n in (0, src_cfg.n_layers):  # nothing to choose at 0 or all layers
             mla_layers = uniform_layers(src_cfg.n_layers, n) if n else []
         else:
             sens = layer_sensitivity(source, calib[:8], conv_init, seed)
