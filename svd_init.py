@@ -89,8 +89,8 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
         raise ValueError(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
     already = [i for i in layers if cfg.layer_type(i) != "gqa"]
     if already:
-        raise ValueError(f"layers {already} are already {[cfg.layer_type(i) for i in already]}; upcycle converts GQA "
-                         "layers only")
+        kinds = sorted({cfg.layer_type(i).replace('mla', 'MLA').replace('mamba2', 'Mamba2') for i in already})
+        raise ValueError(f"layers {already} are already {' / '.join(kinds)}; upcycle converts GQA layers only")
     if cfg.v_head_dim != cfg.head_dim:
         raise ValueError(f"d_v must equal d_h (paper §4.1), got v_head_dim={cfg.v_head_dim}, head_dim={cfg.head_dim}")
     if init not in INITS:
