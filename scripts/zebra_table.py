@@ -43,6 +43,9 @@ env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def run(args, n=1):
+    out_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--out_dir=")), None)
+    if out_dir and os.path.exists(os.path.join(out_dir, "final", "config.json")) and args[0] == "distill.py":
+        return "", None  # that stage finished before (a rerun after an interruption)
     launcher = [PY] if n == 1 else [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
     t0 = time.time()
     r = subprocess.run(launcher + args, env=env, capture_output=True, text=True)
@@ -61,9 +64,13 @@ common = [f"--teacher={init_from}", f"--tokenizer={tokenizer}", f"--data_cache={
           "--eval_every=1000", "--log_every=5", "--ckpt_every=1000", "--warmup_frac=0.1"]
 variants = [(f, "sensitivity", True) for f in fractions] + [(f, "uniform", True) for f in uniform_at] + \
            [(f, "sensitivity", False) for f in no_ild_at]
-rows = []
+rows, done_file = [], os.path.join(out_root, "rows.jsonl")
+done = {r["name"]: r for r in map(json.loads, open(done_file))} if os.path.exists(done_file) else {}
 for frac, placement, with_ild in variants:
     name = f"mla{frac:g}_{placement}" + ("" if with_ild else "_noild")
+    if name in done:  # rerunning the script continues where it stopped
+        rows.append(done[name])
+        continue
     root = os.path.join(out_root, name)
     hybrid = os.path.join(root, "init")
     if not os.path.exists(os.path.join(hybrid, "config.json")):
@@ -88,13 +95,13 @@ for frac, placement, with_ild in variants:
     src = Transformer.from_pretrained(init_from)
     rows.append(dict(name=name, mla=list(m.config.mla_layers), n_mamba=len(m.config.mamba_layers),
                      per_token=m.kv_cache_elements_per_token(), src_per_token=src.kv_cache_elements_per_token(),
-                     state=m.state_bytes(1), bytes={T: m.kv_cache_bytes(1, T) for T in (1024, 8192, 32768)},
-                     src_bytes={T: src.kv_cache_bytes(1, T) for T in (1024, 8192, 32768)},
+                     state=m.state_bytes(1), bytes={str(T): m.kv_cache_bytes(1, T) for T in (1024, 8192, 32768)},
+                     src_bytes={str(T): src.kv_cache_bytes(1, T) for T in (1024, 8192, 32768)},
                      kl_init=(ev_ild if with_ild else ev_e2e)[0]["kl"], kl_ild=ev_ild[-1]["kl"] if with_ild else None,
                      kl_e2e=ev_e2e[-1]["kl"], seconds=t))
     r = rows[-1]
     print(json.dumps(r), flush=True)
-    with open(os.path.join(out_root, "rows.jsonl"), "a") as f:
+    with open(done_file, "a") as f:
         f.write(json.dumps(r) + "\n")
 
 tok = ild_steps * tokens_per_step
@@ -105,7 +112,7 @@ print("| student | MLA layers | Mamba2 | cache/token (% GQA) | fixed state | cac
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     pct = " / ".join(f"{r['bytes'][T] / 2**20:.2f} MiB ({100 * r['bytes'][T] / r['src_bytes'][T]:.1f}%)"
-                     for T in (1024, 8192, 32768))
+                     for T in ("1024", "8192", "32768"))
     ild = f"{r['kl_ild']:.3f}" if r["kl_ild"] is not None else f"(no ILD; KL for {2 * tok // 1000}K tokens)"
     print(f"| {r['name']} | {r['mla']} | {r['n_mamba']} | {r['per_token']} ({100 * r['per_token'] / r['src_per_token']:.1f}%) "
           f"| {r['state'] / 1024:.1f} KiB | {pct} | {r['kl_init']:.3f} | {ild} | {r['kl_e2e']:.3f} |")
