@@ -123,6 +123,10 @@ def test_cache_bytes_per_sequence():
         assert m.allocated_cache_bytes() == m.kv_cache_bytes(3, 50, dtype)
         m.clear_caches()
     assert m.state_bytes(1) == Transformer(hybrid_cfg(max_seq_len=4096)).state_bytes(1)  # not the context's
+    from evaluate import kv_report
+    rep = kv_report(m, context=1000)
+    assert rep["state_bytes"] == m.state_bytes(1) and rep["bytes"] == m.kv_cache_bytes(1, 1000)
+    assert rep["elements_per_token_per_layer"] == [128, 0, 20, 0]
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -153,3 +157,5 @@ def test_bad_shapes_and_layer_lists_are_refused():
     with pytest.raises(ValueError, match="ssm_d_conv"):
         Mamba2(16, 16, 16, 16, d_conv=0)
     assert ModelConfig.from_hf({**tiny_config(mamba_layers=(0,)).to_hf()}).mamba_layers == (0,)
+    with pytest.raises(ValueError, match="Mamba2: the DeepSeek-V3 format"):  # no engine format holds a hybrid
+        random_model(hybrid_cfg()).save_pretrained("/nonexistent/never-written", fmt="deepseek")
