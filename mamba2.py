@@ -175,8 +175,8 @@ class Mamba2(nn.Module):
         z, xBC, dt_raw = self.split(self.in_proj(u))
         cache = self.cache if input_pos is not None else None
         if cache is not None:
-            fresh = (input_pos[0] > 0).to(xBC.dtype)                           # 0 at the start of a sequence
-            window = cache.conv * fresh                                        # (b, conv_dim, d_conv - 1)
+            carry = (input_pos[0] > 0).to(xBC.dtype)                           # 0 at the start of a sequence
+            window = cache.conv * carry                                        # (b, conv_dim, d_conv - 1)
         else:
             window = xBC.new_zeros(b, self.conv_dim, self.d_conv - 1)
         seq = torch.cat([window, xBC.transpose(1, 2)], dim=-1)                 # (b, conv_dim, d_conv - 1 + T)
@@ -185,7 +185,7 @@ class Mamba2(nn.Module):
         f32 = torch.promote_types(u.dtype, torch.float32)
         dt = F.softplus(dt_raw.to(f32) + self.dt_bias.to(f32))                 # (b, T, H)
         A = -torch.exp(self.A_log.to(f32))                                     # (H,)
-        S0 = cache.ssm * fresh.to(f32) if cache is not None else None
+        S0 = cache.ssm * carry.to(f32) if cache is not None else None
         args = (x.to(f32), dt, A, B.to(f32), C.to(f32))
         y, S = ssd_sequential(*args, S0) if T == 1 else ssd_chunked(*args, self.chunk, S0)
         if cache is not None:

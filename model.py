@@ -926,4 +926,5 @@ if __name__ == "__main__":
     start = torch.tensor([ids], device=device)
     out = m.generate(start, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos)
     print(decode(out[0, len(ids):].tolist()))
-    print(f"KV cache: {m.kv_cache_elements_per_token()} numbers per token over {m.config.n_layers} layers")
+    print(f"KV cache: {m.kv_cache_elements_per_token()} numbers per token over {m.config.n_layers} layers"
+          + (f", plus {m.state_bytes(1) / 1024:.1f} KiB of Mamba2 state per sequence" if m.config.mamba_layers else ""))
