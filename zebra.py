@@ -42,6 +42,7 @@ from svd_init import _assemble, upcycle
 
 CONV_INITS = ("identity", "random")
 PLACEMENTS = ("sensitivity", "uniform")
+GAINS = ("calibrated", "ones")
 
 
 # -----------------------------------------------------------------------------
@@ -65,9 +66,12 @@ def check_mamba_layers(cfg: ModelConfig, layers):
 
 
 @torch.no_grad()
-def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=0, copy=True) -> Transformer:
+def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=0, copy=True, gains=None
+                         ) -> Transformer:
     """A new Transformer whose GQA layers `layers` are Mamba2 initialised from their attention (the mapping above);
-    every other tensor cloned (copy=False: shared with `model`)."""
+    every other tensor cloned (copy=False: shared with `model`). gains {layer: (d_inner,)}: the norm weights
+    (fit_gains); None: ones, as published. Each layer's fresh tensors come from its own seed, so a layer is
+    initialised the same whichever other layers are converted with it."""
     cfg = model.config
     layers = [int(i) for i in layers]
     check_mamba_layers(cfg, layers)
@@ -75,11 +79,11 @@ def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=
         raise ValueError(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
     new_cfg = mamba_config(cfg, layers)
     src = model.state_dict()
-    gen = torch.Generator().manual_seed(seed)
     d = cfg.dim
-    fresh = lambda *shape, bound: (torch.rand(*shape, generator=gen) * 2 - 1) * bound  # nn.Linear / Conv1d's init
     new_sd = {}
     for i in layers:
+        gen = torch.Generator().manual_seed(seed * 100003 + i)
+        fresh = lambda *shape, bound: (torch.rand(*shape, generator=gen) * 2 - 1) * bound  # nn.Linear / Conv1d's
         p, q = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mamba."
         W_Q, W_K, W_V = (src[p + f"{n}_proj.weight"] for n in "qkv")           # (out, in), HF layout
         dt, dev = W_Q.dtype, W_Q.device
@@ -97,9 +101,43 @@ def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=
         new_sd[q + "conv1d.weight"], new_sd[q + "conv1d.bias"] = w.to(dev, dt), b.to(dev, dt)
         for name, v in zip(("dt_bias", "A_log", "D"), ssm_init(ref.H, gen)):  # Mamba2's own, fresh
             new_sd[q + name] = v.to(dev, dt)
-        new_sd[q + "norm_weight"] = torch.ones(ref.d_inner, dtype=dt, device=dev)
+        new_sd[q + "norm_weight"] = (gains[i] if gains is not None else torch.ones(ref.d_inner)).to(dev, dt)
         new_sd[q + "out_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
     return _assemble(model, layers, new_sd, new_cfg, copy)  # the rest as svd_init assembles an MLA student
+
+
+@torch.no_grad()
+def fit_gains(source: Transformer, layers, calib, conv_init="identity", seed=0, batch_size=4):
+    """{layer: (d_inner,) norm weights} for Mamba2 layers initialised from `source`'s attention in `layers`: per
+    channel c, the least-squares gain w_c = E[g_c a_c] / E[g_c^2] that brings the layer's normed output g (the
+    out_proj input, at weight 1) closest to the attention's output a (the o_proj input), each layer fed the
+    source's own input to it on calib (N, T) ids. w = 0 is removing the attention, so the fitted layer is never
+    further from the source's (in this per-channel sense) than no layer at all; the published init (w = 1) can be.
+    """
+    hybrid = mamba_from_attention(source, layers, conv_init, seed, copy=False).eval()
+    seen, hooks = {}, []
+    for i in layers:
+        hooks.append(source.model.layers[i].self_attn.register_forward_pre_hook(
+            lambda mod, args, i=i: seen.__setitem__(("x", i), args[0])))
+        hooks.append(source.model.layers[i].self_attn.o_proj.register_forward_pre_hook(
+            lambda mod, args, i=i: seen.__setitem__(("a", i), args[0])))
+        hooks.append(hybrid.model.layers[i].mamba.out_proj.register_forward_pre_hook(
+            lambda mod, args, i=i: seen.__setitem__(("g", i), args[0])))
+    num = {i: 0.0 for i in layers}
+    den = {i: 0.0 for i in layers}
+    try:
+        ids = calib.to(source.lm_head.weight.device)
+        for j in range(0, len(ids), batch_size):
+            source(ids[j:j + batch_size])
+            for i in layers:
+                hybrid.model.layers[i].mamba(seen[("x", i)])                      # on the source's input
+                g, a = seen[("g", i)].flatten(0, 1).double(), seen[("a", i)].flatten(0, 1).double()
+                num[i] = num[i] + (g * a).sum(0)
+                den[i] = den[i] + (g * g).sum(0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: (num[i] / den[i].clamp(min=1e-30)).float().cpu() for i in layers}
 
 
 class Mamba2Shape:
@@ -161,7 +199,7 @@ def uniform_layers(n_layers, n_mla):
 
 
 @torch.no_grad()
-def layer_sensitivity(model: Transformer, calib, conv_init="identity", seed=0, batch_size=4):
+def layer_sensitivity(model: Transformer, calib, conv_init="identity", seed=0, batch_size=4, gains=None):
     """{layer: KL(model || model with only that layer as its Mamba2 init)} per token on calib (N, T) ids."""
     ids = calib.to(model.lm_head.weight.device)
     lp_t = torch.cat([model(ids[j:j + batch_size]).float().log_softmax(-1) for j in range(0, len(ids), batch_size)])
@@ -169,7 +207,8 @@ def layer_sensitivity(model: Transformer, calib, conv_init="identity", seed=0, b
     for i in range(model.config.n_layers):
         if model.config.layer_type(i) != "gqa":
             continue
-        one = mamba_from_attention(model, [i], conv_init, seed, copy=False).eval()
+        one = mamba_from_attention(model, [i], conv_init, seed, copy=False,
+                                   gains=None if gains is None else {i: gains[i]}).eval()
         lp_s = torch.cat([one(ids[j:j + batch_size]).float().log_softmax(-1) for j in range(0, len(ids), batch_size)])
         out[i] = (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
     return out
@@ -211,14 +250,19 @@ def converted_layers(student_cfg: ModelConfig, teacher_cfg: ModelConfig):
 # Compose a hybrid
 
 
-def compose(source: Transformer, mla_layers, calib=None, conv_init="identity", seed=0, log=None, **mla_settings):
-    """The hybrid: `mla_layers` upcycled to MLA by svd_init.upcycle(**mla_settings), every other GQA layer Mamba2."""
+def compose(source: Transformer, mla_layers, calib=None, conv_init="identity", seed=0, log=None, gains=None,
+            **mla_settings):
+    """The hybrid: `mla_layers` upcycled to MLA by svd_init.upcycle(**mla_settings), every other GQA layer Mamba2
+    (with `gains` from fit_gains, or ones)."""
     mla_layers = sorted(int(i) for i in mla_layers)
     mamba = [i for i in range(source.config.n_layers) if i not in mla_layers and source.config.layer_type(i) == "gqa"]
     model = source
     if mla_layers:
         model = upcycle(source, mla_layers=mla_layers, calib=calib, seed=seed, log=log, **mla_settings)
-    return mamba_from_attention(model, mamba, conv_init, seed, copy=model is source) if mamba else model
+    if not mamba:
+        return model
+    return mamba_from_attention(model, mamba, conv_init, seed, copy=model is source,
+                                gains=None if gains is None else {i: gains[i] for i in mamba})
 
 
 def cache_table(model: Transformer, source: Transformer, contexts=(1024, 8192, 32768), dtype=torch.bfloat16):
@@ -238,6 +282,7 @@ if __name__ == "__main__":
     cache_budget: float | None = None  # per-token cache: a fraction of the source's GQA cache, or numbers per token
     placement = "sensitivity"  # "sensitivity" (measured here) or "uniform" (the published pattern)
     conv_init = "identity"     # Mamba2's conv at init: "identity" (ours) or "random" (Mamba2's)
+    ssm_gain = "calibrated"    # Mamba2's norm weights at init: "calibrated" (fit_gains, ours) or "ones" (published)
     # MLA layers: svd_init.py's settings (init rorope needs calibration, as does placement="sensitivity")
     init = "rorope"
     q_rank: int | None = None
@@ -265,6 +310,8 @@ if __name__ == "__main__":
         raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}")
     if conv_init not in CONV_INITS:
         raise ValueError(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
+    if ssm_gain not in GAINS:
+        raise ValueError(f"ssm_gain={ssm_gain!r}: use one of {GAINS}")
     mla_settings = dict(init=init, q_rank=q_rank, kv_rank=kv_rank, qk_rope_dim=qk_rope_dim, latent_norm=latent_norm)
     d_r = qk_rope_dim if qk_rope_dim is not None else src_cfg.head_dim // 2
     mla_cache = (kv_rank or min(src_cfg.dim, 2 * src_cfg.n_kv_heads * src_cfg.head_dim)) + d_r
@@ -288,17 +335,23 @@ if __name__ == "__main__":
                                          device=device).eval()
     calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
     t0 = time.time()
+    gains = None
+    if ssm_gain == "calibrated":
+        gains = fit_gains(source, [i for i in range(src_cfg.n_layers) if src_cfg.layer_type(i) == "gqa"], calib,
+                          conv_init, seed)
+        print(f"Mamba2 norm gains fitted on {calib.numel()} calibration tokens (mean |w| per layer: "
+              + ", ".join(f"{g.abs().mean():.3f}" for g in gains.values()) + ")")
     if mla_layers is None:
         if placement == "uniform" or n in (0, src_cfg.n_layers):  # nothing to choose at 0 or all layers
             mla_layers = uniform_layers(src_cfg.n_layers, n) if n else []
         else:
-            sens = layer_sensitivity(source, calib[:8], conv_init, seed)
+            sens = layer_sensitivity(source, calib[:8], conv_init, seed, gains=gains)
             print("layer sensitivity, KL(source || that layer alone as Mamba2) per token on 8 calibration sequences:")
             print("  " + "  ".join(f"{i}: {v:.3f}" for i, v in sens.items()))
             mla_layers = place(sens, n)
     print(f"MLA layers {mla_layers} ({placement if mla_layers is not None else 'given'}); the other "
           f"{src_cfg.n_layers - len(mla_layers)} Mamba2")
-    hybrid = compose(source, mla_layers, calib, conv_init, seed, log=print, **mla_settings).eval()
+    hybrid = compose(source, mla_layers, calib, conv_init, seed, log=print, gains=gains, **mla_settings).eval()
     print(f"composed in {time.time() - t0:.1f} s")
     held = PackedData(build_cache(calib_data, tok, data_cache), "val", calib_seq_len).sample(4 * calib_seq_len, seed)
     kl, _ = kl_per_token(source, hybrid, held)

@@ -24,6 +24,7 @@ no_ild_at = [0.25]         # also the KL alone for ild_steps + e2e_steps at thes
 kv_rank = 16               # the MLA layers: init rorope at these ranks
 qk_rope_dim = 16
 conv_init = "identity"
+ssm_gain = "calibrated"    # Mamba2's norm weights at init: "calibrated" (ours) or "ones" (published)
 tokenizer = "bytes"        # "" for the model folder's own
 data_cache = "out/data_cache"
 seq_len = 256
@@ -76,8 +77,11 @@ for frac, placement, with_ild in variants:
     if not os.path.exists(os.path.join(hybrid, "config.json")):
         out, _ = run(["zebra.py", f"--init_from={init_from}", f"--out_dir={hybrid}", f"--mla_fraction={frac}",
                       f"--placement={placement}", f"--kv_rank={kv_rank}", f"--qk_rope_dim={qk_rope_dim}",
-                      f"--conv_init={conv_init}", f"--tokenizer={tokenizer}", f"--data_cache={data_cache}"])
-        print(out.strip().splitlines()[-6], flush=True)
+                      f"--conv_init={conv_init}", f"--ssm_gain={ssm_gain}", f"--tokenizer={tokenizer}",
+                      f"--data_cache={data_cache}"])
+        with open(os.path.join(root, "zebra.txt"), "w") as f:  # sensitivities, layers, KL at init, cache
+            f.write(out)
+        print(next(l for l in out.splitlines() if l.startswith("MLA layers")), flush=True)
     t = {}
     if with_ild:
         _, t["ild"] = run(["distill.py", f"--student_from={hybrid}", "--ild=True", f"--max_steps={ild_steps}",

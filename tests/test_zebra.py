@@ -11,8 +11,8 @@ from torch.testing import assert_close
 
 from conftest import random_model, read_log, run_script, tiny_config, write_config
 from model import Transformer
-from zebra import (check_budget, compose, ild_errors, layer_sensitivity, mamba_from_attention, n_mla_for, place,
-                   uniform_layers)
+from zebra import (check_budget, compose, fit_gains, ild_errors, layer_sensitivity, mamba_from_attention, n_mla_for,
+                   place, uniform_layers)
 
 
 def test_init_with_decay_off_and_dt_one_is_causal_linear_attention():
@@ -60,6 +60,34 @@ def test_init_copies_and_fresh_parameters():
     assert torch.equal(ident.weight[..., -1], torch.ones_like(ident.weight[..., -1])) and not ident.bias.any()
     with pytest.raises(ValueError, match="not GQA"):
         mamba_from_attention(m, [0])
+
+
+def test_fitted_gains_are_the_per_channel_least_squares():
+    """Each gain minimises sum_t (w_c g_c - a_c)^2 for its channel: moving any w_c either way costs."""
+    src = random_model(tiny_config()).double()
+    ids = torch.randint(0, 96, (4, 12))
+    gains = fit_gains(src, [0, 1, 2, 3], ids, batch_size=2)
+    seen = {}
+    src.model.layers[1].self_attn.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    src.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("a", a[0]))
+    src(ids)
+    layer = mamba_from_attention(src, [1]).double().model.layers[1].mamba  # the same init (per-layer seeds)
+    layer.out_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("g", a[0]))
+    with torch.no_grad():
+        layer(seen["x"])
+    g, a = seen["g"].flatten(0, 1), seen["a"].flatten(0, 1)
+    err = lambda w: ((w * g - a) ** 2).sum(0)                            # per channel
+    w = gains[1].double()
+    assert_close(w, (g * a).sum(0) / (g * g).sum(0), rtol=1e-5, atol=1e-7)
+    for eps in (1e-2, -1e-2):
+        assert (err(w + eps) > err(w)).all()
+    fitted = mamba_from_attention(src, [1, 3], gains=gains)
+    assert torch.equal(fitted.model.layers[3].mamba.norm_weight, gains[3].double())
+    # with the gains, each layer alone is closer to the source than with the published ones
+    x = torch.randint(0, 96, (2, 16))
+    sens = layer_sensitivity(src, x, gains=gains)
+    ones = layer_sensitivity(src, x)
+    assert sum(sens.values()) < sum(ones.values())
 
 
 def test_ild_errors_by_hand():
