@@ -28,8 +28,9 @@ from model import ModelConfig, Transformer, read_model_config, resolve_checkpoin
 from svd_init import check_settings, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
 from zebra import converted_layers, ild_errors
-from trainer import (RunLog, barrier, check_resume_config, checkpoint_bytes, eval_chunks, export_model, fit,
-                     init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step, shard)
+from trainer import (RunLog, barrier, check_resume_config, checkpoint_bytes, eval_chunks, export_model, finish,
+                     fit, init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step,
+                     shard)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -330,4 +331,4 @@ if kv_src:
 final = os.path.join(out_dir, "final")
 export_model(student, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer=tok)
 log.print(f"exported {final} (load with Transformer.from_pretrained)")
-dist.destroy_process_group()
+finish()

@@ -42,7 +42,7 @@ if __name__ == "__main__":
     from kernels import linear_logprobs
     from model import Transformer, read_model_config, resolve_checkpoint, resolve_dtype
     from tokenizer import Tokenizer, check_tokenizer_for
-    from trainer import (RunLog, check_resume_config, checkpoint_bytes, eval_chunks, export_model, fit,
+    from trainer import (RunLog, check_resume_config, checkpoint_bytes, eval_chunks, export_model, finish, fit,
                          init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step,
                          shard)
 
@@ -242,4 +242,4 @@ if __name__ == "__main__":
     final = os.path.join(out_dir, "final")
     export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer=tok)
     log.print(f"exported {final}")
-    dist.destroy_process_group()
+    finish()

@@ -148,7 +148,8 @@ class ModelConfig:
             mt = "llama_mla"
         if mt not in ("llama", "llama_mla", "llama_hybrid"):
             raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama', 'llama_mla' and "
-                             f"'llama_hybrid' folders and DeepSeek-V2/V3-format MLA folders ({', '.join(deepseek.DS_TYPES)})")
+                             "'llama_hybrid' folders and DeepSeek-V2/V3-format MLA folders "
+                             f"({', '.join(deepseek.DS_TYPES)})")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
