@@ -1,6 +1,7 @@
 """
 The model: a Llama 3 family decoder (as Hugging Face's LlamaForCausalLM computes it) in which any subset of
-layers may use Multi-head Latent Attention (MLA) instead of grouped-query attention (GQA).
+layers may use Multi-head Latent Attention (MLA) instead of grouped-query attention (GQA), or a Mamba2 state space
+layer (mamba2.py; Zebra-Llama's hybrids, zebra.py).
 
 Run it (text from BOS with a Hugging Face Llama folder or hub id; CPU, or one GPU):
     python model.py                                     # the bundled stories260K, CPU
