@@ -20,7 +20,8 @@ z, dt and dt_bias (log-uniform in [1e-3, 0.1]), A_log (log of U[1, 16]), D = 1 a
 and norms are copied. Two choices of ours (the README measures both against the published ones):
   ssm_gain="calibrated"  the per-head RMSNorm's weights fitted by least squares to the attention output they
                          replace (fit_gains), instead of 1: a Mamba2 layer at weight 1 can move the residual stream
-                         further than removing the attention would (SmolLM2, 15 Mamba2 layers: KL 8.4 at init, 5.1 fitted)
+                         further than removing the attention would (SmolLM2, 15 Mamba2 layers: KL at init 8.4,
+                         5.1 fitted)
   conv_init="identity"   tap 1 on the current token instead of Mamba2's random conv, so the mapping above holds
 
 Placement (placement="sensitivity"): each layer's sensitivity is KL(source || source with that one layer
@@ -32,9 +33,7 @@ produce the teacher's next one: loss = sum_i mean over tokens ||block_i(h_i) - h
 each other, so one hybrid trained this way gets exactly what the published separate all-MLA and all-Mamba2 ILD
 runs give its layers, at one run's cost. (The published loss adds the same norm on the mixer outputs alone.)
 """
-import math
 import os
-import sys
 import time
 
 import torch

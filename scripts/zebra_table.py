@@ -93,7 +93,6 @@ for frac, placement, with_ild in variants:
     _, t["e2e"] = run(["distill.py", f"--student_from={start}", f"--max_steps={steps}", f"--lr={lr_e2e}",
                        f"--out_dir={root}/e2e"] + common, nproc)
     ev_e2e = evals(f"{root}/e2e")
-    import torch
     from model import Transformer
     m = Transformer.from_pretrained(f"{root}/e2e/final")
     src = Transformer.from_pretrained(init_from)
@@ -109,8 +108,8 @@ for frac, placement, with_ild in variants:
         f.write(json.dumps(r) + "\n")
 
 tok = ild_steps * tokens_per_step
-print(f"\n{init_from}: ILD {ild_steps} x {tokens_per_step} tokens (lr {lr_ild}), then KL {e2e_steps} x {tokens_per_step} "
-      f"(lr {lr_e2e}); held-out KL(teacher || student) per token")
+print(f"\n{init_from}: ILD {ild_steps} x {tokens_per_step} tokens (lr {lr_ild}), then KL {e2e_steps} x "
+      f"{tokens_per_step} (lr {lr_e2e}); held-out KL(teacher || student) per token")
 print("| student | MLA layers | Mamba2 | cache/token (% GQA) | fixed state | cache at 1K / 8K / 32K (% GQA) | KL init "
       "| after ILD | after KL |")
 print("|---|---|---|---|---|---|---|---|---|")
@@ -118,5 +117,6 @@ for r in rows:
     pct = " / ".join(f"{r['bytes'][T] / 2**20:.2f} MiB ({100 * r['bytes'][T] / r['src_bytes'][T]:.1f}%)"
                      for T in ("1024", "8192", "32768"))
     ild = f"{r['kl_ild']:.3f}" if r["kl_ild"] is not None else f"(no ILD; KL for {2 * tok // 1000}K tokens)"
-    print(f"| {r['name']} | {r['mla']} | {r['n_mamba']} | {r['per_token']} ({100 * r['per_token'] / r['src_per_token']:.1f}%) "
+    share = 100 * r["per_token"] / r["src_per_token"]
+    print(f"| {r['name']} | {r['mla']} | {r['n_mamba']} | {r['per_token']} ({share:.1f}%) "
           f"| {r['state'] / 1024:.1f} KiB | {pct} | {r['kl_init']:.3f} | {ild} | {r['kl_e2e']:.3f} |")

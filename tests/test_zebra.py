@@ -105,7 +105,8 @@ def test_ild_errors_by_hand():
         for i in range(4):
             for b in range(2):
                 for t in range(9):
-                    want[b, t] += math.sqrt(sum((float(a) - float(c)) ** 2 for a, c in zip(outs[i][b, t], hs[i + 1][b, t])))
+                    pairs = zip(outs[i][b, t].tolist(), hs[i + 1][b, t].tolist())
+                    want[b, t] += math.sqrt(sum((a - c) ** 2 for a, c in pairs))
         assert_close(err, want, rtol=1e-5, atol=1e-5)
         # a layer equal to the teacher's gives exactly the teacher's next state: the teacher-forced path is the same
         same = teacher(x, layer_inputs={2: hs[2]})
@@ -136,8 +137,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zebra")
     teacher = random_model(tiny_config(vocab_size=512, bos_id=256, eos_id=(257,), max_seq_len=128))
     teacher.save_pretrained(tmp / "teacher")
-    rows = [{"instruction": f"Say the number {i} in words.", "input": "", "output": f"The number is {i}, twice {2 * i}."}
-            for i in range(120)]
+    rows = [{"instruction": f"Say the number {i} in words.", "input": "",
+             "output": f"The number is {i}, twice {2 * i}."} for i in range(120)]
     (tmp / "sft.json").write_text(json.dumps(rows))
     pairs = [{"conversations": [{"from": "human", "value": f"Is {i} even?"}],
               "chosen": {"from": "gpt", "value": "yes" if i % 2 == 0 else "no"},
@@ -199,6 +200,6 @@ def test_bad_input_fails_before_any_work(setup):
         r = run_script("zebra.py", zebra_cfg(setup, "bad", **over), check=False)
         assert r.returncode != 0 and msg in r.stderr, (over, r.stderr[-600:])
         assert "calibration" not in r.stdout and not (setup / "bad").exists()
-    r = run_script("distill.py", distill_cfg(setup, "badild", ild=True, student_from="", init_from=str(setup / "teacher"),
-                                             teacher="none"), check=False)
+    bad = distill_cfg(setup, "badild", ild=True, student_from="", init_from=str(setup / "teacher"), teacher="none")
+    r = run_script("distill.py", bad, check=False)
     assert r.returncode != 0 and "ild=True needs a teacher" in r.stderr
