@@ -40,7 +40,7 @@ import torch
 
 from mamba2 import ssm_init
 from model import ModelConfig, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
-from svd_init import _assemble, upcycle
+from svd_init import _assemble, kv_budget_numbers, upcycle
 
 CONV_INITS = ("identity", "random")
 PLACEMENTS = ("sensitivity", "uniform")
@@ -89,21 +89,22 @@ def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=
         p, q = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mamba."
         W_Q, W_K, W_V = (src[p + f"{n}_proj.weight"] for n in "qkv")           # (out, in), HF layout
         dt, dev = W_Q.dtype, W_Q.device
-        ref = Mamba2Shape(new_cfg)
-        z = fresh(ref.d_inner, d, bound=d ** -0.5)
-        dt_rows = fresh(ref.H, d, bound=d ** -0.5)
+        d_inner, H = new_cfg.ssm_d_inner, new_cfg.ssm_d_inner // new_cfg.ssm_d_state
+        conv_dim = d_inner + 2 * new_cfg.ssm_d_xb                              # [x, B, C]
+        z = fresh(d_inner, d, bound=d ** -0.5)
+        dt_rows = fresh(H, d, bound=d ** -0.5)
         new_sd[q + "in_proj.weight"] = torch.cat([z.to(dev, dt), W_V, W_K, W_Q, dt_rows.to(dev, dt)], dim=0)
         if conv_init == "identity":
-            w = torch.zeros(ref.conv_dim, 1, cfg.ssm_d_conv)
+            w = torch.zeros(conv_dim, 1, cfg.ssm_d_conv)
             w[..., -1] = 1.0                                                   # the current token, unchanged
-            b = torch.zeros(ref.conv_dim)
+            b = torch.zeros(conv_dim)
         else:
-            w = fresh(ref.conv_dim, 1, cfg.ssm_d_conv, bound=cfg.ssm_d_conv ** -0.5)
-            b = fresh(ref.conv_dim, bound=cfg.ssm_d_conv ** -0.5)
+            w = fresh(conv_dim, 1, cfg.ssm_d_conv, bound=cfg.ssm_d_conv ** -0.5)
+            b = fresh(conv_dim, bound=cfg.ssm_d_conv ** -0.5)
         new_sd[q + "conv1d.weight"], new_sd[q + "conv1d.bias"] = w.to(dev, dt), b.to(dev, dt)
-        for name, v in zip(("dt_bias", "A_log", "D"), ssm_init(ref.H, gen)):  # Mamba2's own, fresh
+        for name, v in zip(("dt_bias", "A_log", "D"), ssm_init(H, gen)):  # Mamba2's own, fresh
             new_sd[q + name] = v.to(dev, dt)
-        new_sd[q + "norm_weight"] = (gains[i] if gains is not None else torch.ones(ref.d_inner)).to(dev, dt)
+        new_sd[q + "norm_weight"] = (gains[i] if gains is not None else torch.ones(d_inner)).to(dev, dt)
         new_sd[q + "out_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
     return _assemble(model, layers, new_sd, new_cfg, copy)  # the rest as svd_init assembles an MLA student
 
@@ -142,15 +143,6 @@ def fit_gains(source: Transformer, layers, calib, conv_init="identity", seed=0, 
     return {i: (num[i] / den[i].clamp(min=1e-30)).float().cpu() for i in layers}
 
 
-class Mamba2Shape:
-    """The Mamba2 widths a config gives (without building the layer)."""
-
-    def __init__(self, cfg: ModelConfig):
-        self.d_inner, self.d_xb, self.N = cfg.ssm_d_inner, cfg.ssm_d_xb, cfg.ssm_d_state
-        self.H = self.d_inner // self.N
-        self.conv_dim = self.d_inner + 2 * self.d_xb
-
-
 # -----------------------------------------------------------------------------
 # Which layers stay MLA
 
@@ -170,11 +162,10 @@ def n_mla_for(cfg: ModelConfig, n_mla=None, mla_fraction=None, cache_budget=None
             raise ValueError(f"mla_fraction={mla_fraction} must be in (0, 1]")
         n = max(1, round(L * mla_fraction))
     else:
-        src = L * 2 * cfg.n_kv_heads * cfg.head_dim
-        numbers = cache_budget * src if isinstance(cache_budget, float) and cache_budget <= 1 else cache_budget
+        numbers = _budget_numbers(cfg, cache_budget)
         n = int(numbers // mla_cache)
         if n < 1:
-            raise ValueError(f"cache_budget={cache_budget} ({numbers:.0f} numbers per token) does not hold one MLA "
+            raise ValueError(f"cache_budget={cache_budget} ({numbers} numbers per token) does not hold one MLA "
                              f"layer of r_kv + d_r = {mla_cache}. Fix: a larger budget, or smaller kv_rank / "
                              "qk_rope_dim")
     if not (isinstance(n, int) and 0 <= n <= L):
@@ -182,16 +173,23 @@ def n_mla_for(cfg: ModelConfig, n_mla=None, mla_fraction=None, cache_budget=None
     return n
 
 
+def _budget_numbers(cfg: ModelConfig, cache_budget):
+    """cache_budget as numbers per token, read as svd_init reads kv_budget (over the source's whole GQA cache)."""
+    try:
+        return kv_budget_numbers(cache_budget, cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim)
+    except ValueError as e:
+        raise ValueError(str(e).replace("kv_budget", "cache_budget").replace("over the converted layers", "")) from None
+
+
 def check_budget(cfg: ModelConfig, mla_layers, mla_cache, cache_budget):
     """A ValueError if the hybrid's per-token cache (MLA layers only) exceeds cache_budget."""
     if cache_budget is None:
         return
-    src = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim
-    numbers = cache_budget * src if isinstance(cache_budget, float) and cache_budget <= 1 else cache_budget
+    numbers = _budget_numbers(cfg, cache_budget)
     need = len(mla_layers) * mla_cache  # every other layer becomes Mamba2: no per-token cache
     if need > numbers:
         raise ValueError(f"{len(mla_layers)} MLA layers {sorted(mla_layers)} cache {need} numbers per token, over "
-                         f"cache_budget={cache_budget} ({numbers:.0f} numbers). Fix: fewer mla_layers, smaller "
+                         f"cache_budget={cache_budget} ({numbers} numbers). Fix: fewer mla_layers, smaller "
                          "ranks, or a larger budget")
 
 

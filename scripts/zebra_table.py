@@ -16,6 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
+from model import Transformer  # noqa: E402
 
 init_from = "assets/models/tiny_teacher"
 fractions = [1.0, 0.5, 0.25, 0.125]   # of the layers kept MLA; 1.0 is the all-MLA student
@@ -65,6 +66,7 @@ common = [f"--teacher={init_from}", f"--tokenizer={tokenizer}", f"--data_cache={
           "--eval_every=1000", "--log_every=5", "--ckpt_every=1000", "--warmup_frac=0.1"]
 variants = [(f, "sensitivity", True) for f in fractions] + [(f, "uniform", True) for f in uniform_at] + \
            [(f, "sensitivity", False) for f in no_ild_at]
+src = Transformer.from_pretrained(init_from)  # its cache is each row's reference
 rows, done_file = [], os.path.join(out_root, "rows.jsonl")
 done = {r["name"]: r for r in map(json.loads, open(done_file))} if os.path.exists(done_file) else {}
 for frac, placement, with_ild in variants:
@@ -93,9 +95,7 @@ for frac, placement, with_ild in variants:
     _, t["e2e"] = run(["distill.py", f"--student_from={start}", f"--max_steps={steps}", f"--lr={lr_e2e}",
                        f"--out_dir={root}/e2e"] + common, nproc)
     ev_e2e = evals(f"{root}/e2e")
-    from model import Transformer
     m = Transformer.from_pretrained(f"{root}/e2e/final")
-    src = Transformer.from_pretrained(init_from)
     rows.append(dict(name=name, mla=list(m.config.mla_layers), n_mamba=len(m.config.mamba_layers),
                      per_token=m.kv_cache_elements_per_token(), src_per_token=src.kv_cache_elements_per_token(),
                      state=m.state_bytes(1), bytes={str(T): m.kv_cache_bytes(1, T) for T in (1024, 8192, 32768)},
