@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -61,6 +60,13 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 def iter_rows(source):
     """Rows of a source: a local .json / .jsonl(.gz) / .txt / .parquet file, a HUB_SETS name, or a hub id written
     "org/name[:config][@split]" (all splits of HUB_SETS entries; "train" for bare ids)."""
+    for _, row in located_rows(source):
+        yield row
+
+
+def located_rows(source):
+    """(where, row) for every row of a source: where is "file:line", "file: row i" or "hub_id[split] row i", so a
+    skipped row can be named."""
     if os.path.exists(source):
         yield from _iter_file(source)
         return
@@ -75,7 +81,8 @@ def iter_rows(source):
         hub_id, _, config = hub_id.partition(":")
         config, splits = config or None, [split or "train"]
     for split in splits:
-        yield from datasets.load_dataset(hub_id, config, split=split)
+        for i, row in enumerate(datasets.load_dataset(hub_id, config, split=split)):
+            yield f"{hub_id}[{split}] row {i}", row
 
 
 class Malformed:
@@ -113,21 +120,22 @@ def _iter_file(path):
                 try:
                     good.append(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    yield Malformed(f"{path}:{n}", f"invalid UTF-8 ({e.reason} at byte {e.start})")
-        yield from ({"text": t} for t in _text_documents("".join(good)))
+                    yield f"{path}:{n}", Malformed(f"{path}:{n}", f"invalid UTF-8 ({e.reason} at byte {e.start})")
+        yield from ((f"{path}: document {i}", {"text": t}) for i, t in enumerate(_text_documents("".join(good))))
     elif base.endswith(".jsonl"):
         with opener(path, "rb") as f:
             for n, raw in enumerate(f, 1):
+                where = f"{path}:{n}"
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield Malformed(f"{path}:{n}", f"invalid UTF-8 ({e.reason} at byte {e.start})")
+                    yield where, Malformed(where, f"invalid UTF-8 ({e.reason} at byte {e.start})")
                     continue
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        yield where, json.loads(line)
                     except json.JSONDecodeError as e:
-                        yield Malformed(f"{path}:{n}", f"broken JSON ({e.msg})")
+                        yield where, Malformed(where, f"broken JSON ({e.msg})")
     elif base.endswith(".json"):
         with opener(path, "rb") as f:
             raw = f.read()
@@ -148,13 +156,12 @@ def _iter_file(path):
             raise ValueError(f"{path}: a .json source must hold a list of rows (or an object with one list of rows), "
                              f"got a {type(obj).__name__}")
         for i, row in enumerate(obj):
-            if bad_bytes and _has_surrogates(row):
-                yield Malformed(f"{path}: row {i}", "invalid UTF-8")
-            else:
-                yield row
+            where = f"{path}: row {i}"
+            yield where, (Malformed(where, "invalid UTF-8") if bad_bytes and _has_surrogates(row) else row)
     elif base.endswith(".parquet"):
         import datasets
-        yield from datasets.load_dataset("parquet", data_files=path, split="train")
+        for i, row in enumerate(datasets.load_dataset("parquet", data_files=path, split="train")):
+            yield f"{path}: row {i}", row
     else:
         raise ValueError(f"{path}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
 
@@ -175,9 +182,14 @@ def _cut_line(line, max_chars):
     return pieces
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _has_surrogates(x):
+    """A lone surrogate anywhere in a row: an invalid UTF-8 byte escaped by the reader, or a "\\ud800" written into
+    the JSON. Not Unicode text: tokenizers refuse it (Hugging Face's with a TypeError)."""
     if isinstance(x, str):
-        return any("\udc80" <= c <= "\udcff" for c in x)
+        return _SURROGATE.search(x) is not None
     if isinstance(x, dict):
         return any(_has_surrogates(k) or _has_surrogates(v) for k, v in x.items())
     if isinstance(x, list):
@@ -206,35 +218,87 @@ def _text_documents(text, max_chars=4000):
 
 def to_documents(row):
     """A row -> a list of documents, each a list of {role, content} messages or a plain string.
-    [] means malformed (no assistant reply, unknown roles, wrong types)."""
+    [] means unusable (no assistant reply, unknown roles, wrong types): documents_of says why."""
+    return documents_of(row)[0]
+
+
+def documents_of(row):
+    """(documents, reason): the documents of a row (see to_documents), or [] and why it cannot be used."""
+    if isinstance(row, Malformed):
+        return [], row.why
     if not isinstance(row, dict):
-        return []
+        return [], f"a row is a JSON object, got a {type(row).__name__}"
+    if _has_surrogates(row):
+        return [], "a lone surrogate (e.g. \\ud800) in its text: not valid Unicode"
     try:
         if isinstance(row.get("messages"), list) or isinstance(row.get("conversations"), list):
             turns = row.get("messages") if isinstance(row.get("messages"), list) else row["conversations"]
             msgs = []
             for t in turns:
-                role = ROLES.get(str(t.get("role", t.get("from", ""))).lower())
+                who = str(t.get("role", t.get("from", ""))).lower()
+                role = ROLES.get(who)
                 content = t.get("content", t.get("value"))
-                if role is None or not isinstance(content, str):
-                    return []
+                if role is None:
+                    return [], f"a turn with the role {who!r} (understood: {', '.join(sorted(set(ROLES)))})"
+                if not isinstance(content, str):
+                    return [], f"a {who} turn whose content is a {type(content).__name__}, not text"
                 msgs.append({"role": role, "content": content})
-            return [msgs] if _has_reply(msgs) else []
+            return ([msgs], None) if _has_reply(msgs) else ([], "no assistant reply")
         if "instances" in row and isinstance(row.get("instruction"), str):
-            return [d for inst in row["instances"] for d in to_documents({"instruction": row["instruction"], **inst})]
+            out, why = [], None
+            for inst in row["instances"]:
+                docs, w = documents_of({"instruction": row["instruction"], **inst})
+                out += docs
+                why = why or w
+            return (out, None) if out else ([], why or "no instances")
         if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
             user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
             msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-            return [msgs] if _has_reply(msgs) else []
+            return ([msgs], None) if _has_reply(msgs) else ([], "an empty output")
         if isinstance(row.get("prompt"), str):
             reply = row.get("response", row.get("completion"))
             msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": reply}]
-            return [msgs] if isinstance(reply, str) and _has_reply(msgs) else []
+            return ([msgs], None) if isinstance(reply, str) and _has_reply(msgs) else ([], "no text response")
         if isinstance(row.get("text"), str) and row["text"].strip():
-            return [row["text"]]
-    except (AttributeError, TypeError):
-        pass
-    return []
+            return [row["text"]], None
+    except (AttributeError, TypeError) as e:
+        return [], f"an unexpected shape ({e})"
+    return [], ("none of the fields a row shape uses (messages, conversations, instruction + output, prompt + "
+                f"response, text); it has {', '.join(sorted(map(str, row))[:6]) or 'none'}")
+
+
+class Skipped:
+    """Rows left out of a data build, each counted by reason and the first few named (file:row, reason)."""
+
+    def __init__(self, src):
+        self.src, self.by_reason, self.first = src, {}, []
+
+    def add(self, where, why):
+        why = why if len(why) <= 200 else why[:197] + "..."
+        key = re.sub(r"\d+", "N", why.split(" (")[0])[:80]
+        self.by_reason[key] = self.by_reason.get(key, 0) + 1
+        if len(self.first) < 5:
+            self.first.append(f"{where}: {why}")
+
+    @property
+    def n(self):
+        return sum(self.by_reason.values())
+
+    def text(self):
+        if not self.n:
+            return "no row skipped"
+        reasons = "; ".join(f"{k}: {v}" for k, v in self.by_reason.items())
+        return f"{self.n} row{'s' * (self.n > 1)} skipped ({reasons}); first: " + "; ".join(self.first)
+
+
+def render_safely(fn, *args):
+    """fn(*args), or (None, why) when the tokenizer or the chat template refuses this one conversation (a template
+    that raises "system role not supported", say): one row is skipped, the build goes on."""
+    try:
+        return fn(*args), None
+    except (ValueError, TypeError, UnicodeError) as e:
+        why = str(e).split("; conversation")[0]
+        return None, f"the tokenizer or chat template refused it ({type(e).__name__}: {why})"
 
 
 def _has_reply(msgs):
@@ -267,21 +331,23 @@ def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     streams = {"train": ([], []), "val": ([], [])}
     n_docs = n_bad = n_rows = 0
-    per_source = {}
+    per_source, firsts = {}, []
     t_last = time.time()
     for src in sources:
-        good = bad = n_tok = 0
-        where = []
-        for row in iter_rows(src):
+        good = n_tok = 0
+        skipped = Skipped(src)
+        for where, row in located_rows(src):
             n_rows += 1
-            docs = to_documents(row)
+            docs, why = documents_of(row)
             if not docs:
-                bad += 1
-                if isinstance(row, Malformed) and len(where) < 5:
-                    where.append(f"{row.where} ({row.why})")
+                skipped.add(where, why)
                 continue
             for doc in docs:
-                ids, mask = tokenize_document(tok, doc)
+                done, why = render_safely(tokenize_document, tok, doc)
+                if done is None:
+                    skipped.add(where, why)
+                    continue
+                ids, mask = done
                 split = "val" if n_docs % val_every == val_every - 1 else "train"
                 streams[split][0].append(np.asarray(ids + [tok.eos_id], dtype=dtype))
                 streams[split][1].append(np.asarray(mask + [0], dtype=np.uint8))
@@ -291,13 +357,15 @@ def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
             if time.time() - t_last > 10:  # large sources: say how far it got
                 log(f"data: {src}: {n_rows} rows, {good} documents, {n_tok:,} tokens so far ...")
                 t_last = time.time()
-        per_source[src] = {"documents": good, "malformed_rows": bad, "tokens": n_tok, "malformed_first": where}
-        n_bad += bad
-        log(f"data: {src}: {good} documents ({n_tok:,} tokens), {bad} malformed rows skipped"
-            + (f"; first: {'; '.join(where)}" if where else ""))
+        per_source[src] = {"documents": good, "malformed_rows": skipped.n, "tokens": n_tok,
+                           "skipped": skipped.by_reason, "malformed_first": skipped.first}
+        n_bad += skipped.n
+        firsts.extend(skipped.first[:2])
+        log(f"data: {src}: {good} documents ({n_tok:,} tokens), {skipped.text()}")
     if n_docs == 0:
-        raise ValueError(f"no usable documents in {sources} ({n_rows} rows read, {n_bad} malformed): check the "
-                         "paths and the row format (see data.py's docstring for the shapes understood)")
+        raise ValueError(f"no usable documents in {sources} ({n_rows} rows read, {n_bad} skipped"
+                         + (f"; first: {'; '.join(firsts[:3])}" if firsts else "") + "): check the paths and the row "
+                         "format (see data.py's docstring for the shapes understood)")
     os.makedirs(cache_dir, exist_ok=True)
     tmp = out + f".tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
@@ -353,14 +421,23 @@ class PackedData:
     def batch_indices(self, step, micro, rank, world, micro_batch, accum, seed):
         return batch_indices(self.n_seq, step, micro, rank, world, micro_batch, accum, seed)
 
-    def sample(self, n_tokens, seed):
-        """n_tokens (rounded up to whole sequences) as a seeded random choice of this split's sequences, in order:
-        calibration data. -> LongTensor (N, seq_len) of inputs."""
+    def has_targets(self):
+        """Whether any token of the split is a target (loss_on="assistant": any assistant token at all)."""
+        return self.loss_on == "all" or bool(np.any(self.mask[1:self.n_seq * self.seq_len + 1]))
+
+    def check_sample(self, n_tokens):
+        """The number of sequences sample(n_tokens) takes, or a ValueError when the split holds fewer."""
         n = -(-n_tokens // self.seq_len)
         if n > self.n_seq:
             raise ValueError(f"calibration needs {n} sequences of {self.seq_len} tokens ({n_tokens} tokens) but "
                              f"{self.meta['sources']} give only {self.n_seq}. Fix: fewer calib_tokens, a shorter "
                              "calib_seq_len, or more data")
+        return n
+
+    def sample(self, n_tokens, seed):
+        """n_tokens (rounded up to whole sequences) as a seeded random choice of this split's sequences, in order:
+        calibration data. -> LongTensor (N, seq_len) of inputs."""
+        n = self.check_sample(n_tokens)
         return self.get(np.sort(np.random.default_rng(seed).choice(self.n_seq, n, replace=False)))[0]
 
 
@@ -465,24 +542,34 @@ def tokenize_pair(tok: Tokenizer, pair, max_length, max_prompt_length, long_prom
 
 
 def load_pairs(sources, tok, max_length, max_prompt_length, long_prompts="truncate", log=print):
-    """Tokenised pairs of all sources, with counts of what was dropped and why."""
-    pairs, dropped = [], {"malformed": 0, "prompt_too_long_or_identical_after_truncation": 0}
+    """Tokenised pairs of all sources, with counts of what was dropped and why (the first few named, file:row)."""
+    pairs, dropped, firsts = [], {"malformed": 0, "prompt_too_long_or_identical_after_truncation": 0}, []
     for src in sources:
         n0 = len(pairs)
-        for row in iter_rows(src):
-            pair = to_pair(row)
+        skipped = Skipped(src)
+        for where, row in located_rows(src):
+            pair = None if isinstance(row, Malformed) or _has_surrogates(row) else to_pair(row)
             if pair is None:
                 dropped["malformed"] += 1
+                skipped.add(where, row.why if isinstance(row, Malformed) else "a lone surrogate (not valid Unicode)"
+                            if _has_surrogates(row) else "not a preference pair (see data.to_pair for the shapes)")
                 continue
-            t = tokenize_pair(tok, pair, max_length, max_prompt_length, long_prompts)
+            t, why = render_safely(tokenize_pair, tok, pair, max_length, max_prompt_length, long_prompts)
+            if why is not None:
+                dropped["malformed"] += 1
+                skipped.add(where, why)
+                continue
             if t is None:
                 dropped["prompt_too_long_or_identical_after_truncation"] += 1
                 continue
             pairs.append(t)
-        log(f"data: {src}: {len(pairs) - n0} pairs")
+        firsts.extend(skipped.first[:2])
+        log(f"data: {src}: {len(pairs) - n0} pairs; {skipped.text()}")
     log(f"data: {len(pairs)} pairs kept; dropped {dropped} (malformed: identical or empty replies, no shared prompt)")
     if not pairs:
-        raise ValueError(f"no usable preference pairs in {sources}: check paths and row shapes (see data.to_pair)")
+        raise ValueError(f"no usable preference pairs in {sources}" + (f" (first: {'; '.join(firsts[:3])})" if firsts
+                                                                        else "")
+                         + ": check paths and row shapes (see data.to_pair)")
     return pairs, dropped
 
 
@@ -506,11 +593,7 @@ if __name__ == "__main__":
     tokenizer = "bytes"        # "bytes", "llama3", a model folder or a tokenizer.model path
     cache_dir = "out/data_cache"
     val_every = 50             # every val_every-th document is held out
-    _files = [a for a in sys.argv[1:] if not a.startswith("--") and not a.endswith(".py")]
-    sys.argv = [a for a in sys.argv if a not in _files]
-    configure(globals())
-    if _files:
-        sources = _files
+    configure(globals(), positional=("sources",))  # python data.py FILE [FILE ...]: bare arguments are the sources
     check_sources(sources)
     cache = build_cache(sources, tokenizer, cache_dir, val_every)
     print(cache)

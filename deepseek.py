@@ -35,7 +35,6 @@ This file is the format alone (config dicts and tensors, no model); model.py cal
 """
 import math
 import os
-import sys
 import warnings
 
 import torch
@@ -293,29 +292,25 @@ def compare_with_transformers(model, folder, n_tokens=64):
 
 if __name__ == "__main__":
     from configurator import configure
-    from model import Transformer, check_replaceable, resolve_checkpoint, resolve_dtype
+    from folders import check_apart, check_replaceable, resolve_checkpoint
+    from model import Transformer, resolve_dtype
     from tokenizer import Tokenizer
     init_from = ""             # our MLA model folder (or hub id) to export
     out_dir = ""               # the DeepSeek-V3 folder to write (new or empty, or one this project wrote)
     dtype = ""                 # "" keeps the checkpoint's; "bfloat16" halves the folder (engines serve bf16)
     check = False              # then compare logits with transformers' DeepseekV3ForCausalLM (needs transformers)
-    _argv = sys.argv[1:]
-    _bare = [a for a in _argv[:2] if not a.startswith("--")]  # MODEL_DIR OUT_DIR, as bare arguments
-    if _bare:
-        init_from, _argv = _bare[0], _argv[1:]
-    if len(_bare) == 2:
-        out_dir, _argv = _bare[1], _argv[1:]
-    sys.argv = sys.argv[:1] + _argv
-    config = configure(globals())
+    config = configure(globals(), positional=("init_from", "out_dir"))  # python deepseek.py MODEL_DIR OUT_DIR
     if not init_from or not out_dir:
-        raise SystemExit("usage: python deepseek.py MODEL_DIR OUT_DIR [--dtype=bfloat16] [--check=True]")
+        raise ValueError("deepseek.py needs a model folder and an output folder. Fix: python deepseek.py MODEL_DIR "
+                         "OUT_DIR [--dtype=bfloat16] [--check=True]")
     folder = resolve_checkpoint(init_from)
-    check_replaceable(os.path.abspath(out_dir))
+    check_apart(out_dir, "out_dir", {"init_from": folder})  # never over its own source (an MLA folder we wrote)
+    check_replaceable(os.path.abspath(os.path.expanduser(out_dir)))
     model = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, "cpu") if dtype else None).eval()
     try:
         export_config(model.config)  # the refusals, before anything is written
     except ValueError as e:
-        raise SystemExit(f"error: {folder} cannot be exported exactly: {e}")
+        raise ValueError(f"{folder} cannot be exported exactly: {e}") from None
     try:
         tok = Tokenizer.from_name("", folder)
     except (FileNotFoundError, ValueError):

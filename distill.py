@@ -21,16 +21,17 @@ import os
 import torch
 import torch.distributed as dist
 
-from configurator import configure
+from configurator import configure, require
 from data import PackedData, build_cache, check_sources
-from kernels import linear_kl
-from model import ModelConfig, Transformer, read_model_config, resolve_checkpoint, resolve_dtype
+from folders import check_apart, resolve_checkpoint
+from ops import linear_kl
+from model import ModelConfig, Transformer, read_model_config, resolve_dtype
 from svd_init import check_settings, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
 from zebra import converted_layers, ild_errors
 from trainer import (RunLog, barrier, check_resume_config, checkpoint_bytes, eval_chunks, export_model, finish,
-                     fit, init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step,
-                     shard)
+                     fit, host_sum, init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir,
+                     resume_step, shard)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -60,7 +61,7 @@ teacher = ""
 # loss: kl_weight KL(teacher || student) + ce_weight CE, averaged over the target tokens
 kl_weight = 1.0
 ce_weight = 0.0
-kl_chunk = 1024            # tokens per chunk of the chunked loss (kernels.linear_kl)
+kl_chunk = 1024            # tokens per chunk of the chunked loss (ops.linear_kl)
 loss_on = "all"            # "all" tokens (the paper) or "assistant" tokens only
 ild = False                # intermediate-layer distillation (zebra.py) instead of the KL; teacher = the source
 # data
@@ -100,6 +101,11 @@ debug_kill_at_step = -1    # tests only: SIGKILL this process right after that s
 debug_kill_in_save = -1    # tests only: SIGKILL mid-way through that step's checkpoint save
 peak_flops = 989e12        # the accelerator's dense bf16 peak, for MFU (H100 SXM; H200 the same; MI300X 1307e12)
 config = configure(globals())
+require(config, micro_batch=(1, None), seq_len=(1, None), tokens_per_step=(1, None), max_steps=(-1, None),
+        epochs=(0, None), lr=(0, None), min_lr_ratio=(0, 1), warmup_frac=(0, 1), weight_decay=(0, None),
+        grad_clip=(0, None), log_every=(1, None), eval_every=(1, None), eval_batches=(1, None), ckpt_every=(1, None),
+        keep_ckpts=(1, None), kl_chunk=(1, None), val_every=(2, None), calib_tokens=(1, None),
+        calib_seq_len=(0, None), kl_weight=(0, None), ce_weight=(0, None))
 # -----------------------------------------------------------------------------
 
 # settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
@@ -131,11 +137,19 @@ if not student_from and init_from != "scratch" and not converting and teacher_fr
 folders = {"student": student_from or (init_from if init_from != "scratch" else None),
            "teacher": teacher_from if teacher != "none" and teacher_from != "scratch" else None}
 folders = {k: resolve_checkpoint(v) for k, v in folders.items() if v}
+# outputs apart from inputs: a run moving its own student_from aside, or a cache inside a model folder, is refused
+check_apart(out_dir, "out_dir", {**{f"{k} folder": v for k, v in folders.items()},
+                                 **{f"sft_data[{i}]": s for i, s in enumerate(sft_data)}}, {"data_cache": data_cache})
+check_apart(data_cache, "data_cache", {f"{k} folder": v for k, v in folders.items()})
 configs = {k: read_model_config(v) for k, v in folders.items()}
+calibrating = converting and (init == "rorope" or latent_norm != "none")
 if converting:
-    check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens, latent_norm=latent_norm,
-                   latent_norm_init=latent_norm_init)
+    check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens if calibrating else None,
+                   calib_seq_len=calib_seq_len or seq_len, latent_norm=latent_norm, latent_norm_init=latent_norm_init)
 stu_cfg = configs.get("student") or ModelConfig(**model_config)
+if seq_len > stu_cfg.max_seq_len:
+    raise ValueError(f"seq_len={seq_len} is beyond the model's {stu_cfg.max_seq_len} positions "
+                     "(max_position_embeddings). Fix: a seq_len <= that")
 if ild and "student" in configs and not converting:  # the layers ILD trains; converting: known after upcycling
     converted_layers(configs["student"], configs["teacher"])
 if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
@@ -154,6 +168,23 @@ if tokens_per_step % per_micro:
     raise ValueError(f"tokens_per_step={tokens_per_step} must be a multiple of micro_batch x seq_len x world = "
                      f"{micro_batch} x {seq_len} x {d.world} = {per_micro}")
 accum = tokens_per_step // per_micro
+# --- data, still pre-flight (before the out_dir is touched): rank 0 tokenises once into the cache, the others wait,
+# then memory-map it; its log lines go to the run's log once that exists
+data_notes = []
+if d.master:
+    build_cache(sft_data, tok, data_cache, val_every, log=lambda m: (print(m, flush=True), data_notes.append(m)))
+barrier()
+cache = build_cache(sft_data, tok, data_cache, val_every, log=lambda *a: None)
+train_data = PackedData(cache, "train", seq_len, loss_on)
+val_data = PackedData(cache, "val", seq_len, loss_on)
+n_eval = min(eval_batches * micro_batch, val_data.n_seq)
+if not train_data.has_targets() or int((val_data.get(range(n_eval))[1] != -100).sum()) == 0:
+    which = "the train split" if not train_data.has_targets() else f"the held-out slice ({n_eval} sequences)"
+    raise ValueError(f"{which} has no target token with loss_on={loss_on!r}: every reply falls outside the packed "
+                     "sequences, or the data has none. Fix: loss_on='all', a longer seq_len, more eval_batches, or "
+                     "data with assistant replies")
+if calibrating:  # checked now, before any model is loaded
+    PackedData(cache, "train", calib_seq_len or seq_len).check_sample(calib_tokens)
 with torch.device("meta"):
     n_params_est = sum(p.numel() for p in Transformer(stu_cfg).parameters())
 go_on = prepare_out_dir(out_dir, resume, d, "distill",
@@ -163,16 +194,11 @@ log = RunLog(out_dir, d, "distill")
 log.print(f"world {d.world} on {d.device}, compute {cdtype}; tokenizer {tok.describe()}; settings: {config}")
 for note in tok_notes:
     log.print(f"note: {note}")
+for line in data_notes:
+    log.print(line, shown=True)
 if go_on:
     check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
 
-# --- data: rank 0 tokenises once into the cache; the others wait, then memory-map it
-if d.master:
-    build_cache(sft_data, tok, data_cache, val_every, log=log.print)
-barrier()
-cache = build_cache(sft_data, tok, data_cache, val_every, log=lambda *a: None)
-train_data = PackedData(cache, "train", seq_len, loss_on)
-val_data = PackedData(cache, "val", seq_len, loss_on)
 if max_steps < 0:
     max_steps = max(1, int(epochs * train_data.n_seq) // (micro_batch * accum * d.world))
 warmup = max(1, int(warmup_frac * max_steps))
@@ -281,8 +307,9 @@ def micro_batches(step):
     step's global number of target tokens, x world because FSDP averages gradients over ranks."""
     batches = [train_data.get(train_data.batch_indices(step, m, d.rank, d.world, micro_batch, accum, seed))
                for m in range(accum)]
-    n_tok = torch.tensor(float(sum(int((y != -100).sum()) for _, y in batches)), device=d.device)
-    dist.all_reduce(n_tok)
+    n_tok = host_sum(sum(int((y != -100).sum()) for _, y in batches))  # CPU tensors, gloo: no GPU sync
+    if n_tok == 0:  # loss_on="assistant" and no reply in this step: skipped (trainer.fit logs it)
+        return []
     if ild:
         return [lambda x=x, y=y: ild_on_batch(x, y, (y != -100).float() * (d.world / n_tok)) for x, y in batches]
     return [lambda x=x, y=y: loss_on_batch(x, y, (y != -100).float() * (d.world / n_tok), kl_weight > 0)
@@ -294,6 +321,8 @@ flops_per_token = 6 * n_params + (2 * sum(p.numel() for p in tmodel.parameters()
 
 def report(stats, seconds, steps):
     kl, ce, _, ntok, ild_err = stats.tolist()
+    if ntok == 0:  # every step of the interval was skipped (no target token): nothing to report
+        return "", {}
     tok_s = steps * tokens_per_step / seconds
     if ild:
         return f"ILD {ild_err / ntok:.4f}  {tok_s:,.0f} tok/s", dict(loss=ild_err / ntok, ild=ild_err / ntok,
@@ -323,7 +352,7 @@ fit(student, optimizer, d, log, micro_batches, report, evaluate_and_format,
 # --- the end: held-out numbers beside the start's, and the exported model
 ev = evaluate()
 log.record("eval", step=max_steps, **ev)
-log.print(f"held-out at init : {fmt(ev0)}")
+log.print(f"held-out at {'init' if start_step == 0 else f'step {start_step} (resumed there)'}: {fmt(ev0)}")
 log.print(f"held-out at end  : {fmt(ev)}")
 if kv_src:
     log.print(f"KV cache: {kv_stu} vs {kv_src} numbers per token ({100 * kv_stu / kv_src:.1f}% of the teacher's, "

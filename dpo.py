@@ -37,10 +37,11 @@ if __name__ == "__main__":
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
-    from configurator import configure
+    from configurator import configure, require
     from data import batch_indices, check_sources, collate_pairs, load_pairs
-    from kernels import linear_logprobs
-    from model import Transformer, read_model_config, resolve_checkpoint, resolve_dtype
+    from ops import linear_logprobs
+    from folders import check_apart, resolve_checkpoint
+    from model import Transformer, read_model_config, resolve_dtype
     from tokenizer import Tokenizer, check_tokenizer_for
     from trainer import (RunLog, check_resume_config, checkpoint_bytes, eval_chunks, export_model, finish, fit,
                          init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step,
@@ -88,6 +89,13 @@ if __name__ == "__main__":
     debug_kill_at_step = -1
     debug_kill_in_save = -1
     config = configure(globals())
+    require(config, val_every=(2, None), max_length=(2, None), max_prompt_length=(1, None), beta=(0, None),
+            logp_chunk=(1, None), pairs_per_step=(1, None), micro_batch=(1, None), max_steps=(-1, None),
+            epochs=(0, None), lr=(0, None), min_lr_ratio=(0, 1), warmup_frac=(0, 1), weight_decay=(0, None),
+            grad_clip=(0, None), log_every=(1, None), eval_every=(1, None), eval_pairs=(1, None),
+            ckpt_every=(1, None), keep_ckpts=(1, None))
+    if long_prompts not in ("truncate", "drop"):
+        raise ValueError(f"long_prompts={long_prompts!r}: use 'truncate' or 'drop'")
     # -----------------------------------------------------------------------------
 
     MODEL_KEYS = ("init_from", "ref_from", "pref_data", "val_data", "val_every", "tokenizer", "max_length",
@@ -100,6 +108,7 @@ if __name__ == "__main__":
 
     # --- pre-flight: folders, the tokenizer against policy and reference, batch settings, the disk
     folders = {"policy": resolve_checkpoint(init_from), "reference": resolve_checkpoint(ref_from or init_from)}
+    check_apart(out_dir, "out_dir", {**folders, **{f"pref_data[{i}]": p for i, p in enumerate(pref_data + val_data)}})
     tok = Tokenizer.from_name(tokenizer, folders["policy"])
     for role, folder in folders.items():
         check_tokenizer_for(tok, folder, role)
@@ -108,16 +117,10 @@ if __name__ == "__main__":
     if pairs_per_step % (micro_batch * d.world):
         raise ValueError(f"pairs_per_step={pairs_per_step} must be a multiple of micro_batch x world = "
                          f"{micro_batch} x {d.world}")
-    with torch.device("meta"):
-        n_est = sum(p.numel() for p in Transformer(read_model_config(folders["policy"])).parameters())
-    go_on = prepare_out_dir(out_dir, resume, d, "dpo", checkpoint_bytes(n_est, keep_ckpts))
-    log = RunLog(out_dir, d, "dpo")
-    log.print(f"world {d.world} on {d.device}, compute {cdtype}; tokenizer {tok.describe()}; settings: {config}")
-    if go_on:
-        check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
-
-    # --- data: every rank tokenises the (small) preference sets the same way
-    quiet = log.print if d.master else (lambda *a: None)
+    # --- data, still pre-flight (the out_dir untouched): every rank tokenises the (small) preference sets the same
+    # way; rank 0 prints, and its lines go to the run's log once that exists
+    data_notes = []
+    quiet = (lambda m: (print(m, flush=True), data_notes.append(m))) if d.master else (lambda *a: None)
     pairs, _ = load_pairs(pref_data, tok, max_length, max_prompt_length, long_prompts, log=quiet)
     if val_data:
         val_pairs, _ = load_pairs(val_data, tok, max_length, max_prompt_length, long_prompts, log=quiet)
@@ -125,6 +128,20 @@ if __name__ == "__main__":
         val_pairs = [p for i, p in enumerate(pairs) if i % val_every == val_every - 1]
         pairs = [p for i, p in enumerate(pairs) if i % val_every != val_every - 1]
     val_pairs = val_pairs[:eval_pairs]
+    if not pairs or not val_pairs:
+        raise ValueError(f"no {'training' if not pairs else 'held-out'} preference pair is left after the checks above "
+                         "(see the data: lines). Fix: more or longer-limit data (max_length, max_prompt_length), or "
+                         "val_data / val_every")
+    with torch.device("meta"):
+        n_est = sum(p.numel() for p in Transformer(read_model_config(folders["policy"])).parameters())
+    go_on = prepare_out_dir(out_dir, resume, d, "dpo", checkpoint_bytes(n_est, keep_ckpts))
+    log = RunLog(out_dir, d, "dpo")
+    log.print(f"world {d.world} on {d.device}, compute {cdtype}; tokenizer {tok.describe()}; settings: {config}")
+    for line in data_notes:
+        log.print(line, shown=True)
+    if go_on:
+        check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
+
     accum = pairs_per_step // (micro_batch * d.world)
     if max_steps < 0:
         max_steps = max(1, int(epochs * len(pairs)) // pairs_per_step)
@@ -167,9 +184,9 @@ if __name__ == "__main__":
                         local[ids] = torch.stack([lp[:len(ids)], lp[len(ids):]], 1)
             dist.all_reduce(local)   # each pair was computed by exactly one rank
             ref_cache = local
-            if d.master:
-                os.makedirs(out_dir, exist_ok=True)
-                save_file({"logps": local.cpu()}, path)
+            if d.master:  # written beside and renamed: a crash never leaves a half file that a resume would read
+                save_file({"logps": local.cpu()}, path + ".tmp")
+                os.replace(path + ".tmp", path)
         log.print(f"reference log-probs of {len(pairs)} pairs cached in {path}")
 
     start_step = resume_step(go_on, out_dir, policy, optimizer, d, log)
@@ -237,7 +254,7 @@ if __name__ == "__main__":
 
     text, ev = evaluate()
     log.record("eval", step=max_steps, **ev)
-    log.print(f"held-out at init : {text0}")
+    log.print(f"held-out at {'init' if start_step == 0 else f'step {start_step} (resumed there)'}: {text0}")
     log.print(f"held-out at end  : {text}")
     final = os.path.join(out_dir, "final")
     export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer=tok)

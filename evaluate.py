@@ -36,7 +36,8 @@ import time
 
 import torch
 
-from kernels import linear_kl, linear_logprobs
+from folders import check_replaceable, check_results_file, write_folder, write_results_file
+from ops import linear_kl, linear_logprobs
 
 # -----------------------------------------------------------------------------
 # Tasks: where the documents come from, and how a document becomes requests
@@ -142,6 +143,10 @@ def check_tasks(tasks):
     """Task names -> the list to run; an unknown name is an error that suggests the closest one."""
     import difflib
     names = TASKS if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"]
+    twice = sorted({t for t in names if names.count(t) > 1})
+    if twice:
+        raise ValueError(f"tasks lists {', '.join(map(repr, twice))} more than once: each task is scored once (and "
+                         "counted once in the average). Fix: name each task once")
     for t in names:
         if t not in HUB:
             close = difflib.get_close_matches(t, TASKS, n=1)
@@ -249,7 +254,7 @@ def loglikelihoods(model, tok, pairs, batch_size=16, add_bos=False, progress=Non
             n = len(enc[i][1])
             x[j, :len(s) - 1] = torch.tensor(s[:-1])
             y[j, len(s) - 1 - n:len(s) - 1] = torch.tensor(s[-n:])
-        # per-token log-probs from the hidden states in chunks (kernels.linear_logprobs): no (B, T, V) logits
+        # per-token log-probs from the hidden states in chunks (ops.linear_logprobs): no (B, T, V) logits
         y = y.to(dev)
         lp = model(x.to(dev), head_fn=lambda h, W: linear_logprobs(h.flatten(0, 1), W, y.flatten()))
         for j, ll in zip(idx, lp.view(y.shape).sum(-1).tolist()):  # -100 positions contribute 0
@@ -319,7 +324,7 @@ def perplexity_and_kl(model, tok, text, seq_len, teacher=None, max_tokens=None):
     KL(teacher || model) per token when a teacher is given."""
     ids = tok.encode(text)[:max_tokens]
     dev = model.lm_head.weight.device
-    stats = torch.zeros(4, device=dev)  # sum KL, sum CE, sum teacher CE, tokens (kernels.linear_kl, chunked)
+    stats = torch.zeros(4, device=dev)  # sum KL, sum CE, sum teacher CE, tokens (ops.linear_kl, chunked)
     for s in range(0, len(ids) - 1, seq_len - 1):
         chunk = [tok.bos_id] + ids[s:s + seq_len - 1]
         if len(chunk) < 2:
@@ -387,7 +392,7 @@ def convert_local(raw, out_dir, limit=None):
     import bz2
     import csv
     import glob
-    os.makedirs(out_dir, exist_ok=True)
+    check_replaceable(os.path.abspath(out_dir))  # before reading anything
     out = {}
     for task in ("arc_easy", "arc_challenge"):
         rows = [json.loads(l) for l in open(os.path.join(raw, "llm_foundry", f"{task}.jsonl"))]
@@ -425,10 +430,14 @@ def convert_local(raw, out_dir, limit=None):
             subject = os.path.basename(path)[:-len(f"_{split}.csv")]
             for r in list(csv.reader(open(path)))[1:]:
                 out[name].append({"question": r[0], "choices": r[1:5], "answer": int(r[5]), "subject": subject})
-    for task, docs in out.items():
-        with open(os.path.join(out_dir, f"{task}.jsonl"), "w") as f:
-            for d in (docs if task == "mmlu_dev" else limit_docs(task, docs, limit)):
-                f.write(json.dumps(d) + "\n")
+
+    def fill(tmp):
+        for task, docs in out.items():
+            with open(os.path.join(tmp, f"{task}.jsonl"), "w") as f:
+                for d in (docs if task == "mmlu_dev" else limit_docs(task, docs, limit)):
+                    f.write(json.dumps(d) + "\n")
+
+    write_folder(out_dir, fill, "evaluate.convert_local")  # a folder it wrote before, or a new one: nothing else
     return {t: len(d) for t, d in out.items()}
 
 
@@ -448,19 +457,8 @@ def markdown_table(results, tasks):
 
 
 def write_results(path, results):
-    """Valid JSON (NaN/inf become null), written atomically: a crash mid-write never leaves half a file."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(clean(results), f, indent=2, allow_nan=False)
-    os.replace(path + ".tmp", path)
+    """Valid JSON, written atomically; only a results file this project wrote is ever replaced (folders.py)."""
+    write_results_file(path, results, "evaluate.py")
 
 
 def _pct(x):
@@ -468,8 +466,9 @@ def _pct(x):
 
 
 if __name__ == "__main__":
-    from configurator import configure
-    from model import Transformer, resolve_checkpoint, resolve_dtype
+    from configurator import configure, require
+    from folders import check_apart, resolve_checkpoint
+    from model import Transformer, resolve_dtype
     from tokenizer import Tokenizer, check_tokenizer_for
 
     # -----------------------------------------------------------------------------
@@ -496,9 +495,18 @@ if __name__ == "__main__":
     convert_from = ""          # convert raw local sets (see convert_local) into data_dir, then exit (honours limit)
     config = configure(globals())
     # -----------------------------------------------------------------------------
+    require(config, limit=(0, None), num_fewshot=(0, None), batch_size=(1, None), ppl_tokens=(1, None),
+            kv_context=(1, None))
+    for name in ("speed_batches", "speed_contexts"):
+        if not all(isinstance(v, int) and v >= 1 for v in config[name]) or not config[name]:
+            raise ValueError(f"{name}={config[name]!r}: must be a list of integers >= 1")
     if convert_from:
+        check_apart(data_dir or "out/eval_data", "data_dir", {"convert_from": convert_from})
         print(convert_local(convert_from, data_dir or "out/eval_data", limit or None))
         sys.exit(0)
+    check_results_file(os.path.abspath(os.path.expanduser(out)))  # before any scoring: --out replaces only our own
+    check_apart(out, "out", {"model": model, "teacher": teacher, "source": source, "ppl_data": ppl_data,
+                             "data_dir": data_dir})
     # pre-flight: task names, their data, the tokenizer against the model, before anything is scored
     names = check_tasks(tasks)
     if num_fewshot and any(t != "mmlu" for t in names):

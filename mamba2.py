@@ -169,14 +169,15 @@ class Mamba2(nn.Module):
     def forward(self, u, rope=None, input_pos=None, mask=None):
         """u (b, T, d) -> (b, T, d). rope and mask are the attention layers' and unused: Mamba2 has no positions.
         With input_pos (the model's cache mode) the layer continues from its cache and leaves its state there;
-        a sequence that starts at position 0 starts from a zero state (no host sync: a multiply by 0), so the
-        caches need no reset between sequences. A state cannot be rewound: positions must follow on."""
+        a sequence that starts at position 0 starts from a zero state (no host sync: a select, not a multiply by 0,
+        which would keep a NaN or Inf an earlier sequence left), so the caches need no reset between sequences. A
+        state cannot be rewound: positions must follow on."""
         b, T, _ = u.shape
         z, xBC, dt_raw = self.split(self.in_proj(u))
         cache = self.cache if input_pos is not None else None
         if cache is not None:
-            carry = (input_pos[0] > 0).to(xBC.dtype)                           # 0 at the start of a sequence
-            window = cache.conv * carry                                        # (b, conv_dim, d_conv - 1)
+            carry = input_pos[0] > 0                                           # False at the start of a sequence
+            window = torch.where(carry, cache.conv, 0.0)                       # (b, conv_dim, d_conv - 1)
         else:
             window = xBC.new_zeros(b, self.conv_dim, self.d_conv - 1)
         seq = torch.cat([window, xBC.transpose(1, 2)], dim=-1)                 # (b, conv_dim, d_conv - 1 + T)
@@ -185,7 +186,7 @@ class Mamba2(nn.Module):
         f32 = torch.promote_types(u.dtype, torch.float32)
         dt = F.softplus(dt_raw.to(f32) + self.dt_bias.to(f32))                 # (b, T, H)
         A = -torch.exp(self.A_log.to(f32))                                     # (H,)
-        S0 = cache.ssm * carry.to(f32) if cache is not None else None
+        S0 = torch.where(carry, cache.ssm, 0.0) if cache is not None else None
         args = (x.to(f32), dt, A, B.to(f32), C.to(f32))
         y, S = ssd_sequential(*args, S0) if T == 1 else ssd_chunked(*args, self.chunk, S0)
         if cache is not None:

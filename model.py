@@ -29,8 +29,6 @@ import json
 import math
 import os
 import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import deepseek
-from kernels import latent_attention
+from folders import (check_replaceable, read_config_json, resolve_checkpoint, safetensors_files, write_folder,
+                     write_json)
+from ops import latent_attention
 from mamba2 import Mamba2
 
 # -----------------------------------------------------------------------------
@@ -288,14 +288,27 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(B, n_kv, S, d_h, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):  # k, v (B, n_kv, T, d_h)
+        if k.shape[2] > 1:  # a prefill: what an earlier sequence left beyond it is cleared (see clear_beyond)
+            clear_beyond(self.k, 2, input_pos)
+            clear_beyond(self.v, 2, input_pos)
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
 
+def clear_beyond(buf, dim, input_pos):
+    """Zero the cache positions after input_pos[-1] along `dim`, in place and without a host sync. The mask hides
+    them from the softmax, but a hidden value still enters P @ V as 0 x value: a NaN or Inf left there by an
+    earlier sequence would survive (0 x NaN = NaN). Run at each prefill (and generate() zeroes the caches when a
+    sequence starts), so a reused cache gives what a fresh one does, whatever it held."""
+    S = buf.shape[dim]
+    stale = (torch.arange(S, device=buf.device) > input_pos[-1]).view([S if i == dim else 1 for i in range(buf.dim())])
+    buf.masked_fill_(stale, 0)
+
+
 class LatentCache(nn.Module):
     """MLA layer: only the latent c_kv and the shared RoPE key, side by side in one (B, S, r_kv + d_r) buffer:
-    r_kv + d_r numbers per token. One buffer because the fast decode (kernels.latent_attention) reads a token's row
+    r_kv + d_r numbers per token. One buffer because the fast decode (ops.latent_attention) reads a token's row
     whole as its key ([c_kv ; k_rope]) and its first r_kv numbers as its value."""
 
     def __init__(self, B, S, r_kv, d_r, dtype, device):
@@ -304,6 +317,8 @@ class LatentCache(nn.Module):
         self.register_buffer("kv", torch.zeros(B, S, r_kv + d_r, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, c_kv, k_rope):  # c_kv (B, T, r_kv), k_rope (B, T, d_r)
+        if c_kv.shape[1] > 1:  # a prefill: see clear_beyond
+            clear_beyond(self.kv, 1, input_pos)
         self.kv.index_copy_(1, input_pos, torch.cat([c_kv, k_rope], dim=-1).to(self.kv.dtype))
         return self.kv[..., :self.r_kv], self.kv[..., self.r_kv:]
 
@@ -355,7 +370,7 @@ class MLAttention(nn.Module):
                after the attention; written as plain einsums (the reference). Per token it reads only r_kv + d_r
                numbers of cache.
       latent   the absorbed math as one multi-query SDPA call with the heads folded into the query rows
-               (kernels.latent_attention): the fast decode path.
+               (ops.latent_attention): the fast decode path.
     `path` = "auto" picks naive for a full forward and multi-token prefill, latent for one-token decode steps.
     """
 
@@ -536,7 +551,7 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, input_pos=None, head_fn=None, layer_inputs=None):
         """idx (B, T) -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (targets == -100 ignored)
         and the return value is (logits, loss). With head_fn, returns head_fn(hidden (B, T, d), lm_head.weight)
-        instead of logits: the training losses run there (kernels.linear_kl) because under FSDP the head's weight
+        instead of logits: the training losses run there (ops.linear_kl) because under FSDP the head's weight
         is only gathered while the model's forward runs. layer_inputs {i: (B, T, d)} (ILD, zebra.py): returns
         {i: block i applied to that input} instead, each block on its own input (idx gives only the length)."""
         if layer_inputs is not None:
@@ -557,7 +572,7 @@ class Transformer(nn.Module):
     def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
         """Allocate every layer's static cache: (B, n_kv, S, d_h) x2 for GQA, (B, S, r_kv + d_r) for MLA. Caches of
         the same shape are kept (a compiled decode step, CUDA graphs especially, wants the same buffers); what an
-        earlier sequence left in them is overwritten before it can be read (the mask covers positions <= input_pos)."""
+        earlier sequence left in them is cleared at the next prefill (clear_beyond) or by reset_caches()."""
         p = self.lm_head.weight
         dtype, device = dtype or p.dtype, device or p.device
         key = (batch_size, max_seq_len, dtype, str(device))
@@ -566,6 +581,14 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             block.mixer.cache = block.mixer.make_cache(batch_size, max_seq_len, dtype, device)
         self.cache_len, self._cache_key = max_seq_len, key
+
+    def reset_caches(self):
+        """Zero every allocated cache in place (the buffers stay: a compiled step keeps them). fill_, not a multiply:
+        a NaN left by an earlier sequence must not survive."""
+        for block in self.model.layers:
+            if block.mixer.cache is not None:
+                for b in block.mixer.cache.buffers():
+                    b.zero_()
 
     def clear_caches(self):
         for block in self.model.layers:
@@ -617,6 +640,7 @@ class Transformer(nn.Module):
             raise ValueError(f"prompt {T0} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
         self.setup_caches(B, T0 + max_new_tokens)
+        self.reset_caches()  # a new sequence: nothing of the last one, whatever it held (a 1-token prompt too)
         step = self.compiled_decode_step() if compile else self.decode_step
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         pos = torch.arange(T0, device=idx.device)
@@ -650,7 +674,7 @@ class Transformer(nn.Module):
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if config.tie_embeddings:
             expected.pop("lm_head.weight")
-        files = _safetensors_files(path)
+        files = safetensors_files(path)
         sd, unexpected, mis_shaped = {}, [], []
         for fname in files:
             try:
@@ -703,17 +727,14 @@ class Transformer(nn.Module):
         if fmt not in ("llama", "deepseek"):
             raise ValueError(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
         hf = self.config.to_hf() if fmt == "llama" else deepseek.export_config(self.config)
-        path = os.path.abspath(path)
-        check_replaceable(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-        try:
-            sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            if fmt == "deepseek":
-                sd = deepseek.export_tensors(self.config, sd)
-            elif self.config.tie_embeddings:
-                sd.pop("lm_head.weight")
+        check_replaceable(os.path.abspath(os.path.expanduser(str(path))))  # before any copy of the weights
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if fmt == "deepseek":
+            sd = deepseek.export_tensors(self.config, sd)
+        elif self.config.tie_embeddings:
+            sd.pop("lm_head.weight")
+
+        def fill(tmp):
             shards, cur, size = [], {}, 0
             for k, v in sd.items():
                 nbytes = v.numel() * v.element_size()
@@ -732,37 +753,18 @@ class Transformer(nn.Module):
                     save_file(shard, os.path.join(tmp, name), metadata=meta)
                     weight_map.update({k: name for k in shard})
                 total = sum(v.numel() * v.element_size() for v in sd.values())
-                _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                            {"metadata": {"total_size": total}, "weight_map": weight_map})
+                write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
             hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-            _write_json(os.path.join(tmp, "config.json"), hf)
+            write_json(os.path.join(tmp, "config.json"), hf)
             if run_config is not None:
-                _write_json(os.path.join(tmp, "run_config.json"), run_config)
+                write_json(os.path.join(tmp, "run_config.json"), run_config)
             if tokenizer is not None:
                 tokenizer.save(tmp)
             for f in extra_files:
                 shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
-            written = sorted(os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs)
-            _write_json(os.path.join(tmp, _WRITTEN_BY), {"written_by": "mla-upcycle (model.save_pretrained)",
-                                                        "files": written})
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is as readable as any other
-            for r, dirs, fs in os.walk(tmp):
-                for dname in dirs:
-                    os.chmod(os.path.join(r, dname), 0o755)
-                for f in fs:
-                    os.chmod(os.path.join(r, f), 0o644)
-            check_replaceable(path)  # again: something may have appeared there while the weights were written
-            # swap in: the old folder (if any) is only removed once the new one is complete
-            old = None
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
-                os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            if old:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_folder(path, fill, "model.save_pretrained")
 
 
 def resolve_dtype(name, device_type):
@@ -787,46 +789,6 @@ def sample(logits, temperature=0.0, top_k=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]
 
 
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def resolve_checkpoint(path, need_config=True):
-    """A local folder as is; otherwise a hub id ('org/name'), fetched by huggingface_hub (config, safetensors,
-    tokenizer files). A string that names a local path (it exists in part, or starts with . / ~) is never a hub id."""
-    path = os.path.expanduser(str(path))
-    if os.path.isdir(path):
-        if need_config and not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
-        return path
-    first = path.split("/")[0]
-    local = os.path.isdir(first) and first not in (".", "..", "")
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1 or local:
-        raise FileNotFoundError(f"{path!r} is not a model folder (no such directory"
-                                + (f"; {first}/ is a local folder, so it is not a hub id" if local else "")
-                                + "). Fix: check the path, or give a hub id of the form 'org/name'")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                       "original/tokenizer.model"])
-    except Exception as e:
-        raise FileNotFoundError(f"{path!r}: not a local folder, and the hub could not provide it "
-                                f"({type(e).__name__}: {str(e)[:200]}). Fix: download it where a hub is reachable "
-                                "and pass the folder") from None
-
-
-def read_config_json(path):
-    """A folder's config.json as a dict, with an error that names the file."""
-    cfg_path = os.path.join(path, "config.json")
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}). Fix: restore it from the model's source") from None
-
-
 def read_model_config(path, hf=None):
     """ModelConfig from a folder's config.json (or `hf`, that file already read), with errors that name the file."""
     cfg_path = os.path.join(path, "config.json")
@@ -838,47 +800,6 @@ def read_model_config(path, hf=None):
                          "from the model's source") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path}: {e}") from None
-
-
-_WRITTEN_BY = "WRITTEN_BY.json"  # what save_pretrained wrote into a folder: the only files it may later replace
-
-
-def check_replaceable(path):
-    """Raise unless `path` is absent, an empty folder, or a folder save_pretrained wrote holding only its files."""
-    if not os.path.lexists(path):
-        return
-    if not os.path.isdir(path) or os.path.islink(path):
-        raise FileExistsError(f"{path} exists and is not a folder: refusing to replace it. Fix: choose another out_dir")
-    present = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
-    present += [os.path.relpath(os.path.join(r, d), path) + "/" for r, ds, _ in os.walk(path) for d in ds
-                if not os.listdir(os.path.join(r, d))]
-    if not present:
-        return
-    marker = os.path.join(path, _WRITTEN_BY)
-    ours = set()
-    if os.path.exists(marker):
-        try:
-            with open(marker) as f:
-                ours = set(json.load(f).get("files", [])) | {_WRITTEN_BY}
-        except (json.JSONDecodeError, AttributeError):
-            ours = set()
-    foreign = [p for p in present if p not in ours]
-    if not ours or foreign:
-        what = "was not written by this project" if not ours else "holds files this project did not write"
-        raise FileExistsError(f"{path} {what} ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): "
-                              "refusing to replace it, nothing was changed. Fix: choose a new or empty folder as "
-                              "out_dir, or move those files away yourself")
-
-
-def _safetensors_files(path):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors are read, never pickled .bin files)")
 
 
 def load_vocab_decoder(path):
@@ -909,11 +830,7 @@ if __name__ == "__main__":
     temperature = 0.0          # 0 = greedy
     top_k: int | None = None  # sample from the k most likely tokens
     seed = 1337
-    _argv = sys.argv[1:]
-    if _argv and not _argv[0].startswith("--"):  # a bare first argument is the checkpoint
-        init_from, _argv = _argv[0], _argv[1:]
-    sys.argv = sys.argv[:1] + _argv
-    configure(globals())
+    configure(globals(), positional=("init_from",))  # python model.py FOLDER: a bare argument is the checkpoint
     torch.manual_seed(seed)
     folder = resolve_checkpoint(init_from)
     m = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type), device=device).eval()

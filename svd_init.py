@@ -51,8 +51,8 @@ import warnings
 
 import torch
 
-from model import (ModelConfig, RMSNorm, Transformer, check_replaceable, latent_norm_kind, read_model_config,
-                   resolve_checkpoint, resolve_dtype)
+from folders import check_replaceable, resolve_checkpoint
+from model import ModelConfig, RMSNorm, Transformer, latent_norm_kind, read_model_config, resolve_dtype
 
 
 # -----------------------------------------------------------------------------
@@ -177,10 +177,11 @@ def _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget):
 def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
                    qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, kv_budget=None,
                    rope_ladder="highest", rank_alloc="auto", calib_tokens=None, latent_norm="none",
-                   latent_norm_init="calibrated", **_):
+                   latent_norm_init="calibrated", calib_seq_len=None, **_):
     """upcycle()'s settings checked against a source config alone (no weights needed): scripts call it before any
     work, so a bad rank fails in a second, not after the data is tokenised. q_rank=None with no q_energy means
-    full rank here (as the command lines default it)."""
+    full rank here (as the command lines default it). calib_tokens / calib_seq_len (given when the run calibrates):
+    the calibration must fit the model's positions and this machine's memory."""
     layers = list(range(cfg.n_layers)) if mla_layers is None else mla_layers
     if not isinstance(layers, (list, tuple)):
         raise ValueError(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
@@ -193,6 +194,38 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
                     kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init)
     if init == "rorope" and calib_tokens is not None:
         _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
+    if calib_seq_len is not None and not 1 <= calib_seq_len <= cfg.max_seq_len:
+        raise ValueError(f"calib_seq_len={calib_seq_len} is beyond the model's {cfg.max_seq_len} positions "
+                         f"(max_position_embeddings). Fix: --calib_seq_len={min(512, cfg.max_seq_len)} or less")
+    if calib_tokens is not None:
+        need = calib_bytes(cfg, calib_tokens, len(layers), latent_norm_kind(latent_norm), latent_norm_init, kv_rank)
+        free = _available_memory() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process calibrates
+        if need > 0.8 * free:
+            fit = int(calib_tokens * 0.8 * free / need)
+            raise ValueError(f"calib_tokens={calib_tokens} would hold about {need / 2**30:.1f} GiB during calibration, "
+                             f"more than this machine's {free / 2**30:.1f} GiB available per process. Fix: "
+                             f"calib_tokens <= {fit} (8192-32768 is plenty: see the README's calibration sizes)")
+
+
+def calib_bytes(cfg: ModelConfig, n_tokens, n_layers, latent_norm="none", latent_norm_init="calibrated",
+                kv_rank=None):
+    """Memory the calibration holds at once: the token ids, float64 second moments (d, d) per layer and, to fit the
+    latent norms' steady basis (calibrated / diagonal), every calibration token's latents in fp32, all layers."""
+    need = 8 * n_tokens + 8 * n_layers * (cfg.dim + 1) * cfg.dim
+    if latent_norm != "none" and latent_norm_init in ("calibrated", "diagonal"):
+        r = (kv_rank or min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)) + \
+            (min(cfg.dim, cfg.n_heads * cfg.head_dim) if latent_norm == "both" else 0)
+        need += 4 * n_tokens * r * n_layers
+    return need
+
+
+def _available_memory():
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; elsewhere: unbounded)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return float("inf")
 
 
 def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
@@ -843,7 +876,8 @@ def bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="svd", calib_t
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import configure, require
+    from folders import check_apart
     # -----------------------------------------------------------------------------
     # settings (a config file, then --key=value)
     init_from = "tests/fixtures/stories260K"   # HF Llama folder or hub id
@@ -884,16 +918,22 @@ if __name__ == "__main__":
         bench(device, q_rank or 1424, kv_rank or 64, qk_nope_dim or 32, qk_rope_dim or 32, init, calib_tokens,
               calib_seq_len)
         sys.exit(0)
+    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), sweep_seqs=(1, None), sweep_len=(2, None))
     folder = resolve_checkpoint(init_from)
-    if not run_sweep:  # pre-flight: settings, output folder and tokenizer, before the weights are read
+    calibrating = init == "rorope" or latent_norm != "none"
+    if not run_sweep:  # pre-flight: output folder, settings and tokenizer, before the weights are read
+        check_apart(out_dir, "out_dir", {"init_from": folder, **{f"calib_data[{i}]": c for i, c in
+                                                                 enumerate(calib_data)}}, {"data_cache": data_cache})
+        check_replaceable(os.path.abspath(out_dir))
         src_cfg = read_model_config(folder)
         check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
-                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, calib_tokens=calib_tokens,
+                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc,
+                       calib_tokens=calib_tokens if calibrating else None,
+                       calib_seq_len=calib_seq_len if calibrating else None,
                        latent_norm=latent_norm, latent_norm_init=latent_norm_init)
-        if init == "rorope" or latent_norm != "none":
+        if calibrating:
             from data import check_sources
             check_sources(calib_data)
-        check_replaceable(os.path.abspath(out_dir))
         from tokenizer import Tokenizer, check_tokenizer_for
         try:
             tok = Tokenizer.from_name(tokenizer, folder)
@@ -904,6 +944,11 @@ if __name__ == "__main__":
             print(f"note: no tokenizer recorded in {out_dir}: {str(e).split('. Fix')[0]}")
         if tok is not None:
             check_tokenizer_for(tok, folder, "source")
+    calib = None
+    if calibrating and not run_sweep and tok is not None:  # before the weights: too little data fails here
+        from data import calibration_ids
+        calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
+        where = calib_data
     teacher = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type),
                                           device=device).eval()
     if run_sweep:
@@ -911,15 +956,10 @@ if __name__ == "__main__":
         sys.exit(0)
     if kv_rank is None and kv_energy is None and kv_budget is None:  # nothing chosen: keep the full rank
         kv_rank = min(teacher.config.dim, 2 * teacher.config.n_kv_heads * teacher.config.head_dim)
-    calib = None
-    if init == "rorope" or latent_norm != "none":
-        from data import calibration_ids
-        if tok is not None:
-            calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
-            where = calib_data
-        else:  # no tokenizer to read text with (stories260K): text the source writes itself
-            calib = teacher_text(teacher, -(-calib_tokens // calib_seq_len), calib_seq_len, seed)
-            where = "text sampled from the source (it has no tokenizer to read calib_data)"
+    if calibrating and calib is None:  # no tokenizer to read text with (stories260K): text the source writes itself
+        calib = teacher_text(teacher, -(-calib_tokens // calib_seq_len), calib_seq_len, seed)
+        where = "text sampled from the source (it has no tokenizer to read calib_data)"
+    if calib is not None:
         print(f"calibration: {calib.numel()} tokens ({len(calib)} x {calib_seq_len}, seed {seed}) of {where}")
     report = []
     t0 = time.time()

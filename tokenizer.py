@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -102,7 +101,7 @@ class Tokenizer:
     def from_pretrained(cls, path):
         """The tokenizer a model folder (or hub id) ships: tokenizer.json (HFTokenizer), a Llama 3 tiktoken
         tokenizer.model (original/ or top level), or this project's tokenizer_bytes.json."""
-        from model import resolve_checkpoint
+        from folders import resolve_checkpoint
         path = resolve_checkpoint(path, need_config=False)
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             return HFTokenizer(path)
@@ -470,9 +469,7 @@ if __name__ == "__main__":
     text = "This is a test sentence."   # the text to encode
     tokenizer = "llama3"      # "llama3", "bytes", a model folder or a tokenizer.model path
     chat = False              # render text as one user message with the tokenizer's chat template
-    if sys.argv[1:] and not sys.argv[1].startswith("--"):  # a bare first argument is the text
-        text = sys.argv.pop(1)
-    configure(globals())
+    configure(globals(), positional=("text",))  # python tokenizer.py "some text": a bare argument is the text
     tok = Tokenizer.from_name(tokenizer)
     if chat:
         ids, mask = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)

@@ -11,7 +11,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from folders import checkpoints, claim_out_dir, latest_checkpoint, write_failed
 
 
 # -----------------------------------------------------------------------------
@@ -122,6 +123,15 @@ def finish():
     os._exit(0)
 
 
+def host_sum(x: float) -> float:
+    """A number summed over ranks on the CPU (gloo): no GPU sync. For the token count a step is normalised by."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, group=_CPU_GROUP)  # None: the default group, gloo on CPU
+    return float(t.item())
+
+
 def barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -171,12 +181,24 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
+    error = None
     try:
         _write_checkpoint_files(tmp, msd, osd, meta, step, d)
-    except OSError as e:  # a full disk, say: leave no half-written folder behind, and say what happened
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"writing checkpoint {tmp} failed ({e}); nothing was renamed, the previous checkpoint "
-                      f"({latest_checkpoint(out_dir)}) is intact. Free disk space, then resume") from None
+    except Exception as e:  # a full disk: OSError, or safetensors' own error for the same
+        if not write_failed(e):
+            raise
+        error = e
+    failed = torch.tensor([float(error is not None)])
+    if d.world > 1:  # every rank learns that one failed, so none waits for it at the next collective
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+    if failed.item():
+        if d.master:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
+        why = f"{type(error).__name__}: {error}" if error is not None else "on another rank"
+        prev = latest_checkpoint(out_dir)
+        raise OSError(f"writing checkpoint {tmp} failed ({why}); nothing was renamed, "
+                      + (f"the previous checkpoint {prev} is intact" if prev else "there was no earlier checkpoint")
+                      + ". Fix: free disk space, then resume with --resume=True")
     barrier()
     if d.master:
         if _before_rename:
@@ -188,8 +210,8 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
             os.replace(final, final + ".old")
         os.replace(tmp, final)
         shutil.rmtree(final + ".old", ignore_errors=True)
-        for old in sorted(c for c in os.listdir(out_dir) if c.startswith("ckpt-") and not c.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        for old in checkpoints(out_dir)[:-keep]:  # by step number; only names a run writes (folders.CKPT)
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
@@ -218,108 +240,27 @@ def _untie(sd):
 
 
 # -----------------------------------------------------------------------------
-# The output folder: one run at a time, only its own files touched, checked before any work
-
-
-RUN_FILES = ("ckpt-", "final", "replaced-", "ref_logps-", ".lock")  # prefixes of what a run writes in out_dir
-
-
-def _run_owned(name, log_name):
-    return name.startswith(RUN_FILES) or name in (f"{log_name}.txt", f"{log_name}.jsonl")
+# The output folder: one run at a time, only its own files touched (folders.py's rules), checked before any work
 
 
 def prepare_out_dir(out_dir, resume, d: Dist, log_name, need_bytes=0):
-    """Pre-flight for a training run, after every setting has been checked and before any work. On rank 0:
-      - refuse an out_dir holding files this project's runs do not write (never `.`, a checkout or a data folder);
+    """Pre-flight for a training run, after every setting has been checked and before any work. On rank 0
+    (folders.claim_out_dir):
+      - refuse an out_dir holding anything this project's runs do not write (folders.run_names: `ckpt-0000200`,
+        `final`, the run's log, ...; a link, `.`, a checkout or a data folder is refused);
       - take the lock out_dir/.lock (pid@host); a lock whose process is gone is stale and taken over;
       - refuse when the disk cannot hold need_bytes (the checkpoints and the export);
-      - resume=False: move an earlier run's files (only the run's own: ckpt-*, final, its log) to replaced-<time>/;
+      - resume=False: move an earlier run's files (only the run's own) to replaced-<time>/;
         resume=True: there must be a checkpoint; resume="auto": resume if there is one, else start fresh.
     Returns whether to resume. Every rank gets the same answer."""
-    if resume not in (True, False, "auto"):
-        raise ValueError(f"resume={resume!r}: use True, False or 'auto' (resume when a checkpoint exists)")
     verdict = torch.zeros(1)
     if d.master:
-        out_dir = os.path.abspath(out_dir)
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise FileExistsError(f"out_dir {out_dir} is a file. Fix: choose a folder")
-        present = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-        foreign = [n for n in present if not _run_owned(n, log_name)]
-        if foreign:
-            raise FileExistsError(f"out_dir {out_dir} holds files a {log_name} run does not write "
-                                  f"({', '.join(sorted(foreign)[:5])}{' ...' if len(foreign) > 5 else ''}): refusing "
-                                  "to use it, nothing was changed. Fix: give a new or empty folder as out_dir")
-        os.makedirs(out_dir, exist_ok=True)
-        _take_lock(out_dir)
-        free = shutil.disk_usage(out_dir).free
-        if need_bytes > free:
-            _release_lock(out_dir)
-            raise OSError(f"out_dir {out_dir}: {free / 2**30:.2f} GiB free, but the run's checkpoints and export need "
-                          f"about {need_bytes / 2**30:.2f} GiB. Fix: free space, lower keep_ckpts, or pick another "
-                          "disk")
-        has_ckpt = latest_checkpoint(out_dir) is not None
-        if resume is True and not has_ckpt:
-            _release_lock(out_dir)
-            raise FileNotFoundError(f"resume=True but {out_dir} holds no complete checkpoint. Fix: drop --resume "
-                                    "to start a fresh run, or use --resume=auto (resume when there is one)")
-        go_on = resume is True or (resume == "auto" and has_ckpt)
-        old = [n for n in present if _run_owned(n, log_name) and not n.startswith(("replaced-", ".lock"))]
-        if not go_on and old:
-            dest = os.path.join(out_dir, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
-            os.makedirs(dest, exist_ok=True)
-            for n in old:
-                os.replace(os.path.join(out_dir, n), os.path.join(dest, n))
-            print(f"{out_dir} held an earlier run: moved {', '.join(sorted(old))} to {dest} (use --resume=True to "
-                  "continue a run instead)", flush=True)
-        verdict[0] = float(go_on)
+        verdict[0] = float(claim_out_dir(out_dir, resume, log_name, need_bytes))
     if d.world > 1:
         t = verdict.to(d.device)
         dist.broadcast(t, src=0)
         verdict = t.cpu()
     return bool(verdict[0].item())
-
-
-def _take_lock(out_dir):
-    path = os.path.join(out_dir, ".lock")
-    me = f"{os.getpid()}@{socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
-            import atexit
-            atexit.register(_release_lock, out_dir, me)
-            return
-        except FileExistsError:
-            try:
-                owner = open(path).read().strip()
-            except OSError:
-                owner = ""
-            pid, _, host = owner.partition("@")
-            alive = host != socket.gethostname()  # another machine's lock: cannot check it, so respect it
-            if not alive and pid.isdigit():
-                try:
-                    os.kill(int(pid), 0)
-                    alive = True
-                except ProcessLookupError:
-                    alive = False
-                except PermissionError:
-                    alive = True
-            if alive:
-                raise RuntimeError(f"out_dir {out_dir} is in use by another run (process {owner}, lock {path}). "
-                                   "Fix: wait for it, or give another out_dir. If that run is dead on another "
-                                   "machine, delete the lock file") from None
-            os.remove(path)  # stale: its process is gone
-    raise RuntimeError(f"could not take the lock {path}")
-
-
-def _release_lock(out_dir, me=None):
-    path = os.path.join(out_dir, ".lock")
-    try:
-        if me is None or open(path).read().strip() == me:
-            os.remove(path)
-    except OSError:
-        pass
 
 
 def checkpoint_bytes(n_params, keep_ckpts, export_bytes_per_param=4):
@@ -333,6 +274,7 @@ def check_resume_config(path, config, model_keys, schedule_keys, log):
     refused, naming the keys; a changed schedule is allowed with a warning."""
     with open(os.path.join(path, "meta.json")) as f:
         saved = json.load(f).get("config", {})
+    config = json.loads(json.dumps(config))  # as the checkpoint holds it: tuples are JSON lists there
     changed = [k for k in model_keys if k in saved and saved[k] != config.get(k)]
     if changed:
         raise ValueError(f"resume: {path} was written with other model/data settings: "
@@ -344,15 +286,6 @@ def check_resume_config(path, config, model_keys, schedule_keys, log):
         log.print("resume: WARNING: the schedule changed since the checkpoint: "
                   + ", ".join(f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in moved)
                   + " (the learning rate from here on follows the new settings)")
-
-
-def latest_checkpoint(out_dir):
-    """The newest COMPLETE checkpoint (renamed into place, meta.json present), or None."""
-    if not os.path.isdir(out_dir):
-        return None
-    done = sorted(c for c in os.listdir(out_dir) if c.startswith("ckpt-") and not c.endswith(".tmp")
-                  and os.path.exists(os.path.join(out_dir, c, "meta.json")))
-    return os.path.join(out_dir, done[-1]) if done else None
 
 
 def load_checkpoint(path, model, optimizer, d: Dist):
@@ -419,14 +352,16 @@ def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, star
         debug_kill_at_step=-1, debug_kill_in_save=-1):
     """The optimisation loop of distill.py and dpo.py; what differs between them comes in as functions:
         micro_batches(step) -> list of closures, one per micro-batch of this rank; each returns (loss, stats)
-                               with the loss already normalised for the whole step and stats a (n_stats,) tensor
+                               with the loss already normalised for the whole step and stats a (n_stats,) tensor;
+                               [] on every rank skips the step (no target token in it)
         report(stats, seconds, steps) -> (text, numbers): stats summed over ranks and steps since the last report
+                               (numbers {} when those steps had no target token)
         evaluate() -> (text, numbers) on held-out data
     Per step: set the LR, accumulate gradients (reduce-scattered once, on the last micro-batch), clip, update.
     Per interval: one host sync to log, a held-out evaluation, an atomic checkpoint. Non-finite numbers stop the
     run before anything is saved, so the last checkpoint is always a good one."""
     stats = torch.zeros(n_stats, device=d.device)
-    grad_norm = torch.zeros((), device=d.device)
+    grad_norm = loss = torch.zeros((), device=d.device)
     t_last, since = time.time(), 0
     stop = StopRequest()
 
@@ -441,14 +376,18 @@ def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, star
         for group in optimizer.param_groups:
             group["lr"] = lr
         closures = micro_batches(step)
+        if not closures:  # no target token in the whole step (loss_on="assistant", long prompts): nothing to learn
+            log.print(f"step {step + 1}/{max_steps}: no target token in this step's batches; skipped (no update)")
+            log.record("skipped", step=step + 1)
         for m, micro in enumerate(closures):
             model.set_requires_gradient_sync(m == len(closures) - 1)  # reduce-scatter once per step
             loss, s = micro()
             loss.backward()
             stats += s
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if closures:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         since += 1
         done = step + 1
         if done == debug_kill_at_step:  # tests: a crash right after an update, before its checkpoint
@@ -457,11 +396,12 @@ def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, star
             dist.all_reduce(stats)
             dt = time.time() - t_last
             text, numbers = report(stats, dt, since)  # the one host sync per interval happens in here
-            numbers.update(lr=lr, grad_norm=grad_norm.item(), peak_mem_gib=peak_memory_gib(d.device))
-            stop_if_not_finite(done, numbers)
-            log.print(f"step {done}/{max_steps}  {text}  lr {lr:.2e}  grad norm {numbers['grad_norm']:.3f}  "
-                      f"peak mem {numbers['peak_mem_gib']:.2f} GiB  ETA {(max_steps - done) * dt / since / 60:.1f} min")
-            log.record("train", step=done, **numbers)
+            if numbers:  # {}: every step of the interval was skipped, nothing to report
+                numbers.update(lr=lr, grad_norm=grad_norm.item(), peak_mem_gib=peak_memory_gib(d.device))
+                stop_if_not_finite(done, numbers)
+                log.print(f"step {done}/{max_steps}  {text}  lr {lr:.2e}  grad norm {numbers['grad_norm']:.3f}  peak "
+                          f"mem {numbers['peak_mem_gib']:.2f} GiB  ETA {(max_steps - done) * dt / since / 60:.1f} min")
+                log.record("train", step=done, **numbers)
             stats.zero_()
             t_last, since = time.time(), 0
         if done % eval_every == 0 and done != max_steps:
@@ -527,9 +467,11 @@ class RunLog:
             self.jsonl = open(os.path.join(out_dir, f"{name}.jsonl"), "a")
             self.txt = open(os.path.join(out_dir, f"{name}.txt"), "a")
 
-    def print(self, msg):
+    def print(self, msg, shown=False):
+        """To stdout and the run's .txt log (shown=True: already printed, to the log only)."""
         if self.master:
-            print(msg, flush=True)
+            if not shown:
+                print(msg, flush=True)
             self.txt.write(msg + "\n")
             self.txt.flush()
 

@@ -39,7 +39,8 @@ import time
 import torch
 
 from mamba2 import ssm_init
-from model import ModelConfig, Transformer, check_replaceable, read_model_config, resolve_checkpoint, resolve_dtype
+from folders import check_replaceable, resolve_checkpoint
+from model import ModelConfig, Transformer, read_model_config, resolve_dtype
 from svd_init import _assemble, kv_budget_numbers, upcycle
 
 CONV_INITS = ("identity", "random")
@@ -278,7 +279,7 @@ if __name__ == "__main__":
     out_dir = "out/zebra"      # a new or empty folder, or one written here before
     mla_layers: list | None = None  # explicit MLA layers; else chosen by `placement` from one of the three below
     n_mla: int | None = None
-    mla_fraction: float | None = 0.25  # a quarter of the layers stay MLA (unless n_mla or cache_budget is given)
+    mla_fraction: float | None = None  # None: a quarter of the layers stay MLA, unless one of the other two is given
     cache_budget: float | None = None  # per-token cache: a fraction of the source's GQA cache, or numbers per token
     placement = "sensitivity"  # "sensitivity" (measured here) or "uniform" (the published pattern)
     conv_init = "identity"     # Mamba2's conv at init: "identity" (ours) or "random" (Mamba2's)
@@ -300,10 +301,22 @@ if __name__ == "__main__":
     seed = 0
     config = configure(globals())
     # -----------------------------------------------------------------------------
+    from configurator import require
     from data import PackedData, build_cache, calibration_ids, check_sources
+    from folders import check_apart
     from svd_init import check_settings, kl_per_token
     from tokenizer import Tokenizer, check_tokenizer_for
+    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), n_mla=(0, None))
+    chosen = [k for k in ("mla_layers", "n_mla", "mla_fraction") if config[k] is not None]
+    if len(chosen) > 1 or (mla_fraction is not None and cache_budget is not None):
+        both = chosen + (["cache_budget"] if cache_budget is not None else [])
+        raise ValueError(f"{' and '.join(f'{k}={config[k]!r}' for k in both)} each say how many layers stay MLA: "
+                         "give one (cache_budget may be given beside mla_layers, as a check)")
+    if not chosen and cache_budget is None:
+        mla_fraction = 0.25  # the default: a quarter of the layers stay MLA
     folder = resolve_checkpoint(init_from)
+    check_apart(out_dir, "out_dir", {"init_from": folder, **{f"calib_data[{i}]": c for i, c in enumerate(calib_data)}},
+                {"data_cache": data_cache})
     src_cfg = read_model_config(folder)
     # pre-flight: every setting before the weights are read
     if placement not in PLACEMENTS:
@@ -321,9 +334,12 @@ if __name__ == "__main__":
         if n_mla is not None:
             raise ValueError("give mla_layers or n_mla, not both")
         n = len(mla_layers)
+    if not 1 <= calib_seq_len <= src_cfg.max_seq_len:
+        raise ValueError(f"calib_seq_len={calib_seq_len} is beyond the model's {src_cfg.max_seq_len} positions "
+                         f"(max_position_embeddings). Fix: --calib_seq_len={min(256, src_cfg.max_seq_len)} or less")
     if n:
         check_settings(src_cfg, mla_layers if mla_layers is not None else list(range(n)), calib_tokens=calib_tokens,
-                       **mla_settings)
+                       calib_seq_len=calib_seq_len, **mla_settings)
     if mla_layers is not None:
         check_mamba_layers(src_cfg, [i for i in range(src_cfg.n_layers) if i not in mla_layers])
     check_budget(src_cfg, mla_layers if mla_layers is not None else list(range(n)), mla_cache, cache_budget)
@@ -331,26 +347,26 @@ if __name__ == "__main__":
     check_replaceable(os.path.abspath(out_dir))
     tok = Tokenizer.from_name(tokenizer, folder)
     check_tokenizer_for(tok, folder, "source")
+    calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)  # too little data: now
     source = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type),
                                          device=device).eval()
-    calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
     t0 = time.time()
+    gqa = [i for i in range(src_cfg.n_layers) if src_cfg.layer_type(i) == "gqa"]
+    how = "given"
+    if mla_layers is None and (placement == "uniform" or n in (0, src_cfg.n_layers)):  # nothing to measure
+        mla_layers, how = (uniform_layers(src_cfg.n_layers, n) if n else []), "uniform"
     gains = None
-    if ssm_gain == "calibrated":
-        gains = fit_gains(source, [i for i in range(src_cfg.n_layers) if src_cfg.layer_type(i) == "gqa"], calib,
-                          conv_init, seed)
-        print(f"Mamba2 norm gains fitted on {calib.numel()} calibration tokens (mean |w| per layer: "
-              + ", ".join(f"{g.abs().mean():.3f}" for g in gains.values()) + ")")
+    if ssm_gain == "calibrated":  # the sensitivity measures every layer as Mamba2; else only those that become one
+        todo = gqa if mla_layers is None else [i for i in gqa if i not in mla_layers]
+        gains = fit_gains(source, todo, calib, conv_init, seed)
+        print(f"Mamba2 norm gains fitted on {calib.numel()} calibration tokens for {len(todo)} layers (mean |w| per "
+              "layer: " + ", ".join(f"{g.abs().mean():.3f}" for g in gains.values()) + ")")
     if mla_layers is None:
-        if placement == "uniform" or n in (0, src_cfg.n_layers):  # nothing to choose at 0 or all layers
-            mla_layers = uniform_layers(src_cfg.n_layers, n) if n else []
-        else:
-            sens = layer_sensitivity(source, calib[:8], conv_init, seed, gains=gains)
-            print("layer sensitivity, KL(source || that layer alone as Mamba2) per token on 8 calibration sequences:")
-            print("  " + "  ".join(f"{i}: {v:.3f}" for i, v in sens.items()))
-            mla_layers = place(sens, n)
-    print(f"MLA layers {mla_layers} ({placement if mla_layers is not None else 'given'}); the other "
-          f"{src_cfg.n_layers - len(mla_layers)} Mamba2")
+        sens = layer_sensitivity(source, calib[:8], conv_init, seed, gains=gains)
+        print("layer sensitivity, KL(source || that layer alone as Mamba2) per token on 8 calibration sequences:")
+        print("  " + "  ".join(f"{i}: {v:.3f}" for i, v in sens.items()))
+        mla_layers, how = place(sens, n), "sensitivity"
+    print(f"MLA layers {mla_layers} ({how}); the other {src_cfg.n_layers - len(mla_layers)} Mamba2")
     hybrid = compose(source, mla_layers, calib, conv_init, seed, log=print, gains=gains, **mla_settings).eval()
     print(f"composed in {time.time() - t0:.1f} s")
     held = PackedData(build_cache(calib_data, tok, data_cache), "val", calib_seq_len).sample(4 * calib_seq_len, seed)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
+from folders import check_rows_file  # noqa: E402
 from data import PackedData, build_cache, calibration_ids  # noqa: E402
 from model import Transformer  # noqa: E402
 from svd_init import upcycle  # noqa: E402
@@ -40,6 +41,8 @@ seed = 0
 norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
 configure(globals())
+if out:
+    check_rows_file(out, ["model", "kl"])  # appended to: it must be this script's own rows file
 
 teacher = Transformer.from_pretrained(model).eval()
 cfg = teacher.config
@@ -100,7 +103,7 @@ if budgets:
     for name, _ in rows:
         print(f"| {name} | " + " | ".join(results.get((name, b), "") for b in budgets) + " |")
 if calib_sizes:
-    print(f"\n| calibration tokens (the whole init, 50% cache) | KL at init | CE at init |\n|---|---|---|")
+    print("\n| calibration tokens (the whole init, 50% cache) | KL at init | CE at init |\n|---|---|---|")
     for n in calib_sizes:
         ids = calibration_ids(sft_data, tok, data_cache, n, calib_seq_len, seed, log=quiet)
         kl, ce = measure(upcycle(teacher, calib=ids, init="rorope", kv_budget=0.5).eval())

@@ -16,6 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
+from folders import check_only, check_rows_file  # noqa: E402
 from model import Transformer  # noqa: E402
 
 init_from = "assets/models/tiny_teacher"
@@ -39,6 +40,13 @@ eval_batches = 4
 nproc = 2
 out_root = "out/zebra_table"
 configure(globals())
+# what this script writes under out_root, and nothing else there: rows.jsonl and one folder per row holding its
+# hybrid (zebra.py), its ILD and KL runs (distill.py, each with its own out_dir rules) and zebra.py's output
+check_only(out_root, [r"rows\.jsonl", r"mla[0-9.]+_(sensitivity|uniform)(_noild)?/"], "out_root")
+for _row in os.listdir(out_root) if os.path.isdir(out_root) else []:
+    if os.path.isdir(os.path.join(out_root, _row)):
+        check_only(os.path.join(out_root, _row), [r"init/", r"ild/", r"e2e/", r"zebra\.txt"], "row folder")
+check_rows_file(os.path.join(out_root, "rows.jsonl"), ["name", "kl_e2e"])
 
 PY = sys.executable
 env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -95,7 +95,7 @@ def test_batches_are_deterministic_and_split_across_ranks(files, tmp_path):
 def test_empty_and_missing_sources(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"foo": 1}) + "\n")
-    with pytest.raises(ValueError, match="no usable documents.*1 malformed"):
+    with pytest.raises(ValueError, match="no usable documents.*1 skipped; first: .*bad.jsonl:1: none of the fields"):
         build_cache([str(p)], "bytes", str(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match="neither a file"):
         list(iter_rows("no_such_file.json"))
@@ -124,7 +124,7 @@ def test_bad_bytes_are_malformed_rows_named_by_file_and_line(tmp_path):
     meta = json.load(open(os.path.join(cache, "meta.json")))
     per = meta["per_source"]
     assert per[str(tmp_path / "a.jsonl")]["documents"] == 2 and per[str(tmp_path / "a.jsonl")]["malformed_rows"] == 1
-    assert per[str(tmp_path / "a.jsonl")]["malformed_first"][0].startswith(f"{tmp_path / 'a.jsonl'}:2 (invalid UTF-8")
+    assert per[str(tmp_path / "a.jsonl")]["malformed_first"][0].startswith(f"{tmp_path / 'a.jsonl'}:2: invalid UTF-8")
     assert per[str(tmp_path / "b.txt")]["malformed_rows"] == 1 and per[str(tmp_path / "b.txt")]["documents"] == 1
     assert per[str(tmp_path / "c.json")] ["documents"] == 1 and per[str(tmp_path / "c.json")]["malformed_rows"] == 1
     assert any("a.jsonl:2" in line for line in logs)

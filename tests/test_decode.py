@@ -1,11 +1,11 @@
-"""The latent decode (kernels.latent_attention): equal to the einsum reference for several ranks, d_qk / d_r splits
+"""The latent decode (ops.latent_attention): equal to the einsum reference for several ranks, d_qk / d_r splits
 and hybrids; one SDPA call reading the latent cache; the compiled decode step equals eager."""
 import pytest
 import torch
 from torch.testing import assert_close
 
 from conftest import mla_kw, random_model, tiny_config
-from kernels import latent_attention
+from ops import latent_attention
 from model import MLAttention
 
 

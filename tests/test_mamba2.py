@@ -83,6 +83,34 @@ def test_prefill_then_decode_equals_full_forward(cfg):
                  rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_used_cache_gives_what_a_fresh_one_does_whatever_it_holds(poison):
+    # GQA (layer 0), Mamba2 (1, 3) and MLA (2) caches, each planted with NaN / Inf everywhere: a Mamba2 state
+    # cleared by a multiply by 0, or a masked stale value entering P @ V as 0 x NaN, would poison the new sequence
+    cfg = hybrid_cfg()
+    m = random_model(cfg).double()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    m.setup_caches(2, 40, dtype=torch.float64)
+    fresh = [m(idx[:, :7], input_pos=torch.arange(7))]
+    fresh += [m(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(7, 12)]
+    kinds = set()
+    for block in m.model.layers:
+        kinds.add(type(block.mixer.cache).__name__)
+        for b in block.mixer.cache.buffers():
+            b.fill_(poison)
+    assert kinds == {"KVCache", "LatentCache", "SSMCache"}
+    again = [m(idx[:, :7], input_pos=torch.arange(7))]
+    again += [m(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(7, 12)]
+    assert torch.isfinite(torch.cat(again, 1)).all()
+    assert_close(torch.cat(again, 1), torch.cat(fresh, 1), rtol=1e-12, atol=1e-12)
+    # generate() with a one-token prompt (no prefill to clear the rest) starts from clean caches too
+    want = m.generate(idx[:, :1], 6)
+    for block in m.model.layers:
+        for b in block.mixer.cache.buffers():
+            b.fill_(poison)
+    assert torch.equal(m.generate(idx[:, :1], 6), want)
+
+
 def test_generate_matches_greedy_by_full_forwards():
     m = random_model(hybrid_cfg())
     prompt = torch.randint(0, 96, (2, 5))

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from conftest import ROOT, random_model, read_log, run_script, tiny_config, write_config
-from model import Transformer, check_replaceable
+from folders import check_replaceable
+from model import Transformer
 from tokenizer import Tokenizer
 from trainer import latest_checkpoint
 
@@ -49,8 +50,12 @@ def test_save_replaces_its_own_folder_but_not_added_files(tmp_path):
 def test_svd_init_out_dir_dot_is_refused(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "svd_init.py"), "--out_dir=."], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "refusing to replace it" in r.stderr
+    assert r.returncode == 2 and "contains the input init_from" in r.stderr and "Traceback" not in r.stderr
     assert os.path.exists(os.path.join(ROOT, "README.md")) and os.path.exists(os.path.join(ROOT, ".git"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "svd_init.py"), "--out_dir=/"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # decided from the top level, no walk of /
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "contains the input init_from" in r.stderr or "was not written by this project" in r.stderr, r.stderr
 
 
 # --- training runs: a shared set-up
@@ -190,20 +195,20 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint(setup, how):
 
 # --- --help everywhere: the settings, their defaults and comments; nothing runs
 
-@pytest.mark.parametrize("script", ["svd_init.py", "distill.py", "dpo.py", "evaluate.py", "model.py", "kernels.py",
+@pytest.mark.parametrize("script", ["svd_init.py", "distill.py", "dpo.py", "evaluate.py", "model.py", "ops.py",
                                     "data.py", "tokenizer.py"])
 def test_help(script):
     t0 = time.time()
     r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "settings (a config file, then --key=value" in r.stdout
     assert "python " in r.stdout                                              # the commands to run it
-    assert time.time() - t0 < 30                                              # kernels.py --help is no benchmark
+    assert time.time() - t0 < 30                                              # ops.py --help is no benchmark
     if script == "distill.py":
         assert "--kv_rank=None (int | None)" in r.stdout and "tokens per chunk of the chunked loss" in r.stdout
 
 
 def test_misspelt_flags_are_errors():
-    for args in (["kernels.py", "decode", "--batchs=1"], ["data.py", "--tokenizr=bytes"],
+    for args in (["ops.py", "decode", "--batchs=1"], ["data.py", "--tokenizr=bytes"],
                  ["svd_init.py", "--kv_rank=abc"], ["svd_init.py", "--mla_layers=3"]):
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
@@ -228,7 +233,8 @@ def test_disk_check_and_foreign_files_refuse_before_moving_anything(tmp_path):
 
 
 def test_folder_errors_name_the_file(tmp_path):
-    from model import read_model_config, resolve_checkpoint
+    from folders import resolve_checkpoint
+    from model import read_model_config
     os.makedirs(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="out/ is a local folder, so it is not a hub id"):
         cwd = os.getcwd()

@@ -1,10 +1,10 @@
 """
 Performance-critical pieces, each with a plain reference it is tested against.
 
-    python kernels.py          # benchmark: peak memory and time of the chunked KL vs the naive formula (CPU/GPU)
-    python kernels.py decode --batches=1,4 --contexts=1024,4096        # decode step: GQA vs MLA naive vs latent
-    python kernels.py decode --batches=1,8,64 --contexts=1024,8192,32768 --budget_gib=60   # the full grid (GPU)
-    python kernels.py --help
+    python ops.py          # benchmark: peak memory and time of the chunked KL vs the naive formula (CPU/GPU)
+    python ops.py decode --batches=1,4 --contexts=1024,4096        # decode step: GQA vs MLA naive vs latent
+    python ops.py decode --batches=1,8,64 --contexts=1024,8192,32768 --budget_gib=60   # the full grid (GPU)
+    python ops.py --help
 
 1. linear_kl: the distillation loss from final hidden states, without ever holding the full (N, V) logits.
    The naive loss materialises student and teacher logits in fp32 at once: for a Llama-3 vocabulary (128,256) and a

@@ -1,9 +1,9 @@
-"""kernels.py: the chunked linear+KL loss equals the naive full-logits formula in value and gradient."""
+"""ops.py: the chunked linear+KL loss equals the naive full-logits formula in value and gradient."""
 import pytest
 import torch
 from torch.testing import assert_close
 
-from kernels import linear_kl, naive_linear_kl
+from ops import linear_kl, naive_linear_kl
 
 
 def make(N=37, d=16, d_t=24, V=50, seed=0, dtype=torch.float64):
@@ -77,7 +77,7 @@ def test_bf16_inputs():
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_linear_logprobs_equals_naive(chunk):
-    from kernels import linear_logprobs
+    from ops import linear_logprobs
     h_s, W_s, _, _, y, w = make()
     a = linear_logprobs(h_s, W_s, y, chunk)
     ref = (h_s @ W_s.T).log_softmax(-1).gather(1, y.clamp(min=0)[:, None])[:, 0] * (y >= 0)

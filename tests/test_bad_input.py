@@ -1,0 +1,400 @@
+"""The user's files survive every script, and bad input gets one clean line (the problem and the fix, exit 2, once
+under torchrun), before any work: the names a run owns in its out_dir (exactly those, by step number), outputs apart
+from inputs, results files, a full disk mid-checkpoint, range checks, config-file errors, did-you-mean, rows a
+tokenizer or chat template refuses, ~ paths, calibration requests that cannot be met, shared config files."""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configurator import pipeline_scripts
+from conftest import ROOT, random_model, run_script, tiny_config, write_config
+from folders import (check_apart, check_results_file, checkpoints, claim_out_dir, latest_checkpoint,
+                     write_results_file)
+from tokenizer import Tokenizer
+
+
+def run(args, timeout=120, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def clean_error(r, *needles):
+    """One line 'error: ...' on stderr naming every needle, exit code 2, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr[-3000:])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad_input")
+    random_model(tiny_config(vocab_size=512, bos_id=256, eos_id=(257,), max_seq_len=128)).save_pretrained(
+        tmp / "teacher", tokenizer=Tokenizer.byte_level())
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"The number is {i}."} for i in range(120)]
+    (tmp / "sft.json").write_text(json.dumps(rows))
+    return tmp
+
+
+def distill_cfg(tiny, name, **over):
+    cfg = dict(init_from=str(tiny / "teacher"), q_rank=32, kv_rank=8, qk_nope_dim=8, qk_rope_dim=8,
+               sft_data=[str(tiny / "sft.json")], data_cache=str(tiny / "cache"), val_every=10, seq_len=32,
+               micro_batch=2, tokens_per_step=128, max_steps=2, lr=3e-3, kl_chunk=24, log_every=1, eval_every=100,
+               eval_batches=2, ckpt_every=2, out_dir=str(tiny / name))
+    cfg.update(over)
+    return write_config(tiny / f"{name}.py", **cfg), cfg["out_dir"]
+
+
+def snapshot(folder):
+    return sorted((os.path.relpath(os.path.join(r, f), folder), open(os.path.join(r, f), "rb").read())
+                  for r, _, fs in os.walk(folder) for f in fs)
+
+
+# --- 1. every script, scripts/ included, takes its settings through configurator.py
+
+SCRIPTS = pipeline_scripts() + sorted(os.path.join("scripts", f) for f in os.listdir(os.path.join(ROOT, "scripts"))
+                                     if f.endswith(".py"))
+
+
+def test_every_script_is_found():
+    assert {"distill.py", "dpo.py", "svd_init.py", "zebra.py", "deepseek.py", "evaluate.py",
+            os.path.join("scripts", "tiny_ablation.py")} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_and_a_typo_run_nothing(script):
+    t0 = time.time()
+    r = run([script, "--help"], timeout=60)
+    assert r.returncode == 0 and "settings (a config file, then --key=value" in r.stdout, r.stderr[-2000:]
+    assert "python " in r.stdout                                              # the commands to run it
+    r = run([script, "--nrpoc=1"], timeout=60)
+    clean_error(r, "unknown setting")
+    assert time.time() - t0 < 60                                              # nothing ran
+
+
+def test_tiny_ablation_keeps_a_users_notes(tmp_path):
+    row = tmp_path / "ablation" / "rorope_init_r_kv_8_d_r_16_kl_the_default"
+    row.mkdir(parents=True)
+    (row / "notes.txt").write_text("keep")
+    assert run(["scripts/tiny_ablation.py", "--help"]).returncode == 0
+    r = run(["scripts/tiny_ablation.py", "--nproc=1", "--only=the default", f"--out_root={tmp_path / 'ablation'}"],
+            timeout=300)
+    assert r.returncode == 0 and "failed" in r.stdout and "notes.txt" in r.stdout, r.stdout + r.stderr
+    assert sorted(os.listdir(row)) == ["notes.txt"] and (row / "notes.txt").read_text() == "keep"
+
+
+# --- 2. an output folder equal to, inside or containing an input: refused before any work
+
+def test_check_apart(tmp_path):
+    (tmp_path / "in").mkdir()
+    for out, rel in ((tmp_path / "in", "is the input"), (tmp_path / "in" / "sub", "lies inside the input"),
+                     (tmp_path, "contains the input")):
+        with pytest.raises(ValueError, match=rel):
+            check_apart(out, "out_dir", {"init_from": tmp_path / "in"})
+    os.symlink(tmp_path / "in", tmp_path / "link")                            # the same folder by another name
+    with pytest.raises(ValueError, match="is the input"):
+        check_apart(tmp_path / "link", "out_dir", {"init_from": tmp_path / "in"})
+    check_apart(tmp_path / "elsewhere", "out_dir", {"init_from": tmp_path / "in", "hub": "org/model"})
+    with pytest.raises(ValueError, match="the other output data_cache"):   # outputs apart, existing or not
+        check_apart(tmp_path / "o", "out_dir", {}, {"data_cache": tmp_path / "o" / "cache"})
+
+
+def test_conversions_refuse_to_write_over_their_source(tiny, tmp_path):
+    src = tmp_path / "student"
+    r = run(["svd_init.py", f"--init_from={tiny / 'teacher'}", "--q_rank=32", "--kv_rank=8", "--qk_nope_dim=8",
+             "--qk_rope_dim=8", "--init=svd", f"--out_dir={src}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = snapshot(src)
+    for args in (["deepseek.py", str(src), str(src), "--dtype=bfloat16"],
+                 ["deepseek.py", "--dtype=bfloat16", str(src), str(src / "ds")],      # a flag before the paths
+                 ["svd_init.py", f"--init_from={src}", "--mla_layers=[2,3]", f"--out_dir={src}"],
+                 ["zebra.py", f"--init_from={src}", f"--out_dir={src}"],
+                 ["evaluate.py", f"--model={src}", f"--out={src / 'results.json'}"]):
+        r = run(args)
+        clean_error(r, "out", "Fix:")
+        assert "is the input" in r.stderr or "lies inside the input" in r.stderr, (args, r.stderr)
+    assert snapshot(src) == before
+    cfg, out = distill_cfg(tiny, "own_input", student_from=str(tmp_path / "run" / "final"), kv_rank=None,
+                           q_rank=None, qk_nope_dim=None, qk_rope_dim=None, out_dir=str(tmp_path / "run"))
+    os.makedirs(tmp_path / "run")
+    os.rename(src, tmp_path / "run" / "final")
+    r = run_script("distill.py", cfg, check=False)
+    clean_error(r, "contains the input student folder")
+    assert snapshot(tmp_path / "run" / "final") == before
+
+
+# --- 3./4. a run owns exactly the names it writes; a link is a user's file
+
+@pytest.mark.parametrize("name,is_dir", [("ckpt-0000001.bak", True), ("ckpt-best", True), ("ckpt-notes", True),
+                                         ("final_report.txt", False), ("distill.txt.bak", False),
+                                         ("replaced-mine", True), ("ckpt-0000001", False)])
+def test_a_users_lookalike_names_are_refused_and_kept(tmp_path, name, is_dir):
+    out = tmp_path / "run"
+    (out / "ckpt-0000002").mkdir(parents=True)
+    (out / "ckpt-0000002" / "meta.json").write_text("{}")
+    p = out / name
+    if is_dir:
+        p.mkdir()
+        (p / "meta.json").write_text("{}")                                    # looks complete
+        (p / "mine.txt").write_text("keep")
+    else:
+        p.write_text("keep")
+    assert checkpoints(str(out)) == [str(out / "ckpt-0000002")]            # never resumed from, never pruned
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match=name.replace(".", r"\.")):
+        claim_out_dir(str(out), False, "distill")
+    assert snapshot(out) == before
+
+
+def test_checkpoints_are_sorted_by_step_number(tmp_path):
+    for step in (9, 10, 100, 2):
+        (tmp_path / f"ckpt-{step:07d}").mkdir()
+        (tmp_path / f"ckpt-{step:07d}" / "meta.json").write_text("{}")
+    (tmp_path / "ckpt-0000011.tmp").mkdir()                                  # incomplete: not a checkpoint
+    assert [os.path.basename(c) for c in checkpoints(str(tmp_path))] == \
+        ["ckpt-0000002", "ckpt-0000009", "ckpt-0000010", "ckpt-0000100"]
+    assert latest_checkpoint(str(tmp_path)).endswith("ckpt-0000100")
+
+
+def test_a_link_in_out_dir_is_a_users_file(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "data.txt").write_text("keep")
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(target, out / "ckpt-0000003")                                 # even under a run's own name
+    os.symlink(target, out / "mine")
+    assert checkpoints(str(out)) == []
+    with pytest.raises(FileExistsError, match="ckpt-0000003"):
+        claim_out_dir(str(out), False, "distill")
+    assert sorted(os.listdir(out)) == ["ckpt-0000003", "mine"] and (target / "data.txt").read_text() == "keep"
+
+
+def test_a_fresh_start_moves_only_run_files_and_never_merges(tmp_path):
+    out = tmp_path / "run"
+    (out / "ckpt-0000002").mkdir(parents=True)
+    (out / "ckpt-0000002" / "meta.json").write_text("{}")
+    (out / "distill.txt").write_text("log")
+    (out / "replaced-20260101-000000").mkdir()
+    assert claim_out_dir(str(out), False, "distill") is False
+    moved = [n for n in os.listdir(out) if n.startswith("replaced-") and n != "replaced-20260101-000000"]
+    assert len(moved) == 1 and sorted(os.listdir(out / moved[0])) == ["ckpt-0000002", "distill.txt"]
+
+
+# --- 5. a results file is replaced only when this project wrote it
+
+def test_results_file_of_someone_else_is_refused(tmp_path, capsys):
+    mine = tmp_path / "r.json"
+    write_results_file(str(mine), {"results": {}}, "evaluate.py")
+    check_results_file(str(mine))                                             # ours: may be replaced
+    for text in ('{"my": "numbers"}', "notes, not JSON", "[1, 2]"):
+        (tmp_path / "other.json").write_text(text)
+        with pytest.raises(FileExistsError, match="is not a results file this project wrote"):
+            check_results_file(str(tmp_path / "other.json"))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileExistsError, match="is not a plain file"):
+        check_results_file(str(tmp_path / "d"))
+
+
+def test_evaluate_refuses_a_foreign_out_before_loading(tiny, tmp_path):
+    (tmp_path / "mine.json").write_text('{"my": "numbers"}')
+    r = run(["evaluate.py", f"--model={tiny / 'teacher'}", "--tasks=arc_easy", "--limit=2",
+             f"--out={tmp_path / 'mine.json'}"])
+    clean_error(r, "is not a results file this project wrote", "Fix:")
+    assert (tmp_path / "mine.json").read_text() == '{"my": "numbers"}'
+
+
+# --- 6. loss_on=assistant with no target token
+
+def test_no_assistant_token_in_the_held_out_slice_is_refused_before_the_out_dir(tiny, tmp_path):
+    rows = [{"instruction": "word " * 200, "input": "", "output": "ok"} for _ in range(60)]   # replies past seq_len
+    (tmp_path / "long.json").write_text(json.dumps(rows))
+    cfg, out = distill_cfg(tiny, "no_targets", sft_data=[str(tmp_path / "long.json")], loss_on="assistant",
+                           data_cache=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"))
+    r = run_script("distill.py", cfg, check=False)
+    clean_error(r, "has no target token with loss_on='assistant'", "Fix:")
+    assert not os.path.exists(tmp_path / "run")                              # the out_dir was never touched
+
+
+def test_steps_without_a_target_token_are_skipped_with_a_line(tiny, tmp_path):
+    # half the rows have their reply inside the packed sequences, half do not: some steps have no target token
+    rows = []
+    for i in range(200):
+        rows.append({"instruction": "word " * 200, "input": "", "output": "ok"} if i % 7 else
+                    {"instruction": "Hi", "input": "", "output": "The reply."})
+    (tmp_path / "mixed.json").write_text(json.dumps(rows))
+    cfg, out = distill_cfg(tiny, "skips", sft_data=[str(tmp_path / "mixed.json")], loss_on="assistant",
+                           data_cache=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), max_steps=12,
+                           tokens_per_step=64, eval_batches=20, ckpt_every=100)
+    r = run_script("distill.py", cfg, check=False)
+    assert r.returncode == 0 and "ZeroDivisionError" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no target token in this step's batches; skipped" in r.stdout, r.stdout[-3000:]
+    assert os.path.exists(os.path.join(out, "final"))
+
+
+# --- 7. evaluate.py's numbers
+
+@pytest.mark.parametrize("flag,msg", [("--limit=-1", "limit=-1: must be >= 0"), ("--limit=-6", "limit=-6"),
+                                      ("--num_fewshot=-1", "num_fewshot=-1: must be >= 0"),
+                                      ("--tasks=arc_easy,piqa,arc_easy", "lists 'arc_easy' more than once"),
+                                      ("--batch_size=0", "batch_size=0")])
+def test_evaluate_settings(tiny, tmp_path, flag, msg):
+    r = run(["evaluate.py", f"--model={tiny / 'teacher'}", flag, f"--out={tmp_path / 'r.json'}"])
+    clean_error(r, msg)
+    assert not os.path.exists(tmp_path / "r.json")
+
+
+# --- 8. a full disk mid-checkpoint: the clean message, nothing half-written left
+
+def _small_files():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                            # a write past the limit: EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_a_full_disk_during_a_checkpoint(tiny, tmp_path):
+    cfg, out = distill_cfg(tiny, "full", out_dir=str(tmp_path / "run"), data_cache=str(tmp_path / "cache"))
+    run(["data.py", f"--sft_data={[str(tiny / 'sft.json')]}", f"--cache={tmp_path / 'cache'}", "--val_every=10"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "distill.py", cfg], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300, preexec_fn=_small_files)
+    clean_error(r, "writing checkpoint", "failed", "Fix: free disk space, then resume with --resume=True")
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")], os.listdir(out)
+    assert not os.path.exists(os.path.join(out, ".lock"))
+
+
+# --- 9. resume: no false alarm, the right label
+
+def test_resume_has_no_false_alarm_and_labels_its_eval(tiny):
+    cfg, out = distill_cfg(tiny, "resume_label", max_steps=2, eval_every=2)
+    run_script("distill.py", cfg)
+    r = run_script("distill.py", cfg, extra=["--resume=True", "--max_steps=4"])
+    warnings = [line for line in r.stdout.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "schedule changed since the checkpoint: max_steps 2 -> 4" in warnings[0], warnings
+    assert "held-out at step 2 (resumed there)" in r.stdout and "held-out at init" not in r.stdout, r.stdout
+
+
+# --- 10.-12. one clean line, once, exit 2; config files; did you mean; flags before paths
+
+def test_one_clean_line_under_torchrun(tiny):
+    cfg, _ = distill_cfg(tiny, "torchrun_err", kv_rank=10_000)
+    r = run_script("distill.py", cfg, nproc=2, check=False)
+    assert r.returncode != 0 and r.stderr.count("error: kv_rank=10000") == 1, r.stderr[-3000:]
+    assert "ZeroDivisionError" not in r.stderr and "gloo" not in r.stderr.lower(), r.stderr[-3000:]
+    r = run_script("distill.py", cfg, check=False)
+    clean_error(r, "kv_rank=10000")
+    assert r.stderr.strip().count("\n") == 0                                  # one line
+
+
+def test_config_file_errors_name_the_line(tmp_path):
+    (tmp_path / "syntax.py").write_text("kv_rank = 8\nq_rank = (32\n")
+    (tmp_path / "name.py").write_text("kv_rank = 8\nq_rank = thirty_two\n")
+    for f, msg in (("syntax.py", "syntax.py, line 2"), ("name.py", "name.py, line 2: NameError: name 'thirty_two'")):
+        clean_error(run(["svd_init.py", str(tmp_path / f)]), msg)
+
+
+def test_did_you_mean():
+    clean_error(run(["svd_init.py", "--kv_budjet=64"]), "unknown setting", "Did you mean kv_budget?")
+    clean_error(run(["distill.py", "--lernig_rate=1"]), "unknown setting")
+
+
+def test_flags_may_come_before_the_paths(tiny, tmp_path):
+    r = run(["deepseek.py", "--dtype=bfloat16", str(tiny / "teacher"), str(tmp_path / "ds")])
+    assert "config file" not in r.stderr and "SyntaxError" not in r.stderr, r.stderr[-2000:]
+    clean_error(r, "cannot be exported exactly", "Fix:")                     # a GQA folder: nothing to export
+    r = run(["deepseek.py", str(tiny / "teacher"), str(tmp_path / "ds"), str(tmp_path / "third")])
+    clean_error(r, "third")
+
+
+# --- 13. rows a tokenizer or chat template refuses are counted, named and skipped
+
+def test_refused_rows_are_named_and_skipped(tmp_path):
+    import shutil
+    from data import build_cache
+    folder = tmp_path / "tok"
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "tokenizers", "bytebpe"), folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}")
+    tok = Tokenizer.from_pretrained(folder)
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "tool", "content": "4"},
+                          {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "user", "content": "bad \ud800 text"}, {"role": "assistant", "content": "x"}]}]
+    p = tmp_path / "rows.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")             # json escapes the surrogate as \ud800
+    logs = []
+    cache = build_cache([str(p)], tok, str(tmp_path / "cache"), log=logs.append)
+    meta = json.load(open(os.path.join(cache, "meta.json")))
+    assert meta["documents"] == 1
+    text = " ".join(logs)
+    assert f"{p}:2: the tokenizer or chat template refused it" in text and "System role not supported" in text
+    assert f"{p}:3: a turn with the role 'tool'" in text
+    assert f"{p}:4: a lone surrogate" in text
+
+
+# --- 14. paths: ~ expanded, / decided at the top
+
+def test_home_paths_are_expanded(tmp_path):
+    from configurator import configure
+    ns = {"out_dir": "out/x", "sft_data": ["a.json"]}
+    configure(ns, ["--out_dir=~/nanomla-x", "--sft_data=['~/a.json', 'b.json']"])
+    assert ns["out_dir"] == os.path.expanduser("~/nanomla-x") and not ns["out_dir"].startswith("~")
+    assert ns["sft_data"] == [os.path.expanduser("~/a.json"), "b.json"]
+    (tmp_path / "c.py").write_text("out_dir = '~/from-file'\n")
+    configure(ns, [str(tmp_path / "c.py")])
+    assert ns["out_dir"] == os.path.expanduser("~/from-file")
+
+
+def test_out_dir_root_is_refused_at_the_top(tiny):
+    r = run(["distill.py", f"--init_from={tiny / 'teacher'}", "--kv_rank=8", "--q_rank=32", "--qk_nope_dim=8",
+             "--qk_rope_dim=8", f"--sft_data={[str(tiny / 'sft.json')]}", "--out_dir=/"], timeout=60)
+    clean_error(r)
+    assert "PermissionError" not in r.stderr
+
+
+# --- 15. calibration requests that cannot be met
+
+@pytest.mark.parametrize("flag,msg", [("--calib_tokens=100000000", "(100000000 tokens)"),
+                                      ("--calib_seq_len=4096", "calib_seq_len=4096 is beyond the model's 128"),
+                                      ("--calib_seq_len=512", "Fix: --calib_seq_len=128 or less")])
+def test_calibration_that_cannot_be_met_is_refused(tiny, tmp_path, flag, msg):
+    t0 = time.time()
+    r = run(["svd_init.py", f"--init_from={tiny / 'teacher'}", "--kv_budget=64", "--init=rorope", "--calib_seq_len=128",
+             flag, f"--out_dir={tmp_path / 'o'}"])
+    clean_error(r, msg, "Fix:")
+    assert not os.path.exists(tmp_path / "o") and time.time() - t0 < 60
+
+
+def test_calibration_beyond_memory_is_refused(monkeypatch):
+    import svd_init
+    cfg = tiny_config()
+    monkeypatch.setattr(svd_init, "_available_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match=r"calib_tokens=1000000000 would hold about 7.5 GiB .* Fix: calib_tokens <= "):
+        svd_init.check_settings(cfg, None, 32, 8, None, None, None, 8, "rorope", calib_tokens=10**9, calib_seq_len=64)
+    svd_init.check_settings(cfg, None, 32, 8, None, None, None, 8, "rorope", calib_tokens=8192, calib_seq_len=64)
+
+
+# --- 16. a shared pipeline config; zebra's conflicting placements
+
+def test_a_shared_config_is_accepted_by_every_script(tmp_path):
+    shared = write_config(tmp_path / "pipeline.py", mla_fraction=0.25, dtype="bfloat16", lr=1e-4, beta=0.1,
+                          tasks="arc_easy", kv_budget=64)
+    for script in ("svd_init.py", "distill.py", "dpo.py", "evaluate.py", "zebra.py", "deepseek.py"):
+        r = run([script, shared, "--help"], timeout=60)
+        assert r.returncode == 0 and "unknown setting" not in r.stderr, (script, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("other", ["--mla_layers=[1]", "--n_mla=1", "--cache_budget=0.3"])
+def test_zebra_refuses_mla_fraction_beside_another_placement(tiny, tmp_path, other):
+    r = run(["zebra.py", f"--init_from={tiny / 'teacher'}", "--mla_fraction=0.5", other, f"--out_dir={tmp_path}/z"])
+    clean_error(r, "mla_fraction")
+    assert not os.path.exists(tmp_path / "z")
