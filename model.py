@@ -25,7 +25,6 @@ Cache per token and layer: GQA 2 n_kv d_h numbers, MLA r_kv + d_r.
 
 Shapes are commented with short letters: B batch, T query length, S key length (the cache), V vocab.
 """
-import json
 import math
 import os
 import shutil
@@ -40,6 +39,7 @@ from folders import (check_replaceable, read_config_json, resolve_checkpoint, sa
                      write_json)
 from ops import latent_attention
 from mamba2 import Mamba2
+from tokenizer import Tokenizer, load_vocab_decoder
 
 # -----------------------------------------------------------------------------
 # Config
@@ -802,21 +802,6 @@ def read_model_config(path, hf=None):
         raise ValueError(f"{cfg_path}: {e}") from None
 
 
-def load_vocab_decoder(path):
-    """A decode function for a model folder: its tokenizer, or for llama2.c models (stories260K) their
-    id -> piece table tokenizer_tok512.json, which can decode but not encode."""
-    table = os.path.join(path, "tokenizer_tok512.json")
-    if os.path.exists(table) and not os.path.exists(os.path.join(path, "tokenizer.json")):
-        with open(table) as f:
-            pieces = [p for p, _ in json.load(f)["pieces"]]
-        # byte-fallback pieces <0xNN> are raw bytes; U+2581 marks a space
-        raw = [bytes([int(p[3:5], 16)]) if p.startswith("<0x") and len(p) == 6 else p.replace("\u2581", " ").encode()
-               for p in pieces]
-        return lambda ids: b"".join(raw[i] for i in ids).decode("utf-8", errors="replace")
-    from tokenizer import Tokenizer
-    return Tokenizer.from_pretrained(path).decode
-
-
 if __name__ == "__main__":
     # python model.py [PATH_OR_HUB_ID] [--key=value ...]: greedy (or sampled) text from BOS or a prompt
     from configurator import configure
@@ -835,7 +820,6 @@ if __name__ == "__main__":
     folder = resolve_checkpoint(init_from)
     m = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type), device=device).eval()
     if prompt or chat:
-        from tokenizer import Tokenizer
         tok = Tokenizer.from_name(tokenizer, folder)
         ids = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0] if chat \
             else tok.encode(prompt, bos=m.config.bos_id is not None and tok.add_bos)

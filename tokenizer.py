@@ -30,6 +30,8 @@ import shutil
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from folders import read_config_json, resolve_checkpoint
+
 LLAMA3_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer", "llama3",
                                 "tokenizer.model")
 LLAMA3_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
@@ -101,7 +103,6 @@ class Tokenizer:
     def from_pretrained(cls, path):
         """The tokenizer a model folder (or hub id) ships: tokenizer.json (HFTokenizer), a Llama 3 tiktoken
         tokenizer.model (original/ or top level), or this project's tokenizer_bytes.json."""
-        from folders import resolve_checkpoint
         path = resolve_checkpoint(path, need_config=False)
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             return HFTokenizer(path)
@@ -207,13 +208,28 @@ class Tokenizer:
             shutil.copyfile(self.path, os.path.join(folder, "original", "tokenizer.model"))
 
 
+def load_vocab_decoder(path):
+    """A decode function for a model folder: its tokenizer, or for llama2.c models (stories260K) their
+    id -> piece table tokenizer_tok512.json, which can decode but not encode."""
+    table = os.path.join(path, "tokenizer_tok512.json")
+    if os.path.exists(table) and not os.path.exists(os.path.join(path, "tokenizer.json")):
+        with open(table) as f:
+            pieces = [p for p, _ in json.load(f)["pieces"]]
+        # byte-fallback pieces <0xNN> are raw bytes; U+2581 marks a space
+        raw = [bytes([int(p[3:5], 16)]) if p.startswith("<0x") and len(p) == 6 else p.replace("\u2581", " ").encode()
+               for p in pieces]
+        return lambda ids: b"".join(raw[i] for i in ids).decode("utf-8", errors="replace")
+    return Tokenizer.from_pretrained(path).decode
+
+
+
 def check_tokenizer_for(tok, folder, role="model"):
     """Raise if `tok` has more ids than the model in `folder` embeds, or if `folder` records a tokenizer other than
     `tok` (compared by what they do, not by vocabulary size); return a note when the folder records none (nothing to
     compare with), else None. The one check every script runs before any work."""
     if os.path.exists(os.path.join(folder, "config.json")):
-        from model import read_model_config
-        n = read_model_config(folder).vocab_size
+        n = read_config_json(folder).get("vocab_size")
+        n = n if isinstance(n, int) else float("inf")  # no vocab_size: the model's own loading will complain
         if tok.vocab_size > n:
             raise ValueError(f"tokenizer {tok.describe()} has more ids than the {role}'s embedding ({n}) in "
                              f"{folder}. Fix: use the model's own tokenizer (tokenizer='')")
@@ -225,7 +241,6 @@ def check_tokenizer_for(tok, folder, role="model"):
         table = os.path.join(folder, "tokenizer_tok512.json")
         if not os.path.exists(table):
             raise
-        from model import load_vocab_decoder  # llama2.c's decode table: the ids must decode to the same text
         decode = load_vocab_decoder(folder)
         probe = "Once upon a time, there was a little girl."
         try:

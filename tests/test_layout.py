@@ -1,6 +1,7 @@
 """The project's layout: no top-level module shadows an installed package (scripts run from the project root, so
 its folder comes first on sys.path: a `kernels.py` here once broke transformers, which imports the `kernels`
-package)."""
+package); imports point one way (an ast read of every module, lazy imports included, fails on a circle)."""
+import ast
 import importlib.metadata
 import os
 
@@ -17,3 +18,70 @@ def test_no_module_shadows_an_installed_package():
     installed = importlib.metadata.packages_distributions()  # import name -> distributions providing it
     shadowed = {n: installed[n] for n in top_level_modules() if n in installed}
     assert not shadowed, f"project modules shadow installed packages (rename them): {shadowed}"
+
+
+def _is_main_block(node):
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and \
+        isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+
+
+def module_imports(path, names):
+    """The project modules a file imports as a module: every import statement, at the top or inside functions
+    (lazy ones count), except in its `if __name__ == "__main__":` block, which is the script, not the module:
+    nothing imports it, so it cannot close a circle."""
+    tree = ast.parse(open(path).read())
+    body = [n for n in tree.body if not _is_main_block(n)]
+    found = set()
+    for node in (n for top in body for n in ast.walk(top)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return sorted(found & set(names) - {os.path.basename(path)[:-3]})
+
+
+def import_graph():
+    names = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
+    return {n: module_imports(os.path.join(ROOT, n + ".py"), names) for n in names}
+
+
+def find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for m in graph[n]:
+            if state.get(m) == "open":
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        state[n] = "done"
+        stack.pop()
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_imports_point_one_way():
+    graph = import_graph()
+    assert find_cycle(graph) is None, f"an import circle: {' -> '.join(find_cycle(graph))}"
+    for bottom in ("configurator", "folders", "mamba2"):  # the bottom layer imports no other project module
+        assert graph[bottom] == [], (bottom, graph[bottom])
+    assert "model" not in graph["tokenizer"] and "model" not in graph["ops"]
+
+
+def test_the_cycle_check_finds_a_lazy_circle(tmp_path):
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from c import x\n")           # lazy: it counts
+    (tmp_path / "c.py").write_text("import a\nif __name__ == '__main__':\n    import b\n")
+    names = ["a", "b", "c"]
+    graph = {n: module_imports(str(tmp_path / f"{n}.py"), names) for n in names}
+    assert graph == {"a": ["b"], "b": ["c"], "c": ["a"]}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    (tmp_path / "c.py").write_text("if __name__ == '__main__':\n    import a\n")   # the script part: no circle
+    graph["c"] = module_imports(str(tmp_path / "c.py"), names)
+    assert find_cycle(graph) is None

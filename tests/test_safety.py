@@ -195,20 +195,20 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint(setup, how):
 
 # --- --help everywhere: the settings, their defaults and comments; nothing runs
 
-@pytest.mark.parametrize("script", ["svd_init.py", "distill.py", "dpo.py", "evaluate.py", "model.py", "ops.py",
+@pytest.mark.parametrize("script", ["svd_init.py", "distill.py", "dpo.py", "evaluate.py", "model.py", "bench.py",
                                     "data.py", "tokenizer.py"])
 def test_help(script):
     t0 = time.time()
     r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "settings (a config file, then --key=value" in r.stdout
     assert "python " in r.stdout                                              # the commands to run it
-    assert time.time() - t0 < 30                                              # ops.py --help is no benchmark
+    assert time.time() - t0 < 30                                              # bench.py --help is no benchmark
     if script == "distill.py":
         assert "--kv_rank=None (int | None)" in r.stdout and "tokens per chunk of the chunked loss" in r.stdout
 
 
 def test_misspelt_flags_are_errors():
-    for args in (["ops.py", "decode", "--batchs=1"], ["data.py", "--tokenizr=bytes"],
+    for args in (["bench.py", "decode", "--batchs=1"], ["data.py", "--tokenizr=bytes"],
                  ["svd_init.py", "--kv_rank=abc"], ["svd_init.py", "--mla_layers=3"]):
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)

@@ -1,0 +1,184 @@
+"""
+Benchmarks of ops.py's pieces in the model (they print numbers; the tests check correctness, not speed). Its own
+file because it imports both ops.py and model.py, which imports ops.py: beside them, never inside, so no circle.
+
+    python bench.py          # peak memory and time of the chunked KL vs the naive formula (CPU/GPU)
+    python bench.py decode --batches=1,4 --contexts=1024,4096        # decode step: GQA vs MLA naive vs latent
+    python bench.py decode --batches=1,8,64 --contexts=1024,8192,32768 --budget_gib=60   # the full grid (GPU)
+    python bench.py --help
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from configurator import configure
+from mamba2 import Mamba2, ssd_sequential
+from model import Attention, KVCache, MLAttention, ModelConfig, rope_cos_sin, rope_inv_freq
+from ops import latent_attention, linear_kl, naive_linear_kl
+
+
+def _bench():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    N, d, V = (8 * 2048, 2048, 128256) if dev == "cuda" else (512, 256, 32000)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    torch.manual_seed(0)
+    h_s = torch.randn(N, d, device=dev, dtype=dt, requires_grad=True)
+    W_s = (torch.randn(V, d, device=dev, dtype=dt) * d ** -0.5).requires_grad_()
+    h_t, W_t = torch.randn(N, d, device=dev, dtype=dt), torch.randn(V, d, device=dev, dtype=dt) * d ** -0.5
+    y = torch.randint(0, V, (N,), device=dev)
+    w = torch.full((N,), 1.0 / N, device=dev)
+    for name, fn in (("naive", lambda: naive_linear_kl(h_s, W_s, h_t, W_t, y, w)),
+                     ("chunked", lambda: linear_kl(h_s, W_s, h_t, W_t, y, w, chunk=1024)[0])):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.time()
+        try:
+            fn().backward()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            mem = f", peak extra memory {(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB" if dev == "cuda" else ""
+            print(f"{name:8s} N={N} d={d} V={V} on {dev}: {time.time() - t0:.3f} s forward+backward{mem}")
+        except torch.OutOfMemoryError:
+            print(f"{name:8s} N={N} d={d} V={V} on {dev}: out of memory")
+        h_s.grad = W_s.grad = None
+
+
+@torch.no_grad()
+def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repeats=5):
+    """One Llama-3.2-1B-shaped attention layer (d 2048, 32 heads, 8 KV heads of 64), one decode step against a
+    filled cache of S tokens: GQA (SDPA over its own K/V cache), MLA naive (per-head K/V expanded into the cache,
+    as the official X-EcoMLA code caches them), MLA latent (this project: r_kv + d_r per token, one SDPA call) and
+    the Mamba2 layer Zebra-Llama puts in its place (a fixed state; "GB/s" there is the state read per step).
+    Prints step time, tokens/s (batch / step time), cache bytes read per step / step time, and cache memory."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    esize = torch.empty((), dtype=dt).element_size()
+    rq = {512: 864, 256: 1184, 128: 1344, 64: 1424, 48: 1440}
+    base = dict(vocab_size=8, dim=2048, n_layers=1, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8,
+                rope_theta=500000.0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    spreads = []
+
+    def timed(fn):
+        """Median of `repeats` timed calls after a warm-up; the spread (max / min) is kept: a busy machine shows
+        up as a large one, and the table is then flagged instead of silently wrong."""
+        fn()
+        sync()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        ts.sort()
+        spreads.append(ts[-1] / ts[0])
+        return ts[len(ts) // 2]
+
+    print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), dtype {dt}, "
+          f"{torch.get_num_threads()} threads; one attention layer, one decode step")
+    print("| variant | cache numbers/token | batch | context | layer step ms | tokens/s | attention core ms | "
+          "cache GB/s (core) | core vs GQA |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B in batches:
+        for S in contexts:
+            x = torch.randn(B, 1, 2048, device=dev, dtype=dt)
+            pos = torch.tensor([S - 1], device=dev)
+            mask = torch.arange(S, device=dev)[None, :] <= pos[:, None]
+            rope = {"gqa": rope_cos_sin(rope_inv_freq(64, 500000.0).to(dev), pos),
+                    "mla": rope_cos_sin(rope_inv_freq(32, 500000.0).to(dev), pos)}
+            rows = []
+            gqa = Attention(ModelConfig(**base)).to(dev, dt)
+            gqa.cache = KVCache(B, S, 8, 64, dt, dev)
+            q = torch.randn(B, 32, 1, 64, device=dev, dtype=dt)
+            rows.append(("GQA (SDPA)", 1024, timed(lambda: gqa(x, rope, pos, mask)), timed(
+                lambda: F.scaled_dot_product_attention(q, gqa.cache.k, gqa.cache.v, attn_mask=mask, enable_gqa=True))))
+            for r_kv in ranks:
+                cfg = ModelConfig(**base, mla_layers=(0,), q_rank=(rq.get(r_kv, 1024),), kv_rank=(r_kv,),
+                                  qk_nope_dim=32, qk_rope_dim=32)
+                mla = MLAttention(cfg, rq.get(r_kv, 1024), r_kv).to(dev, dt)
+                # naive, as the official code: per-head K (d_qk + d_r) and V (d_v) cached, attention over them
+                k_exp = torch.randn(B, 32, S, 64, device=dev, dtype=dt)
+                v_exp = torch.randn(B, 32, S, 64, device=dev, dtype=dt)
+
+                def naive_step(mla=mla, k_exp=k_exp, v_exp=v_exp):
+                    c_q, c_kv = mla.W_DQ(x), mla.W_DKV(x)
+                    qh = torch.cat([mla.W_UQ(c_q).view(B, 1, 32, 32), mla.W_QR(c_q).view(B, 1, 32, 32)], -1)
+                    k_exp[:, :, S - 1:] = torch.cat([mla.W_UK(c_kv).view(B, 1, 32, 32),
+                                                     mla.W_KR(x).view(B, 1, 1, 32).expand(B, 1, 32, 32)], -1
+                                                    ).transpose(1, 2)
+                    v_exp[:, :, S - 1:] = mla.W_UV(c_kv).view(B, 1, 32, 64).transpose(1, 2)
+                    y = F.scaled_dot_product_attention(qh.transpose(1, 2), k_exp, v_exp, attn_mask=mask,
+                                                       scale=mla.scale)
+                    return mla.o_proj(y.transpose(1, 2).reshape(B, 1, 2048))
+                qn = torch.randn(B, 32, 1, 64, device=dev, dtype=dt)
+                rows.append((f"MLA r_kv {r_kv} naive (expanded cache)", 4096, timed(naive_step), timed(
+                    lambda k_exp=k_exp, v_exp=v_exp: F.scaled_dot_product_attention(qn, k_exp, v_exp, attn_mask=mask,
+                                                                                    scale=0.125))))
+                mla.cache = mla.make_cache(B, S, dt, dev)
+                mla.path = "latent"
+                ql = torch.randn(B, 1, 32, r_kv + 32, device=dev, dtype=dt)
+                rows.append((f"MLA r_kv {r_kv} latent", r_kv + 32, timed(lambda mla=mla: mla(x, rope, pos, mask)),
+                             timed(lambda mla=mla, ql=ql, r_kv=r_kv: latent_attention(ql, mla.cache.kv, r_kv, 0.125,
+                                                                                      mask))))
+            # Mamba2 (Zebra-Llama) of the same layer's shape: d_inner 2048, d_xb 512, d_state = headdim 64. Its cache
+            # is a fixed state (B, 32, 64, 64) in fp32 plus a 3-token conv window, whatever the context S
+            ssm = Mamba2(2048, 2048, 512, 64).to(dev, dt)
+            ssm.cache = ssm.make_cache(B, S, dt, dev)
+            sx, sdt = torch.randn(B, 1, 32, 64, device=dev), torch.rand(B, 1, 32, device=dev)
+            sB, sC = torch.randn(B, 1, 32, 64, device=dev), torch.randn(B, 1, 32, 64, device=dev)
+            A = -torch.rand(32, device=dev)
+            rows.append(("Mamba2 (fixed state)", 0, timed(lambda: ssm(x, None, pos, None)),
+                         timed(lambda: ssd_sequential(sx, sdt, A, sB, sC, ssm.cache.ssm))))
+            state_read = ssm.state_bytes(B, dt)
+            t_gqa = rows[0][3]
+            spread = max(spreads)
+            spreads.clear()
+            for name, per_tok, t, core in rows:
+                gbs = (B * S * per_tok * esize if per_tok else state_read) / core / 1e9
+                print(f"| {name} | {per_tok} | {B} | {S} | {1e3 * t:.2f} | {B / t:,.0f} | {1e3 * core:.3f} | "
+                      f"{gbs:.1f} | {t_gqa / core:.2f}x |", flush=True)
+            print(f"|  | per-call spread (max/min of {repeats}) over this block: {spread:.2f}x"
+                  + (" — WARNING: the machine is busy, these numbers are unreliable" if spread > 1.5 else "")
+                  + " |||||||", flush=True)
+    print("\nprefill of the whole prompt through one MLA layer (writes the latent cache): naive vs latent path")
+    for S in [c for c in contexts if c <= 4096]:  # the latent path's (T H, S) scores grow too large beyond
+        for r_kv in ranks:
+            cfg = ModelConfig(**base, mla_layers=(0,), q_rank=(rq.get(r_kv, 1024),), kv_rank=(r_kv,), qk_nope_dim=32,
+                              qk_rope_dim=32)
+            mla = MLAttention(cfg, rq.get(r_kv, 1024), r_kv).to(dev, dt)
+            mla.cache = mla.make_cache(1, S, dt, dev)
+            pos = torch.arange(S, device=dev)
+            x = torch.randn(1, S, 2048, device=dev, dtype=dt)
+            rope = {"mla": rope_cos_sin(rope_inv_freq(32, 500000.0).to(dev), pos)}
+            mask = pos[None, :] <= pos[:, None]
+            t = {}
+            for path in ("naive", "latent"):
+                mla.path = path
+                t[path] = timed(lambda mla=mla: mla(x, rope, pos, mask))
+            print(f"  r_kv {r_kv:4d}, prompt {S:6d}: naive {1e3 * t['naive']:9.2f} ms   latent {1e3 * t['latent']:9.2f} ms")
+    L = 16
+    print(f"\ncache memory per sequence at 32K context, 16 layers, {dt}; largest batch in {budget_gib:.0f} GiB:")
+    for name, per_tok in [("GQA", 1024), ("MLA naive (expanded)", 4096)] + [(f"MLA r_kv {r}", r + 32) for r in ranks]:
+        per_seq = L * per_tok * 32768 * esize
+        print(f"  {name:22s} {per_seq / 2**30:6.2f} GiB/seq   max batch {int(budget_gib * 2**30 // per_seq)}")
+
+
+if __name__ == "__main__":
+    batches = "1,4"            # decode: batch sizes, comma-separated
+    contexts = "1024,4096"     # decode: filled cache lengths, comma-separated
+    budget_gib = 40.0          # decode: memory for the largest-batch table
+    repeats = 5                # decode: timed calls per measurement (the median is reported, the spread checked)
+    _decode = sys.argv[1:2] == ["decode"]
+    if _decode:
+        sys.argv = sys.argv[:1] + sys.argv[2:]
+    configure(globals())
+    if _decode:
+        _bench_decode([int(v) for v in str(batches).split(",")], [int(v) for v in str(contexts).split(",")],
+                      budget_gib=budget_gib, repeats=repeats)
+    else:
+        _bench()
