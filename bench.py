@@ -7,6 +7,7 @@ file because it imports both ops.py and model.py, which imports ops.py: beside t
     python bench.py decode --batches=1,8,64 --contexts=1024,8192,32768 --budget_gib=60   # the full grid (GPU)
     python bench.py --help
 """
+import resource
 import sys
 import time
 
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 
 from configurator import configure
 from mamba2 import Mamba2, ssd_sequential
-from model import Attention, KVCache, MLAttention, ModelConfig, rope_cos_sin, rope_inv_freq
+from model import Attention, KVCache, MLAttention, ModelConfig, Transformer, rope_cos_sin, rope_inv_freq
 from ops import latent_attention, linear_kl, naive_linear_kl
+from svd_init import kl_per_token, teacher_text, upcycle
 
 
 def _bench():
@@ -166,6 +168,75 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
     for name, per_tok in [("GQA", 1024), ("MLA naive (expanded)", 4096)] + [(f"MLA r_kv {r}", r + 32) for r in ranks]:
         per_seq = L * per_tok * 32768 * esize
         print(f"  {name:22s} {per_seq / 2**30:6.2f} GiB/seq   max batch {int(budget_gib * 2**30 // per_seq)}")
+
+
+# -----------------------------------------------------------------------------
+# svd_init.py's: the stories260K sweep (README table) and the Llama-3.2-1B-shaped conversion benchmark
+# (python svd_init.py --run_sweep=True / --run_bench=True)
+
+
+def init_sweep(teacher, n_seq, seq_len, seed, n_random=5):
+    """KL at init for fixed ranks (svd vs random, random as mean +- std over n_random draws) and dynamic ranks."""
+    idx = teacher_text(teacher, n_seq, seq_len, seed)
+    cfg = teacher.config
+    full_q, full_kv = min(cfg.dim, cfg.n_heads * cfg.head_dim), min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)
+    _, ent = kl_per_token(teacher, teacher, idx)
+    print(f"held-out: {n_seq} x {seq_len} tokens sampled from the teacher (T=1, seed {seed}); "
+          f"teacher entropy {ent:.3f} nats/token; d_qk = d_r = {cfg.head_dim // 2}")
+    print("| ranks | mean r_q | mean r_kv | KV cache % | KL svd init | KL random init "
+          f"(mean ± std of {n_random}) |")
+    print("|---|---|---|---|---|---|")
+    settings = [(f"fixed r_q={full_q} r_kv={r}", dict(q_rank=full_q, kv_rank=r))
+                for r in (full_kv, full_kv // 2, full_kv // 4, full_kv // 8)]
+    settings += [(f"dynamic δ_q=δ_kv={d}", dict(q_energy=d, kv_energy=d)) for d in (0.99, 0.95, 0.9, 0.8)]
+    for name, kw in settings:
+        rep = []
+        student = upcycle(teacher, report=rep, **kw).eval()
+        kl, _ = kl_per_token(teacher, student, idx)
+        rnd = torch.tensor([kl_per_token(teacher, upcycle(teacher, init="random", seed=k, **kw).eval(), idx)[0]
+                            for k in range(n_random)])
+        mean = lambda k: sum(r[k] for r in rep) / len(rep)
+        pct = 100 * student.kv_cache_elements_per_token() / teacher.kv_cache_elements_per_token()
+        print(f"| {name} | {mean('r_q'):.1f} | {mean('r_kv'):.1f} | {pct:.1f}% | {kl:.3f} | "
+              f"{rnd.mean():.3f} ± {rnd.std():.3f} |")
+
+
+def conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="svd", calib_tokens=2048, calib_seq_len=512):
+    """Convert a random Llama-3.2-1B-shaped model; print wall time and peak memory."""
+    cfg = ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                      intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+                      rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=8192))
+    with torch.device("meta"):
+        src = Transformer(cfg)
+    src.to_empty(device=device)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_(0, 0.02)
+    src._init_rope(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    calib = None
+    if init == "rorope":  # random weights, random ids: the arithmetic and memory of a real conversion, not its quality
+        calib = torch.randint(0, cfg.vocab_size, (-(-calib_tokens // calib_seq_len), calib_seq_len),
+                              generator=torch.Generator().manual_seed(0))
+        qk_nope_dim = cfg.head_dim
+    t0 = time.time()
+    student = upcycle(src, q_rank=q_rank, kv_rank=kv_rank, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim,
+                      init=init, calib=calib, copy=False)  # as the command line converts: no second copy
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    n = sum(p.numel() for p in student.parameters())
+    ncal = f", {calib.numel()} calibration tokens" if calib is not None else ""
+    print(f"converted a random Llama-3.2-1B-shaped model (16 layers, init {init}, r_q {q_rank}, r_kv {kv_rank}, "
+          f"d_qk {qk_nope_dim}, d_r {qk_rope_dim}{ncal}) on {device} with {torch.get_num_threads()} threads: "
+          f"{dt:.1f} s; process peak RSS {rss1:.2f} GiB (source model alone: {rss0:.2f} GiB); {n:,} parameters")
+    if device.startswith("cuda"):
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

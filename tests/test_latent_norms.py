@@ -1,5 +1,5 @@
 """Latent RMSNorms (latent_norm "kv" / "both", what serving engines need): their calibrated init keeps an upcycled
-model close to its no-norm self (svd_init.calibrate_latent_norms, steady_basis), their eps and the config."""
+model close to its no-norm self (rorope.calibrate_latent_norms, steady_basis), their eps and the config."""
 import copy
 import json
 import os
@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT, STORIES, mla_kw, random_model, tiny_config
 from model import Transformer
-from svd_init import kl_per_token, steady_basis, teacher_text, upcycle
+from rorope import steady_basis
+from svd_init import kl_per_token, teacher_text, upcycle
 
 
 def _rel_var(T, c):

@@ -11,7 +11,8 @@ from torch.testing import assert_close
 from conftest import random_model, tiny_config
 from data import calibration_ids
 from model import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
-from svd_init import _truncate, _weighted_svd, allocate_ranks, kl_per_token, rope_pairs, teacher_text, upcycle
+from rorope import _truncate, _weighted_svd, allocate_ranks, rope_pairs
+from svd_init import kl_per_token, teacher_text, upcycle
 from tokenizer import Tokenizer
 
 SFT = ["assets/data/sft/alpaca_en_demo.json"]

@@ -1,0 +1,294 @@
+"""
+The calibrated init, beyond Algorithm 1 (svd_init.upcycle(init="rorope")): a shared RoPE key that keeps rotating, factorisations that see the
+activations and weigh each error by what it costs, ranks chosen under a cache budget.
+
+Everything here needs only C = E[x xᵀ] (and E[x]) of each layer's attention input x: queries, keys and values
+are linear in x, so their second moments are Wᵀ C W. In the paper's orientation (W: in x out), per layer:
+  RoRoPE  For source frequency i, pair (i, i + d_h/2) of every KV head j rotates by the same angle. An orthogonal
+          mix u across heads, applied alike to both dims of the pair, commutes with that rotation, so the
+          shared key k_r = Σ_j u_j s_j k_j still rotates exactly, and q_h·k_j = a_j q_h·k_r + q_h·(k_j - a_j k_r)
+          with a_j = u_j / s_j, exactly. s_j = √(query energy of group j at i) (rescaling keys by s and queries by
+          1/s changes nothing); u = the top eigenvector of the s-weighted key second moment (PCA), so k_r carries
+          most of what the queries read. The rest, k_j - a_j k_r, joins the no-RoPE part (d_qk = d_h), where it
+          is scored without rotation: the one approximation. d_r < d_h keeps d_r/2 frequencies, the ones that a
+          standard d_r-dim rotary computes as is (see rope_pairs), so a serving engine needs nothing special.
+  Factorisation  [K_res | V] (d, 2 n_kv d_h) ≈ W_DKV B with the cost E||x (W - W_DKV B) G||², x the calibration
+          activations (whitening, C) and G per column block: key errors through the queries that read them
+          (E[q qᵀ] of the group, times the spread of the values they mix), value errors through W_O
+          (W_O,h W_O,hᵀ).
+          Optimum: the SVD of C^½ W G; W_DKV = W G V_r / S_r (= C^-½ U_r, without inverting C) and B by
+          C-weighted least squares (B = W_DKVᵀ C W). W_Q alike with G = I.
+  Budget  the same weighted singular values say what each unit of rank buys in each layer: water-filling.
+
+The calibration statistics, the latent-norm fitting and the rank allocator are here too. svd_init.py assembles the
+student from these pieces; nothing here imports svd_init, so the two read apart.
+"""
+import contextlib
+
+import torch
+
+from model import ModelConfig, RMSNorm, Transformer
+
+
+@torch.no_grad()
+def calibrate(model: Transformer, ids, layers, batch_size=4):
+    """E[x xᵀ] (d, d) and E[x] (d,) in float64 of the attention input x (the input_layernorm output) of each layer
+    in `layers`, over calibration token ids (N, T). Returns ({layer: (C, mean)}, number of tokens)."""
+    if not torch.is_tensor(ids) or ids.dtype != torch.long or ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError("calib must be a non-empty LongTensor (N, T) of token ids (svd_init.py and distill.py take "
+                         "it from their data: calib_data / sft_data, calib_tokens)")
+    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
+        raise ValueError(f"calib has token ids outside [0, {model.config.vocab_size}): not this model's tokenizer")
+    d, dev = model.config.dim, model.lm_head.weight.device
+    stats = {i: [torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(d, dtype=torch.float64, device=dev)]
+             for i in layers}
+
+    def hook(i):
+        def f(_mod, args):
+            x = args[0].flatten(0, 1).double()                                   # (B T, d)
+            stats[i][0].addmm_(x.T, x)
+            stats[i][1].add_(x.sum(0))
+        return f
+
+    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i)) for i in layers]
+    try:
+        for b in range(0, len(ids), batch_size):
+            model.forward_hidden(ids[b:b + batch_size].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    n = ids.numel()
+    return {i: (C / n, m / n) for i, (C, m) in stats.items()}, n
+
+
+NORM_INITS = ("calibrated", "diagonal", "gain", "scalar", "ones")
+
+
+@torch.no_grad()
+def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", batch_size=4):
+    """Set the latent RMSNorms of MLA `layers` (in place) so the model computes, as nearly as it can with them, what it
+    computed without. RMSNorm(c) = g * c / sqrt(ms(c) + eps) divides each token's latent by that token's own RMS, which
+    no weight undoes; the fit below first makes that RMS as steady across tokens as it can, then fits g to the rest.
+    All statistics are of the no-norm model (the norms bypassed while measuring) on the calibration ids, all layers
+    at once:
+      1. A basis of the latent in which every token's RMS is about the same: c -> T c, with W_DKV's rows mixed by T
+         and W_UK's, W_UV's columns by T^-1 (the same model, exactly). how="calibrated": T (r x r) minimises
+         Var(|T c|^2) / E[|T c|^2]^2 over the calibration tokens (steady_basis: Adam, condition number <= 10 so no
+         direction is lost). how="diagonal": only steady_basis's closed-form diagonal start. Directions whose
+         magnitude swings from token to token (outlier tokens) then count less in the RMS.
+      2. W_DKV times s so the latent's mean square is about 1 (s from the first batch): eps then matters as little
+         as it can, for 1e-6 here and rms_norm_eps in the serving engines, and the cached latent is O(1).
+      3. With u = s c / sqrt(ms(s c) + eps): g_j = E[u_j c_j] / E[u_j^2], the least-squares fit of g * u to c.
+    how="gain" skips step 1; "scalar" also fits one g for all dimensions; "ones" leaves g = 1 and the weights as
+    they are (what a norm starts as otherwise: it changes the latent's scale). latent_norm "both" does the same for
+    c_q (W_DQ; W_UQ and W_QR read it)."""
+    if how not in NORM_INITS:
+        raise ValueError(f"latent_norm_init={how!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+    cfg = model.config
+    if cfg.latent_norm == "none" or how == "ones":
+        return
+    if ids is None:
+        raise ValueError("latent norms are initialised from calibration data: pass calib (token ids (N, T)), or "
+                         "latent_norm_init='ones'")
+    pairs = {}  # (layer, "kv" | "q") -> (down projection, its norm, the up projections reading the latent)
+    for i in layers:
+        a = model.model.layers[i].self_attn
+        pairs[i, "kv"] = (a.W_DKV, a.kv_norm, (a.W_UK, a.W_UV))
+        if cfg.latent_norm == "both":
+            pairs[i, "q"] = (a.W_DQ, a.q_norm, (a.W_UQ, a.W_QR))
+    if how in ("calibrated", "diagonal"):
+        samples = _latent_pass(model, ids, pairs, batch_size, lambda c, acc: acc + [c.float()], [])
+        for key, (down, _, ups) in pairs.items():
+            Tk = steady_basis(torch.cat(samples.pop(key)), steps=100 if how == "calibrated" else 0)
+            down.weight.copy_(Tk @ down.weight.double())
+            for up in ups:
+                up.weight.copy_(up.weight.double() @ torch.linalg.inv(Tk))
+
+    def fit(c, acc):
+        ms = c.pow(2).mean(-1, keepdim=True)                                       # (N, 1)
+        s = acc[0] if acc[0] is not None else float(ms.mean().clamp_min(1e-30).rsqrt())
+        u = s * c / (s * s * ms + acc[3]).sqrt()
+        return s, acc[1] + (u * c).sum(0), acc[2] + (u * u).sum(0), acc[3]
+
+    sums = _latent_pass(model, ids, pairs, batch_size, fit, lambda key: (None, 0.0, 0.0, pairs[key][1].eps))
+    for key, (down, norm, _) in pairs.items():
+        s, uc, uu, _ = sums[key]
+        g = uc / uu if how != "scalar" else (uc.sum() / uu.sum()).expand_as(uc)
+        down.weight.mul_(s)
+        norm.weight.copy_(g.to(norm.weight.dtype))
+
+
+def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_work=2 ** 31):
+    """T (r, r) float64 minimising Var(|T c|^2) / E[|T c|^2]^2 over the rows of c (N, r): the basis in which a token's
+    RMS varies least. In standardised coordinates z (each dimension of c divided by its RMS): start from the closed-
+    form diagonal solution (t_j^2 ∝ (Cov(z^2)^-1 E[z^2])_j), keep it if it is already steady (relative variance
+    < 1e-4, e.g. a full-rank query latent, which is the RMS-normed x itself), else refine the full matrix by Adam
+    on at most max_work / r^2 tokens (a step costs N r^2). T's singular values stay within max_cond of each other
+    (without the bound the problem degenerates: a direction weighted ~0 no longer counts, and its tokens' latents
+    blow up). Deterministic on CPU for given c."""
+    r = c.shape[1]
+    c = c.float()
+    scale = c.pow(2).mean(0).sqrt().clamp_min(1e-12)                               # (r,)
+    z = c / scale
+    z2 = z.pow(2).double()
+    m = z2.mean(0)
+    cov = z2.T @ z2 / len(z2) - torch.outer(m, m)
+    cov += 1e-9 * cov.diagonal().mean() * torch.eye(r, dtype=cov.dtype, device=cov.device)
+    w = torch.linalg.solve(cov, m)
+    if not (torch.isfinite(w).all() and w.max() > 0):
+        w = torch.ones_like(m)
+    w = w.clamp(w.max() / max_cond ** 2, None)                                     # t within max_cond
+    T = torch.diag(w.sqrt()).float().requires_grad_(True)
+    z = z[:max(256, max_work // (r * r))]
+
+    def rel_var(T):
+        q = (z @ T.T).pow(2).sum(-1)                                                # |T z|^2 per token, (N,)
+        return q.var() / q.mean().pow(2)
+
+    if rel_var(T).item() >= 1e-4:
+        opt = torch.optim.Adam([T], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = rel_var(T)
+                if not torch.isfinite(loss):
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    U, S, Vh = torch.linalg.svd(T.double())
+                    T.copy_(U @ torch.diag(S.clamp_min(S.max() / max_cond)) @ Vh)
+    return T.detach().double() / scale.double()[None, :]
+
+
+def _latent_pass(model, ids, pairs, batch_size, step, init):
+    """One forward pass over ids with the latent norms of `pairs` bypassed; acc[key] = step(c (N, r) float64, acc)
+    for each latent c = down(x). init: the first acc (or a function of the key giving it)."""
+    acc = {key: init(key) if callable(init) else init for key in pairs}
+
+    def hook(key):
+        def f(_mod, _args, out):
+            acc[key] = step(out.flatten(0, 1).double(), acc[key])
+        return f
+
+    handles = [down.register_forward_hook(hook(key)) for key, (down, _, _) in pairs.items()]
+    dev = model.lm_head.weight.device
+    try:
+        with _bypassed(model, sorted({i for i, _ in pairs})):
+            for b in range(0, len(ids), batch_size):
+                model.forward_hidden(ids[b:b + batch_size].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+@contextlib.contextmanager
+def _bypassed(model, layers):
+    """The latent norms of MLA `layers` act as identities inside the block: the model computes its no-norm self."""
+    norms = [n for i in layers for n in (model.model.layers[i].self_attn.q_norm, model.model.layers[i].self_attn.kv_norm)
+             if isinstance(n, RMSNorm)]
+    handles = [n.register_forward_hook(lambda _m, args, _out: args[0]) for n in norms]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def rope_pairs(d_h, d_r, ladder="highest"):
+    """The source frequencies (pair i = dims i, i + d_h/2; frequency theta^(-2i/d_h)) that a standard d_r-dim rotary
+    computes, in its order, and the exponent e of its theta' = theta^e:
+        "highest": the d_r/2 highest frequencies, i = 0 .. d_r/2 - 1, at theta' = theta^(d_r/d_h)
+        "every":   every c-th frequency, i = c k with c = d_h/d_r, at theta' = theta (the source's own)
+    Llama 3's frequency scaling acts on each frequency alone, so it carries over to the subset unchanged."""
+    k = d_r // 2
+    if ladder == "highest":
+        return list(range(k)), d_r / d_h
+    c = (d_h // 2) // k
+    return [c * j for j in range(k)], 1.0
+
+
+def _sqrtm(M):
+    """Square root of a symmetric PSD matrix (float64)."""
+    e, V = torch.linalg.eigh(M)
+    return (V * e.clamp_min(0).sqrt()) @ V.T
+
+
+def _weighted_svd(W, C, G, whiten):
+    """SVD of the matrix whose rank-r truncation error is the cost: C^½ W G (E||x ΔW G||²) or, unwhitened, W G."""
+    A = W if G is None else W @ G
+    return torch.linalg.svd(_sqrtm(C) @ A if whiten else A, full_matrices=False)
+
+
+def _truncate(W, C, G, usv, r, whiten):
+    """The rank-r factors (down (d, r), up (r, out)) of W under the cost of _weighted_svd."""
+    U, S, Vh = usv
+    if not whiten:
+        P = U[:, :r]
+        return P, P.T @ W                            # G = I: S_r V_rᵀ, exactly Algorithm 1's factors
+    keep = S[:r] > S[0] * 1e-12                      # directions the calibration never excites stay zero
+    Sr = torch.where(keep, S[:r], torch.ones_like(S[:r]))
+    P = ((W if G is None else W @ G) @ Vh[:r].T / Sr) * keep   # = C^-½ U_r, since C^½ W G V_r = U_r S_r
+    return P, P.T @ C @ W                            # C-weighted least squares: argmin_B E||x (W - P B)||²
+
+
+def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_errors, kv_balance):
+    """One layer's RoRoPE split (float64, paper orientation). Returns W_KR (d, d_r), the groups' coefficients
+    a (n_kv, d_r/2) on the shared key, the joint no-RoPE matrix [K_res | V] (d, 2 n_kv d_h) and its column
+    weights G (or None)."""
+    d, H, n_kv, d_h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    g, half, k = H // n_kv, d_h // 2, len(pairs)
+    grp = torch.arange(H, device=C.device) // g                                   # head -> its KV group
+    WQ, WK, WV = W_Q.view(d, H, d_h), W_K.view(d, n_kv, d_h), W_V.view(d, n_kv, d_h)
+    Sq = torch.einsum("dhi,dhj->hij", WQ, (C @ W_Q).view(d, H, d_h))             # (H, d_h, d_h) E[q_h q_hᵀ]
+    e_q = Sq.diagonal(dim1=1, dim2=2).reshape(n_kv, g, d_h).sum(1)                # (n_kv, d_h) query energy
+    w = e_q[:, :half] + e_q[:, half:]                                             # (n_kv, d_h/2) per frequency
+    Kc = torch.einsum("dji,dmi->ijm", WK, (C @ W_K).view(d, n_kv, d_h))          # (d_h, n_kv, n_kv)
+    Kf = Kc[:half] + Kc[half:]                                                    # per frequency: both dims
+    W_KR, a, K_res = W_K.new_zeros(d, 2 * k), W_K.new_zeros(n_kv, k), WK.clone()
+    for slot, i in enumerate(pairs):
+        s = (w[:, i] / w[:, i].mean().clamp_min(1e-30)).clamp_min(1e-12).sqrt()  # √(query weight), mean 1
+        u = torch.linalg.eigh(s[:, None] * Kf[i] * s[None, :])[1][:, -1]         # top principal mix (n_kv,)
+        u = u * torch.sign(u[u.abs().argmax()])                                   # a fixed sign: reproducible
+        for col, out in ((i, slot), (i + half, slot + k)):  # rotate-half layout: pair (slot, slot + d_r/2)
+            kr = WK[:, :, col] @ (u * s)                                          # (d,) k_r = Σ_j u_j s_j k_j
+            W_KR[:, out] = kr
+            K_res[:, :, col] -= kr[:, None] * (u / s)[None, :]                    # k_j - a_j k_r
+        a[:, slot] = u / s
+    W = torch.cat([K_res.reshape(d, n_kv * d_h), W_V], dim=1)                    # (d, 2 n_kv d_h)
+    G = None
+    if weight_errors:
+        WO = W_O.view(H, d_h, d)
+        MO = WO @ WO.transpose(1, 2)                                              # (H, d_h, d_h) W_O,h W_O,hᵀ
+        cov = C - mean[:, None] * mean[None, :]
+        cov_v = torch.einsum("dji,djk->jik", WV, (cov @ W_V).view(d, n_kv, d_h))  # (n_kv, d_h, d_h)
+        spread = torch.einsum("hij,hji->h", cov_v[grp], MO)                       # (H,) variance of v_h W_O,h
+        # a score error δ moves head h's output by about δ times the spread of the values it mixes
+        Gk = (kv_balance * spread[:, None, None] * Sq / d_h).view(n_kv, g, d_h, d_h).sum(1)
+        Gv = MO.view(n_kv, g, d_h, d_h).sum(1)
+        G = torch.block_diag(*[_sqrtm(m) for m in (*Gk, *Gv)])
+    return W_KR, a, W, G
+
+
+def allocate_ranks(spectra: dict, total: int):
+    """Water-filling: per-layer ranks r_l >= 1 with sum r_l <= total minimising sum_l sum_{j > r_l} s_lj^2 for
+    spectra {layer: singular values, descending}. Each layer's gains s_lj^2 fall with j, so taking the largest gains
+    first (greedy) is optimal. Ranks never exceed a layer's number of singular values."""
+    if total < len(spectra):
+        raise ValueError(f"a budget of {total} ranks cannot give {len(spectra)} layers one each")
+    gains = sorted(((-float(s[j]) ** 2, layer, j) for layer, s in spectra.items() for j in range(1, len(s))))
+    ranks = {layer: 1 for layer in spectra}
+    for neg, layer, _ in gains[:total - len(spectra)]:
+        if neg < 0:
+            ranks[layer] += 1
+    return ranks
+
+
+@torch.no_grad()
+def _calib_kl(lp_t, student, idx, layers):
+    """KL(teacher || student) per token on idx, from the teacher's log-probs lp_t (computed once per upcycle), with
+    the latent norms of `layers` bypassed (they are fitted after the choice)."""
+    with _bypassed(student, layers):
+        lp_s = student(idx).float().log_softmax(-1)  # no dropout here: train and eval mode compute the same
+    return (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
