@@ -176,7 +176,8 @@ def configure(namespace, argv=None, positional=()):
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             _say(f"error: {e}")
             raise SystemExit(2)
-    if any(a in ("--help", "-h") for a in argv):
+    if any(a in ("--help", "-h") for a in argv):  # the settings as the rest of the command line resolves them
+        configure(namespace, [a for a in argv if a not in ("--help", "-h")], positional)
         print(help_text(namespace))
         raise SystemExit(0)
     defaults = settings_of(namespace)

@@ -65,14 +65,21 @@ def resolve_checkpoint(path, need_config=True):
                                 "and pass the folder") from None
 
 
-def read_config_json(path):
-    """A folder's config.json as a dict, with an error that names the file."""
-    cfg_path = os.path.join(path, "config.json")
+def read_json(path, missing=None):
+    """A JSON file as a dict, with an error that names the file; `missing` when the file does not exist (None: the
+    FileNotFoundError is raised)."""
+    if missing is not None and not os.path.exists(path):
+        return missing
     try:
-        with open(cfg_path) as f:
+        with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}). Fix: restore it from the model's source") from None
+        raise ValueError(f"{path} is not valid JSON ({e}). Fix: restore it from the model's source") from None
+
+
+def read_config_json(path):
+    """A folder's config.json as a dict."""
+    return read_json(os.path.join(path, "config.json"))
 
 
 def safetensors_files(path):
@@ -165,7 +172,13 @@ def write_folder(path, fill, what="write_folder"):
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
             os.replace(path, os.path.join(old, "x"))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old:  # put the earlier folder back where it was: a failed write never leaves `path` missing
+                os.replace(os.path.join(old, "x"), path)
+                os.rmdir(old)
+            raise
         if old:
             shutil.rmtree(old)
     except BaseException:

@@ -30,7 +30,7 @@ import shutil
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from folders import read_config_json, resolve_checkpoint
+from folders import read_config_json, read_json, resolve_checkpoint
 
 LLAMA3_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer", "llama3",
                                 "tokenizer.model")
@@ -274,16 +274,6 @@ def _write_json(path, obj):
         f.write("\n")
 
 
-def _read_json(path):
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore the file from the model's source") from None
-
-
 # -----------------------------------------------------------------------------
 # tokenizer.json through Hugging Face's `tokenizers`, with the folder's chat template
 
@@ -304,9 +294,9 @@ class HFTokenizer(Tokenizer):
         # a plain-text encoder that never turns special-token strings into specials, and one that does
         self.tk_plain = _HF.from_str(self.tk.to_str())
         self.tk_plain.encode_special_tokens = True
-        cfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
-        model_cfg = _read_json(os.path.join(folder, "config.json"))
-        gen_cfg = _read_json(os.path.join(folder, "generation_config.json"))
+        cfg = read_json(os.path.join(folder, "tokenizer_config.json"), missing={})
+        model_cfg = read_json(os.path.join(folder, "config.json"), missing={})
+        gen_cfg = read_json(os.path.join(folder, "generation_config.json"), missing={})
         self.name = os.path.basename(os.path.normpath(folder))
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.special_strings = {}

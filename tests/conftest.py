@@ -53,6 +53,17 @@ def stories():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def byte_teacher_and_sft(tmp):
+    """tmp/teacher (a random tiny byte-level model, 128 positions) and tmp/sft.json (120 alpaca rows): the shared
+    set-up of the tests that run the training scripts on bad input."""
+    from tokenizer import Tokenizer
+    random_model(tiny_config(vocab_size=512, bos_id=256, eos_id=(257,), max_seq_len=128)).save_pretrained(
+        tmp / "teacher", tokenizer=Tokenizer.byte_level())
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"The number is {i}."} for i in range(120)]
+    (tmp / "sft.json").write_text(json.dumps(rows))
+    return tmp
+
+
 def write_config(path, **settings):
     with open(path, "w") as f:
         f.write("".join(f"{k} = {v!r}\n" for k, v in settings.items()))

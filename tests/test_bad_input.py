@@ -13,7 +13,7 @@ import time
 import pytest
 
 from configurator import pipeline_scripts
-from conftest import ROOT, random_model, run_script, tiny_config, write_config
+from conftest import ROOT, byte_teacher_and_sft, run_script, tiny_config, write_config
 from folders import (check_apart, check_results_file, checkpoints, claim_out_dir, latest_checkpoint,
                      write_results_file)
 from tokenizer import Tokenizer
@@ -35,12 +35,7 @@ def clean_error(r, *needles):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad_input")
-    random_model(tiny_config(vocab_size=512, bos_id=256, eos_id=(257,), max_seq_len=128)).save_pretrained(
-        tmp / "teacher", tokenizer=Tokenizer.byte_level())
-    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"The number is {i}."} for i in range(120)]
-    (tmp / "sft.json").write_text(json.dumps(rows))
-    return tmp
+    return byte_teacher_and_sft(tmp_path_factory.mktemp("bad_input"))
 
 
 def distill_cfg(tiny, name, **over):
@@ -389,8 +384,12 @@ def test_a_shared_config_is_accepted_by_every_script(tmp_path):
     shared = write_config(tmp_path / "pipeline.py", mla_fraction=0.25, dtype="bfloat16", lr=1e-4, beta=0.1,
                           tasks="arc_easy", kv_budget=64)
     for script in ("svd_init.py", "distill.py", "dpo.py", "evaluate.py", "zebra.py", "deepseek.py"):
-        r = run([script, shared, "--help"], timeout=60)
+        r = run([script, shared, "--help"], timeout=60)                    # --help: the file read, nothing run
         assert r.returncode == 0 and "unknown setting" not in r.stderr, (script, r.stderr[-2000:])
+    r = run(["zebra.py", shared, "--help"], timeout=60)
+    assert "--mla_fraction=0.25" in r.stdout                                 # the file's value, resolved
+    (tmp_path / "typo.py").write_text("mla_fracton = 0.25\n")                # a key no script has: refused
+    clean_error(run(["svd_init.py", str(tmp_path / "typo.py"), "--help"], timeout=60), "unknown setting")
 
 
 @pytest.mark.parametrize("other", ["--mla_layers=[1]", "--n_mla=1", "--cache_budget=0.3"])
@@ -398,3 +397,20 @@ def test_zebra_refuses_mla_fraction_beside_another_placement(tiny, tmp_path, oth
     r = run(["zebra.py", f"--init_from={tiny / 'teacher'}", "--mla_fraction=0.5", other, f"--out_dir={tmp_path}/z"])
     clean_error(r, "mla_fraction")
     assert not os.path.exists(tmp_path / "z")
+
+
+def test_a_failed_swap_puts_the_earlier_folder_back(tmp_path, monkeypatch):
+    import folders
+    target = tmp_path / "model"
+    folders.write_folder(str(target), lambda d: open(os.path.join(d, "a.txt"), "w").write("old"))
+    real = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(str(src)).startswith("model.tmp-"):   # the new folder's move into place
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(folders.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        folders.write_folder(str(target), lambda d: open(os.path.join(d, "a.txt"), "w").write("new"))
+    assert (target / "a.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["model"]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, random_model, read_log, run_script, tiny_config, write_config
+from conftest import ROOT, byte_teacher_and_sft, random_model, read_log, run_script, tiny_config, write_config
 from folders import check_replaceable
 from model import Transformer
 from tokenizer import Tokenizer
@@ -62,12 +62,7 @@ def test_svd_init_out_dir_dot_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("safety")
-    random_model(tiny_config(vocab_size=512, bos_id=256, eos_id=(257,), max_seq_len=128)).save_pretrained(
-        tmp / "teacher", tokenizer=Tokenizer.byte_level())
-    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"The number is {i}."} for i in range(120)]
-    (tmp / "sft.json").write_text(json.dumps(rows))
-    return tmp
+    return byte_teacher_and_sft(tmp_path_factory.mktemp("safety"))
 
 
 def cfg_of(setup, name, **over):
