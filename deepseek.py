@@ -40,6 +40,11 @@ import warnings
 import torch
 
 DS_TYPES = ("deepseek_v3", "deepseek_v2")
+# Head sizes (kv_lora_rank + qk_rope_head_dim) that vLLM's MLA code serves (MLACommonBackend: 320, 512, 576; its CPU
+# backend, FlashMLA, CUTLASS and FlashInfer-TRTLLM only 576 = 512 + 64). Every served shape has DeepSeek's 64 RoPE
+# dims, so a padded export is (head_size - 64) + 64.
+ENGINE_HEAD_SIZES = (320, 512, 576)
+ENGINE_ROPE_DIM = 64
 RECORD = "mla_upcycle"     # config.json key of what an exact round trip needs beyond the format
 HF_LATENT_EPS = 1e-6       # transformers' DeepseekV2/V3 latent RMSNorms (built without the config's eps)
 
@@ -55,8 +60,48 @@ def _interleaved(n):
 # Export: our MLA model -> DeepSeek-V3 config.json + tensors
 
 
-def export_config(cfg) -> dict:
-    """The DeepSeek-V3 config.json for a ModelConfig `cfg`, or a ValueError naming what the format cannot hold."""
+def engine_shape(cfg, head_size=0):
+    """(kv_lora_rank R, qk_rope_head_dim D) of the export: the model's own (largest r_kv, d_r) unpadded, or a served
+    head size R + D = head_size with D = 64, or a ValueError with the rule and the nearest shape that is exact."""
+    r, d_r = max(cfg.kv_rank), cfg.qk_rope_dim
+    if not head_size:
+        return r, d_r
+    D = ENGINE_ROPE_DIM
+    fits = [h for h in ENGINE_HEAD_SIZES if h - D >= r]
+    nearest = f"the nearest served shape that holds it is {fits[0]} ({fits[0] - D} + {D})" if fits else \
+        f"no served shape holds r_kv {r} (the largest is {ENGINE_HEAD_SIZES[-1] - D} + {D})"
+    if head_size not in ENGINE_HEAD_SIZES:
+        raise ValueError(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
+                         f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only; {nearest}. Fix: --head_size={fits[0]}"
+                         if fits else f"head_size={head_size}: {nearest}")
+    if d_r > D or D % d_r:
+        raise ValueError(f"d_r {d_r}: a served shape has {D} RoPE dims, and zero padding is exact only when d_r "
+                         f"divides {D} (each of our frequencies then sits on the engine's ladder). Fix: upcycle "
+                         f"with qk_rope_dim in (16, 32, 64) (svd_init.py / distill.py --head_size={head_size})")
+    if r > head_size - D:
+        raise ValueError(f"r_kv {r} does not fit head_size {head_size} = {head_size - D} + {D}: padding can only "
+                         f"add zeros; {nearest}. Fix: " + (f"--head_size={fits[0]}" if fits else
+                                                           f"upcycle at r_kv <= {ENGINE_HEAD_SIZES[-1] - D}"))
+    return head_size - D, D
+
+
+def cache_line(cfg, head_size=0) -> str:
+    """What an engine caches per token for the export, against the GQA source's cache (in numbers per token)."""
+    R, D = engine_shape(cfg, head_size)
+    L, ours = cfg.n_layers, sum(cfg.kv_rank) + cfg.n_layers * cfg.qk_rope_dim
+    gqa = L * 2 * cfg.n_kv_heads * cfg.head_dim
+    line = (f"an engine caches (kv_lora_rank {R} + qk_rope_head_dim {D}) x {L} layers = {L * (R + D):,} numbers per "
+            f"token ({2 * L * (R + D):,} bytes in bf16): {100 * L * (R + D) / gqa:.1f}% of the GQA source's "
+            f"{gqa:,} (2 x {cfg.n_kv_heads} KV heads x {cfg.head_dim} x {L})")
+    if L * (R + D) != ours:
+        line += (f"; {L * (R + D) - ours:,} of them are zero padding (the model's own latent cache is {ours:,}, "
+                 f"{100 * ours / gqa:.1f}%)")
+    return line
+
+
+def export_config(cfg, head_size=0) -> dict:
+    """The DeepSeek-V3 config.json for a ModelConfig `cfg`, or a ValueError naming what the format cannot hold.
+    head_size (one of ENGINE_HEAD_SIZES): the latent and the RoPE key zero-padded to what vLLM serves, exactly."""
     L = cfg.n_layers
     if cfg.mamba_layers:
         raise ValueError(f"layers {list(cfg.mamba_layers)} are Mamba2: the DeepSeek-V3 format has MLA in every layer, "
@@ -82,13 +127,14 @@ def export_config(cfg) -> dict:
                       "would rotate differently. Fix for serving: export a model without rope_scaling, or check the "
                       "engine's output against ours at your context length", UserWarning, stacklevel=3)
     q_fused = cfg.latent_norm != "both"
+    R, D = engine_shape(cfg, head_size)
     eos = list(cfg.eos_id)
     hf = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": L, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
-        "q_lora_rank": None if q_fused else max(cfg.q_rank), "kv_lora_rank": max(cfg.kv_rank),
-        "qk_nope_head_dim": cfg.qk_nope_dim, "qk_rope_head_dim": cfg.qk_rope_dim, "v_head_dim": cfg.v_head_dim,
+        "q_lora_rank": None if q_fused else max(cfg.q_rank), "kv_lora_rank": R,
+        "qk_nope_head_dim": cfg.qk_nope_dim, "qk_rope_head_dim": D, "v_head_dim": cfg.v_head_dim,
         "rope_theta": cfg.qk_rope_theta or cfg.rope_theta, "rope_scaling": scaling, "rope_interleave": True,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
@@ -100,7 +146,8 @@ def export_config(cfg) -> dict:
         "num_nextn_predict_layers": 0, "initializer_range": 0.02, "use_cache": True,
         RECORD: {"version": 1, "q_rank": list(cfg.q_rank), "kv_rank": list(cfg.kv_rank), "q_fused": q_fused,
                  "latent_norm": cfg.latent_norm, "tie_embeddings": cfg.tie_embeddings, "head_dim": cfg.head_dim,
-                 "n_kv_heads": cfg.n_kv_heads, "rope_theta": cfg.rope_theta, "qk_rope_theta": cfg.qk_rope_theta},
+                 "n_kv_heads": cfg.n_kv_heads, "rope_theta": cfg.rope_theta, "qk_rope_theta": cfg.qk_rope_theta,
+                 "qk_rope_dim": cfg.qk_rope_dim, "q_scale": _q_scale(cfg.qk_nope_dim, cfg.qk_rope_dim, D)},
     }
     if scaling is None:
         del hf["rope_scaling"]
@@ -108,11 +155,19 @@ def export_config(cfg) -> dict:
 
 
 @torch.no_grad()
-def export_tensors(cfg, sd) -> dict:
+def export_tensors(cfg, sd, head_size=0) -> dict:
     """Our state dict `sd` (HF Llama names, MLA layers W_DQ ... W_UV) -> DeepSeek-V3 tensors, in sd's dtype."""
     H, d_qk, d_r, d_v = cfg.n_heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
-    R_q, R_kv, q_fused = max(cfg.q_rank), max(cfg.kv_rank), cfg.latent_norm != "both"
-    perm = _interleaved(d_r)
+    R_kv, D = engine_shape(cfg, head_size)
+    R_q, q_fused = max(cfg.q_rank), cfg.latent_norm != "both"
+    c = _q_scale(d_qk, d_r, D)  # the engine's softmax scale is (d_qk + D)^-1/2: the query makes up the difference
+    rope = lambda t, dim: _rope_rows(t, d_r, D, dim)
+    if sd["lm_head.weight"].element_size() < 4 and _rescales(cfg, head_size):
+        # sqrt(R / r) and the query's factor rounded into 16-bit weights would move the model by a bf16 rounding of
+        # every latent row: the folder is float32 instead, so it is exact; an engine rounds once, to its own dtype
+        warnings.warn("the export rescales weights (padded ranks or RoPE dims): written in float32 so that it stays "
+                      "exact; serve it with the engine's --dtype bfloat16 as usual", UserWarning, stacklevel=3)
+        sd = {k: v.float() for k, v in sd.items()}
     out = {k: v for k, v in sd.items() if ".self_attn." not in k}
     head = sd["lm_head.weight"]
     out["lm_head.weight"] = head.clone() if cfg.tie_embeddings else head  # tied here or not: engines read their own
@@ -121,22 +176,50 @@ def export_tensors(cfg, sd) -> dict:
         w = lambda n: sd[p + n + ".weight"]
         dt = w("W_DKV").dtype
         r_q, r_kv = cfg.q_rank[j], cfg.kv_rank[j]
-        q_up = torch.cat([w("W_UQ").view(H, d_qk, r_q), w("W_QR").view(H, d_r, r_q)[:, perm]], 1)
-        q_up = q_up.reshape(H * (d_qk + d_r), r_q)                                # rows per head [nope | rope]
+        q_up = torch.cat([w("W_UQ").view(H, d_qk, r_q), rope(w("W_QR").view(H, d_r, r_q), 1)], 1)
+        q_up = q_up.reshape(H * (d_qk + D), r_q)                                  # rows per head [nope | rope]
         if q_fused:  # no norm between W_DQ and W_UQ: one matrix, rounded once from float64
-            out[p + "q_proj.weight"] = (q_up.double() @ w("W_DQ").double()).to(dt)
+            out[p + "q_proj.weight"] = (q_up.double() @ w("W_DQ").double() * c).to(dt)
         else:
             k = math.sqrt(R_q / r_q)
             out[p + "q_a_proj.weight"] = _pad_rows(_scaled(w("W_DQ"), k), R_q)
             out[p + "q_a_layernorm.weight"] = _pad_rows(_scaled(w("q_norm"), 1 / k), R_q)
-            out[p + "q_b_proj.weight"] = _pad_cols(q_up, R_q)
+            out[p + "q_b_proj.weight"] = _pad_cols(_scaled(q_up, c), R_q)
         k = math.sqrt(R_kv / r_kv)
-        out[p + "kv_a_proj_with_mqa.weight"] = torch.cat([_pad_rows(_scaled(w("W_DKV"), k), R_kv), w("W_KR")[perm]])
+        out[p + "kv_a_proj_with_mqa.weight"] = torch.cat([_pad_rows(_scaled(w("W_DKV"), k), R_kv), rope(w("W_KR"), 0)])
         out[p + "kv_a_layernorm.weight"] = _pad_rows(_scaled(w("kv_norm"), 1 / k), R_kv)
         kv_b = torch.cat([w("W_UK").view(H, d_qk, r_kv), w("W_UV").view(H, d_v, r_kv)], 1)
         out[p + "kv_b_proj.weight"] = _pad_cols(kv_b.reshape(H * (d_qk + d_v), r_kv), R_kv)
         out[p + "o_proj.weight"] = w("o_proj")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _rescales(cfg, head_size):
+    """Whether the export multiplies weights by factors other than 1 (then 16-bit weights would round)."""
+    R, D = engine_shape(cfg, head_size)
+    return D != cfg.qk_rope_dim or any(r != R for r in cfg.kv_rank) or (
+        cfg.latent_norm == "both" and len(set(cfg.q_rank)) > 1)
+
+
+def _q_scale(d_qk, d_r, D):
+    """The factor on the query that keeps q.k (d_qk + d_r)^-1/2 when the engine scales by (d_qk + D)^-1/2."""
+    return math.sqrt((d_qk + D) / (d_qk + d_r))
+
+
+def _rope_positions(d_r, D):
+    """Where our d_r RoPE dims go among the engine's D interleaved ones: our pair i (frequency theta^(-2i/d_r))
+    onto the engine's pair i D/d_r, whose frequency theta^(-2 (i D/d_r) / D) is the same (the same float, too: both
+    exponents are exact binary fractions). deepseek[pos[j]] = ours[_interleaved(d_r)[j]]."""
+    s, i = D // d_r, torch.arange(d_r // 2)
+    return torch.stack([2 * s * i, 2 * s * i + 1], 1).flatten()
+
+
+def _rope_rows(t, d_r, D, dim):
+    """Our rotate-half RoPE rows (d_r along dim) -> the engine's D interleaved rows, zeros where no frequency of ours
+    sits (D == d_r: only the permutation)."""
+    shape = list(t.shape)
+    shape[dim] = D
+    return t.new_zeros(shape).index_copy_(dim, _rope_positions(d_r, D), t.index_select(dim, _interleaved(d_r)))
 
 
 def _scaled(t, k):  # k == 1 (an unpadded layer) leaves the tensor bit for bit as it was
@@ -197,7 +280,9 @@ class Reader:
         self.kv_rank = list(rec.get("kv_rank", [self.R_kv] * L))
         self.interleaved = mt == "deepseek_v2" or hf.get("rope_interleave", True)  # V2 is always interleaved
         self.H, self.L = H, L
-        self.d_qk, self.d_r, self.d_v = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"]
+        self.d_qk, self.D, self.d_v = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"]
+        self.d_r = rec.get("qk_rope_dim", self.D)   # < D: an engine-shaped export, RoPE dims zero-padded
+        self.q_scale = rec.get("q_scale", 1.0)      # the query's factor for the engine's softmax scale
         self.tied = rec.get("tie_embeddings", hf.get("tie_word_embeddings", False))
         self.config = {
             "model_type": "llama_mla", "vocab_size": hf["vocab_size"], "hidden_size": d,
@@ -211,8 +296,9 @@ class Reader:
             "qk_nope_head_dim": self.d_qk, "qk_rope_head_dim": self.d_r, "v_head_dim": self.d_v,
             "mla_latent_norm": self.latent_norm, "mla_latent_norm_eps": HF_LATENT_EPS,
         }
-        # our layout from theirs: the inverse of the export's permutation (none for a rotate-half checkpoint)
-        self._inv = torch.argsort(_interleaved(self.d_r)) if self.interleaved else torch.arange(self.d_r)
+        # our layout from theirs: the rows the export filled, in the inverse of its permutation (rotate-half: as is)
+        self._take = (_rope_positions(self.d_r, self.D)[torch.argsort(_interleaved(self.d_r))] if self.interleaved
+                      else torch.arange(self.d_r))
 
     def skip(self, name):
         """Tensors with no counterpart: derived rotary buffers, multi-token-prediction layers (index >= L)."""
@@ -233,9 +319,9 @@ class Reader:
         r_q, r_kv = self.q_rank[i], self.kv_rank[i]
         k_q, k_kv = math.sqrt(self.R_q / r_q), math.sqrt(self.R_kv / r_kv)
         if leaf == "q_proj.weight" or leaf == "q_b_proj.weight":
-            q = self._unpad(name, t.view(H, d_qk + d_r, -1), r_q, dim=2)
+            q = _scaled(self._unpad(name, t.view(H, d_qk + self.D, -1), r_q, dim=2), 1 / self.q_scale)
             return [(p + "W_UQ.weight", q[:, :d_qk].reshape(H * d_qk, -1)),
-                    (p + "W_QR.weight", q[:, d_qk:][:, self._inv].reshape(H * d_r, -1))]
+                    (p + "W_QR.weight", self._rope(name, q[:, d_qk:], 1).reshape(H * d_r, -1))]
         if leaf == "q_a_proj.weight":
             return [(p + "W_DQ.weight", _scaled(self._unpad(name, t, r_q, dim=0), 1 / k_q))]
         if leaf == "q_a_layernorm.weight":
@@ -243,7 +329,7 @@ class Reader:
         if leaf == "kv_a_proj_with_mqa.weight":
             c, rope = t[:self.R_kv], t[self.R_kv:]
             return [(p + "W_DKV.weight", _scaled(self._unpad(name, c, r_kv, dim=0), 1 / k_kv)),
-                    (p + "W_KR.weight", rope[self._inv])]
+                    (p + "W_KR.weight", self._rope(name, rope, 0))]
         if leaf == "kv_a_layernorm.weight":
             return [(p + "kv_norm.weight", _scaled(self._unpad(name, t, r_kv, dim=0), k_kv))]
         if leaf == "kv_b_proj.weight":
@@ -254,6 +340,14 @@ class Reader:
             return [(name, t)]
         raise ValueError(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, q_b_proj, "
                          "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj)")
+
+    def _rope(self, name, t, dim):
+        """Our d_r RoPE rows of the D the checkpoint holds; the others were an engine shape's padding: zero."""
+        if self.D != self.d_r and t.index_fill(dim, self._take, 0).count_nonzero():
+            raise ValueError(f"{name}: the RoPE rows beyond the model's d_r {self.d_r} (config.json {RECORD}) are "
+                             f"not zero: the folder was changed after export. Fix: delete {RECORD}.qk_rope_dim and q_scale "
+                             "from its config.json to read it at the padded width")
+        return t.index_select(dim, self._take)
 
     @staticmethod
     def _unpad(name, t, r, dim):
@@ -299,32 +393,30 @@ if __name__ == "__main__":
     out_dir = ""               # the DeepSeek-V3 folder to write (new or empty, or one this project wrote)
     dtype = ""                 # "" keeps the checkpoint's; "bfloat16" halves the folder (engines serve bf16)
     check = False              # then compare logits with transformers' DeepseekV3ForCausalLM (needs transformers)
+    head_size = 0              # 0: the model's own r_kv + d_r; 320 / 512 / 576: zero-padded to a shape vLLM serves
     config = configure(globals(), positional=("init_from", "out_dir"))  # python deepseek.py MODEL_DIR OUT_DIR
     if not init_from or not out_dir:
         raise ValueError("deepseek.py needs a model folder and an output folder. Fix: python deepseek.py MODEL_DIR "
-                         "OUT_DIR [--dtype=bfloat16] [--check=True]")
+                         "OUT_DIR [--dtype=bfloat16] [--check=True] [--head_size=576]")
     folder = resolve_checkpoint(init_from)
     check_apart(out_dir, "out_dir", {"init_from": folder})  # never over its own source (an MLA folder we wrote)
     check_replaceable(os.path.abspath(os.path.expanduser(out_dir)))
     model = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, "cpu") if dtype else None).eval()
     try:
-        export_config(model.config)  # the refusals, before anything is written
+        export_config(model.config, head_size)  # the refusals, before anything is written
     except ValueError as e:
         raise ValueError(f"{folder} cannot be exported exactly: {e}") from None
     try:
         tok = Tokenizer.from_name("", folder)
     except (FileNotFoundError, ValueError):
         tok = None
-    model.save_pretrained(out_dir, run_config={**config, "format": "deepseek_v3"}, tokenizer=tok, fmt="deepseek")
+    model.save_pretrained(out_dir, run_config={**config, "format": "deepseek_v3"}, tokenizer=tok, fmt="deepseek",
+                          head_size=head_size)
     c = model.config
-    R = max(c.kv_rank)
-    print(f"wrote {out_dir}: DeepseekV3ForCausalLM, {c.n_layers} MLA layers, kv_lora_rank {R}, qk_rope_head_dim "
-          f"{c.qk_rope_dim}, q_lora_rank {max(c.q_rank) if c.latent_norm == 'both' else 'null (query fused)'}")
-    print(f"  an engine caches (kv_lora_rank + qk_rope_head_dim) x {c.n_layers} layers = "
-          f"{c.n_layers * (R + c.qk_rope_dim)} numbers per token, {2 * c.n_layers * (R + c.qk_rope_dim)} bytes in bf16")
-    if R != min(c.kv_rank):
-        print(f"  per-layer r_kv {min(c.kv_rank)}..{R} are padded to {R}: {c.n_layers * R - sum(c.kv_rank)} of those "
-              "numbers per token are padding")
+    R, D = engine_shape(c, head_size)
+    print(f"wrote {out_dir}: DeepseekV3ForCausalLM, {c.n_layers} MLA layers, kv_lora_rank {R}, qk_rope_head_dim {D}, "
+          f"q_lora_rank {max(c.q_rank) if c.latent_norm == 'both' else 'null (query fused)'}")
+    print("  " + cache_line(c, head_size))
     if check:
         err = compare_with_transformers(model, out_dir)
         print(f"transformers' DeepseekV3ForCausalLM vs ours, float32, 64 random ids: max |logit difference| {err:.2e}")

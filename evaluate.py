@@ -73,7 +73,6 @@ MMLU_GROUPS = {
     "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
              "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
 }
-MMLU_GROUP_OF = {s: g for g, subjects in MMLU_GROUPS.items() for s in subjects.split()}
 
 
 def _hellaswag_clean(text):

@@ -26,17 +26,14 @@ Cache per token and layer: GQA 2 n_kv d_h numbers, MLA r_kv + d_r.
 Shapes are commented with short letters: B batch, T query length, S key length (the cache), V vocab.
 """
 import math
-import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import deepseek
-from folders import (check_replaceable, read_config_json, resolve_checkpoint, safetensors_files, write_folder,
-                     write_json)
+import checkpoint
+from folders import read_config_json, resolve_checkpoint
 from ops import latent_attention
 from mamba2 import Mamba2
 from tokenizer import Tokenizer, load_vocab_decoder
@@ -143,76 +140,10 @@ class ModelConfig:
     # --- Hugging Face config.json <-> ModelConfig ---
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
-        mt = hf.get("model_type", "llama")
-        if mt in deepseek.DS_TYPES:  # a DeepSeek-format MLA folder: read as its llama_mla equivalent
-            hf = deepseek.Reader(hf).config
-            mt = "llama_mla"
-        if mt not in ("llama", "llama_mla", "llama_hybrid"):
-            raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama', 'llama_mla' and "
-                             "'llama_hybrid' folders and DeepSeek-V2/V3-format MLA folders "
-                             f"({', '.join(deepseek.DS_TYPES)})")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("attention_bias / mlp_bias checkpoints are not supported (no Llama 3 model has them)")
-        # transformers >= 5 may write rope_theta and rope_scaling together as "rope_parameters"
-        rp = dict(hf.get("rope_parameters") or {})
-        theta = hf.get("rope_theta", rp.pop("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-        eos = hf.get("eos_token_id")
-        n_heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), rope_scaling=scaling,
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=hf.get("tie_word_embeddings", False),  # HF LlamaConfig's default is False
-            bos_id=hf.get("bos_token_id"), eos_id=eos if eos is not None else (),
-            mla_layers=hf.get("mla_layers", ()), q_rank=hf.get("mla_q_rank", ()), kv_rank=hf.get("mla_kv_rank", ()),
-            qk_nope_dim=hf.get("qk_nope_head_dim", 0), qk_rope_dim=hf.get("qk_rope_head_dim", 0),
-            v_head_dim=hf.get("v_head_dim", 0), latent_norm=hf.get("mla_latent_norm", False),
-            # folders written before the field existed computed their latent norms with rms_norm_eps
-            latent_norm_eps=hf.get("mla_latent_norm_eps", hf.get("rms_norm_eps", 1e-6) if hf.get("mla_latent_norm")
-                                   else 1e-6),
-            qk_rope_theta=float(hf.get("qk_rope_theta", 0.0)),
-            mamba_layers=hf.get("mamba_layers", ()), ssm_d_inner=hf.get("ssm_d_inner", 0),
-            ssm_d_xb=hf.get("ssm_d_xb", 0), ssm_d_state=hf.get("ssm_d_state", 0), ssm_d_conv=hf.get("ssm_d_conv", 4),
-            ssm_chunk=hf.get("ssm_chunk_size", 64),
-        )
+        return cls(**checkpoint.config_fields(hf))  # a Llama, ours or a DeepSeek-format config.json
 
     def to_hf(self) -> dict:
-        eos = list(self.eos_id)
-        hf = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-            "attention_dropout": 0.0, "bos_token_id": self.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
-        }
-        if self.mla_layers:
-            # a different model_type, so transformers refuses the folder instead of silently loading it wrong
-            hf.update({
-                "architectures": ["LlamaMLAForCausalLM"], "model_type": "llama_mla",
-                "mla_layers": list(self.mla_layers), "mla_q_rank": list(self.q_rank),
-                "mla_kv_rank": list(self.kv_rank), "qk_nope_head_dim": self.qk_nope_dim,
-                "qk_rope_head_dim": self.qk_rope_dim, "v_head_dim": self.v_head_dim,
-                "mla_latent_norm": self.latent_norm, "mla_latent_norm_eps": self.latent_norm_eps,
-            })
-            if self.qk_rope_theta:  # a rotary ladder other than the source's theta over d_r dims (svd_init rorope)
-                hf["qk_rope_theta"] = self.qk_rope_theta
-        if self.mamba_layers:  # Zebra-Llama: the state space layers and their shape
-            hf.update({
-                "architectures": ["LlamaHybridForCausalLM"], "model_type": "llama_hybrid",
-                "mamba_layers": list(self.mamba_layers), "ssm_d_inner": self.ssm_d_inner, "ssm_d_xb": self.ssm_d_xb,
-                "ssm_d_state": self.ssm_d_state, "ssm_d_conv": self.ssm_d_conv, "ssm_chunk_size": self.ssm_chunk,
-                "layer_types": [self.layer_type(i) for i in range(self.n_layers)],  # for readers; not read back
-            })
-        return hf
+        return checkpoint.config_json(self)
 
 
 # -----------------------------------------------------------------------------
@@ -664,49 +595,16 @@ class Transformer(nn.Module):
         wrote (MLA fields in config.json), a DeepSeek-V2/V3-format MLA folder with dense MLPs (deepseek.py), or a
         hub id (downloaded through huggingface_hub when a hub is reachable). dtype None keeps the stored dtypes.
         The model is built on the meta device and the tensors assigned one by one: one copy of the weights at most."""
-        from safetensors import safe_open
         path = resolve_checkpoint(path)
         hf = read_config_json(path)
-        reader = deepseek.Reader(hf) if hf.get("model_type") in deepseek.DS_TYPES else None  # maps its tensors
+        reader = checkpoint.reader_for(hf)
         config = read_model_config(path, reader.config if reader is not None else hf)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if config.tie_embeddings:
             expected.pop("lm_head.weight")
-        files = safetensors_files(path)
-        sd, unexpected, mis_shaped = {}, [], []
-        for fname in files:
-            try:
-                handle = safe_open(os.path.join(path, fname), framework="pt", device=str(device))
-            except Exception as e:  # truncated or not a safetensors file: name it
-                raise ValueError(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
-                                 "truncated or corrupt. Fix: copy or download it again") from None
-            with handle as f:
-                for name in f.keys():
-                    if reader is not None and reader.skip(name):
-                        continue
-                    pairs = [(name, None)] if reader is None else reader.tensors(name, f.get_tensor(name))
-                    for k, t in pairs:
-                        if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and config.tie_embeddings):
-                            continue  # derived buffers of old checkpoints; a tied head duplicates the embedding
-                        if k not in expected:
-                            unexpected.append(k)
-                            continue
-                        t = f.get_tensor(k) if t is None else t
-                        if tuple(t.shape) != tuple(expected[k]):
-                            mis_shaped.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k])}")
-                            continue
-                        sd[k] = t.to(dtype) if dtype is not None else t
-        if reader is not None:
-            sd.update(reader.generated(next(iter(sd.values())).dtype, device))
-        missing = sorted(set(expected) - set(sd) - {m.split(':')[0] for m in mis_shaped})
-        if missing or unexpected or mis_shaped:
-            raise ValueError(f"checkpoint {path} does not match its config.json:\n"
-                             + (f"  missing tensors: {missing}\n" if missing else "")
-                             + (f"  unexpected tensors: {sorted(unexpected)}\n" if unexpected else "")
-                             + (f"  wrong shapes: {mis_shaped}\n" if mis_shaped else "")
-                             + "Fix: use the config.json that was saved with these weights.")
+        sd = checkpoint.load_state(path, hf, expected, config.tie_embeddings, dtype, device)
         model.load_state_dict(sd, strict=False, assign=True)  # strict=False: the tied head is not in `sd`
         if config.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -714,57 +612,13 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, run_config=None, max_shard_bytes=5 * 2**30, tokenizer=None, extra_files=(),
-                        fmt="llama"):
-        """Write config.json + safetensors (sharded with an index above max_shard_bytes) into `path`, atomically:
-        everything goes to a temporary folder beside it, which then replaces `path`. A pure Llama folder loads in
-        transformers' LlamaForCausalLM as is. fmt="deepseek": the DeepSeek-V3 format that transformers, vLLM and
-        SGLang load as DeepseekV3ForCausalLM (deepseek.py; a model it cannot hold exactly is refused first).
-        `run_config` (a dict, e.g. the resolved training config) is saved as run_config.json beside it; `tokenizer` (a tokenizer.Tokenizer) is recorded in the folder, and extra_files
-        are copied in.
-        An existing `path` is replaced only if it is empty or a folder this project wrote holding nothing else
-        (its WRITTEN_BY.json lists what it wrote); anything else is refused before any work, never deleted."""
-        from safetensors.torch import save_file
-        if fmt not in ("llama", "deepseek"):
-            raise ValueError(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
-        hf = self.config.to_hf() if fmt == "llama" else deepseek.export_config(self.config)
-        check_replaceable(os.path.abspath(os.path.expanduser(str(path))))  # before any copy of the weights
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if fmt == "deepseek":
-            sd = deepseek.export_tensors(self.config, sd)
-        elif self.config.tie_embeddings:
-            sd.pop("lm_head.weight")
-
-        def fill(tmp):
-            shards, cur, size = [], {}, 0
-            for k, v in sd.items():
-                nbytes = v.numel() * v.element_size()
-                if cur and size + nbytes > max_shard_bytes:
-                    shards.append(cur)
-                    cur, size = {}, 0
-                cur[k], size = v, size + nbytes
-            shards.append(cur)
-            meta = {"format": "pt"}
-            if len(shards) == 1:
-                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
-            else:
-                weight_map = {}
-                for i, shard in enumerate(shards):
-                    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(shard, os.path.join(tmp, name), metadata=meta)
-                    weight_map.update({k: name for k in shard})
-                total = sum(v.numel() * v.element_size() for v in sd.values())
-                write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                           {"metadata": {"total_size": total}, "weight_map": weight_map})
-            hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-            write_json(os.path.join(tmp, "config.json"), hf)
-            if run_config is not None:
-                write_json(os.path.join(tmp, "run_config.json"), run_config)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-            for f in extra_files:
-                shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
-
-        write_folder(path, fill, "model.save_pretrained")
+                        fmt="llama", **export):
+        """Write the model as a folder (checkpoint.save_state): fmt "llama" this project's (a pure Llama loads in
+        transformers' LlamaForCausalLM as is), "deepseek" the DeepSeek-V3 format that transformers, vLLM and SGLang
+        load as DeepseekV3ForCausalLM. Atomic; an existing `path` is replaced only if it is empty or a folder this
+        project wrote holding nothing else, anything else is refused before any work, never deleted."""
+        checkpoint.save_state(path, self.config, self.state_dict(), fmt, run_config, max_shard_bytes, tokenizer,
+                              extra_files, **export)
 
 
 def resolve_dtype(name, device_type):
@@ -791,15 +645,7 @@ def sample(logits, temperature=0.0, top_k=None):
 
 def read_model_config(path, hf=None):
     """ModelConfig from a folder's config.json (or `hf`, that file already read), with errors that name the file."""
-    cfg_path = os.path.join(path, "config.json")
-    hf = read_config_json(path) if hf is None else hf
-    try:
-        return ModelConfig.from_hf(hf)
-    except KeyError as e:
-        raise ValueError(f"{cfg_path} lacks the field {e.args[0]!r} that a Llama config.json has. Fix: restore it "
-                         "from the model's source") from None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
+    return checkpoint.read_config(path, ModelConfig, hf)
 
 
 if __name__ == "__main__":

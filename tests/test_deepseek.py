@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ROOT, mla_kw, random_model, tiny_config
-from model import Transformer
+from model import ModelConfig, Transformer
 from svd_init import teacher_text, upcycle
 
 transformers = pytest.importorskip("transformers")
@@ -173,6 +173,103 @@ def test_refusals(what, tmp_path):
     with pytest.raises(ValueError, match=reason):
         random_model(cfg).save_pretrained(tmp_path / "ds", fmt="deepseek")
     assert not os.path.exists(tmp_path / "ds")  # refused before anything was written
+
+
+ENGINE_CASES = ["kv_norm_fused_query", "both_norms_factorised_query", "per_layer_ranks_kv", "ladder_subset",
+                "llama3_scaling"]
+
+
+def _rms_norm_in_float64(self, x):
+    """transformers' DeepseekV3RMSNorm without its cast to float32, so float64 means float64 throughout."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@pytest.mark.parametrize("case", ENGINE_CASES)
+def test_engine_shape_computes_our_function_exactly(case, tmp_path, monkeypatch):
+    """Zero-padded to a served head size (kv_lora_rank 256 + qk_rope_head_dim 64 = 320): through transformers'
+    DeepseekV3 in float64 (its RMSNorms kept in float64; its RoPE tables are float32 in both folders, the same
+    numbers), the padded folder gives the unpadded folder's logits to float64 rounding (our RoPE pairs sit on the
+    engine's pairs of the same frequency, the query carries the softmax scale's difference), and it reads back as
+    the model it came from."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+    monkeypatch.setattr(modeling_deepseek_v3.DeepseekV3RMSNorm, "forward", _rms_norm_in_float64)
+    m = moderate(random_model(CASES[case])).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.save_pretrained(tmp_path / "own", fmt="deepseek")
+        m.save_pretrained(tmp_path / "320", fmt="deepseek", head_size=320)
+    hf = json.load(open(tmp_path / "320" / "config.json"))
+    assert (hf["kv_lora_rank"], hf["qk_rope_head_dim"]) == (256, 64)
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = reference(tmp_path / "own", torch.float64)(ids).logits
+        padded = reference(tmp_path / "320", torch.float64)(ids).logits
+        ours = m(ids)
+    scale = own.abs().max().item()
+    assert (padded - own).abs().max().item() <= 1e-12 * scale, case
+    assert (padded - ours).abs().max().item() <= 1e-5 * scale, case  # transformers' RoPE tables are float32
+    back = Transformer.from_pretrained(tmp_path / "320", dtype=torch.float64).eval()
+    assert (back.config.kv_rank, back.config.qk_rope_dim) == (m.config.kv_rank, m.config.qk_rope_dim)
+    own_back = Transformer.from_pretrained(tmp_path / "own", dtype=torch.float64).eval()
+    with torch.no_grad():  # our model again, as the unpadded folder reads back (a fused query: W_DQ = I)
+        assert (back(ids) - own_back(ids)).abs().max().item() <= 1e-12 * scale, case
+
+
+def test_engine_shape_padding_is_only_zeros_and_the_query_scale(tmp_path):
+    """What the padding adds: RoPE rows with no frequency of ours are zero, the real ones are ours permuted and
+    scaled by sqrt((d_qk + 64) / (d_qk + d_r)) in the query only; the latent's extra rows are zero."""
+    import deepseek
+    cfg = CASES["kv_norm_fused_query"]           # d_qk 8, d_r 8, r_kv 12
+    m = random_model(cfg).double()
+    m.save_pretrained(tmp_path / "576", fmt="deepseek", head_size=576)
+    from safetensors.torch import load_file
+    t = load_file(str(tmp_path / "576" / "model.safetensors"))
+    kv_a = t["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]          # (512 + 64, d)
+    attn = m.model.layers[0].self_attn
+    pos = deepseek._rope_positions(8, 64)
+    assert kv_a.shape == (576, 64) and not kv_a[12:512].any()
+    rope = kv_a[512:]
+    assert torch.equal(rope[pos], attn.W_KR.weight[deepseek._interleaved(8)])
+    assert not rope.index_fill(0, pos, 0).any()
+    q = t["model.layers.0.self_attn.q_proj.weight"].view(8, 8 + 64, 64)
+    c = ((8 + 64) / (8 + 8)) ** 0.5
+    want = (attn.W_UQ.weight.view(8, 8, -1) @ attn.W_DQ.weight) * c
+    assert torch.allclose(q[:, :8], want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("what", ["not_served", "rank_too_big", "rope_too_wide", "rope_not_dividing"])
+def test_engine_shape_refusals(what, tmp_path):
+    """What cannot be exact is refused before anything is written, with the rule and the nearest valid shape."""
+    cfg, head_size, reason = {
+        "not_served": (CASES["kv_norm_fused_query"], 384, r"320, 512, 576 only; the nearest served shape that holds "
+                                                          r"it is 320 \(256 \+ 64\)"),
+        "rank_too_big": (tiny_config(**mla_kw(range(4), kv_rank=300, latent_norm="kv")), 320,
+                         r"r_kv 300 does not fit head_size 320.*nearest served shape that holds it is 512 \(448"),
+        "rope_too_wide": (tiny_config(head_dim=128, **mla_kw(range(4), d_qk=8, d_r=128, latent_norm="kv")), 576,
+                          r"d_r 128: a served shape has 64 RoPE dims"),
+        "rope_not_dividing": (tiny_config(head_dim=24, **mla_kw(range(4), d_qk=8, d_r=24, latent_norm="kv")), 576,
+                              "zero padding is exact only when d_r divides 64"),
+    }[what]
+    with pytest.raises(ValueError, match=reason):
+        random_model(cfg).save_pretrained(tmp_path / "ds", fmt="deepseek", head_size=head_size)
+    assert not os.path.exists(tmp_path / "ds")
+
+
+def test_engine_cache_line():
+    """The cache an engine holds against the GQA source's, as the issue's arithmetic says: SmolLM2 (30 layers,
+    3 KV heads of 64) at 320 is 83.3% of its cache, Llama-3.2-1B (16 layers, 8 KV heads of 64) at 256 + 64 31.2%."""
+    import deepseek
+    smol = ModelConfig(vocab_size=96, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                       intermediate_size=128, **mla_kw(range(30), q_rank=576, kv_rank=160, d_qk=64, d_r=32,
+                                                        latent_norm="kv"))
+    line = deepseek.cache_line(smol, 320)
+    assert "9,600 numbers per token" in line and "83.3% of the GQA source's 11,520" in line
+    assert "3,840 of them are zero padding" in line and "5,760, 50.0%" in line
+    llama1b = ModelConfig(vocab_size=96, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                          intermediate_size=128, **mla_kw(range(16), q_rank=2048, kv_rank=256, d_qk=64, d_r=64,
+                                                          latent_norm="kv"))
+    assert "31.2% of the GQA source's 16,384" in deepseek.cache_line(llama1b, 320)
+    assert "zero padding" not in deepseek.cache_line(llama1b, 320)
 
 
 def _hf_deepseek(tmp_path, name, cls="DeepseekV3", **kw):

