@@ -85,6 +85,40 @@ def engine_shape(cfg, head_size=0):
     return head_size - D, D
 
 
+def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
+    """(r_kv, d_r) that land a conversion of the GQA config `src` on a served head size exactly, with no padding
+    where it can (d_r = 64 needs d_h >= 64; a smaller d_h keeps d_r = d_h, padded at export). `others`: rank settings
+    that would contradict it (kv_rank, qk_rope_dim, kv_budget, kv_energy), refused when set."""
+    given = [k for k, v in others.items() if v is not None]
+    if given:
+        raise ValueError(f"head_size={head_size} sets r_kv and d_r itself; {', '.join(given)} would contradict it. "
+                         "Fix: drop " + " and ".join(given))
+    if head_size not in ENGINE_HEAD_SIZES:
+        raise ValueError(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
+                         f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only. Fix: one of those")
+    if mla_layers is not None and sorted(mla_layers) != list(range(src.n_layers)):
+        raise ValueError("head_size aims at an engine's DeepSeek-V3 format, which has MLA in every layer. Fix: leave "
+                         "mla_layers unset")
+    if latent_norm == "none":
+        raise ValueError("head_size aims at an engine, and every engine builds an RMSNorm on c_kv. Fix: add "
+                         "--latent_norm=kv")
+    d_r = min(ENGINE_ROPE_DIM, src.head_dim)
+    if ENGINE_ROPE_DIM % d_r:
+        raise ValueError(f"d_h {src.head_dim}: d_r = d_h does not divide the engine's {ENGINE_ROPE_DIM} RoPE dims, "
+                         "so no conversion of this model lands on a served shape exactly")
+    r_kv, most = head_size - ENGINE_ROPE_DIM, min(src.dim, 2 * src.n_kv_heads * src.head_dim)
+    if r_kv > most:
+        lower = [h for h in ENGINE_HEAD_SIZES if h - ENGINE_ROPE_DIM <= most]
+        raise ValueError(f"head_size={head_size} needs r_kv {r_kv}, beyond this model's rank {most} (min(d, 2 n_kv "
+                         "d_h)). Fix: " + (f"--head_size={lower[-1]}" if lower else "no served shape is smaller; "
+                                           "export with padding instead (deepseek.py --head_size)"))
+    if r_kv + d_r > 2 * src.n_kv_heads * src.head_dim:
+        warnings.warn(f"head_size={head_size}: r_kv {r_kv} + d_r {d_r} per layer is more than the source's own cache "
+                      f"(2 x {src.n_kv_heads} x {src.head_dim} = {2 * src.n_kv_heads * src.head_dim}): served this way "
+                      "the model caches more than before", UserWarning, stacklevel=2)
+    return r_kv, d_r
+
+
 def cache_line(cfg, head_size=0) -> str:
     """What an engine caches per token for the export, against the GQA source's cache (in numbers per token)."""
     R, D = engine_shape(cfg, head_size)
@@ -139,8 +173,9 @@ def export_config(cfg, head_size=0) -> dict:
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
         "bos_token_id": cfg.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
-        # dense MLPs in every layer. The expert fields stay small integers: engines do arithmetic on them
-        "first_k_dense_replace": L, "moe_layer_freq": 1, "n_routed_experts": 1, "n_shared_experts": 1,
+        # dense MLPs in every layer. The expert fields stay small integers: engines do arithmetic on them (and
+        # llama.cpp asserts n_group < n_routed_experts, so 2 experts, never built)
+        "first_k_dense_replace": L, "moe_layer_freq": 1, "n_routed_experts": 2, "n_shared_experts": 1,
         "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "moe_intermediate_size": cfg.intermediate_size,
         "routed_scaling_factor": 1.0, "norm_topk_prob": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
         "num_nextn_predict_layers": 0, "initializer_range": 0.02, "use_cache": True,
@@ -338,14 +373,16 @@ class Reader:
                     (p + "W_UV.weight", kv[:, d_qk:].reshape(H * d_v, -1))]
         if leaf == "o_proj.weight":
             return [(name, t)]
-        raise ValueError(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, q_b_proj, "
+        raise ValueError(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, "
+                         "q_b_proj, "
                          "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj)")
 
     def _rope(self, name, t, dim):
         """Our d_r RoPE rows of the D the checkpoint holds; the others were an engine shape's padding: zero."""
         if self.D != self.d_r and t.index_fill(dim, self._take, 0).count_nonzero():
             raise ValueError(f"{name}: the RoPE rows beyond the model's d_r {self.d_r} (config.json {RECORD}) are "
-                             f"not zero: the folder was changed after export. Fix: delete {RECORD}.qk_rope_dim and q_scale "
+                             f"not zero: the folder was changed after export. Fix: delete {RECORD}.qk_rope_dim and "
+                             "q_scale "
                              "from its config.json to read it at the padded width")
         return t.index_select(dim, self._take)
 

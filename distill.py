@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from configurator import configure, require
 from data import PackedData, build_cache, check_sources
+from deepseek import engine_ranks
 from folders import check_apart, resolve_checkpoint
 from ops import linear_kl
 from model import ModelConfig, Transformer, read_model_config, resolve_dtype
@@ -48,6 +49,7 @@ qk_nope_dim: int | None = None
 qk_rope_dim: int | None = None
 init = "svd"               # "svd" (Algorithm 1), "random", or "rorope" (calibrated on this run's own train data)
 kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers per token
+head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for deepseek.py
 rope_ladder = "highest"    # rorope settings as in svd_init.py
 rank_alloc = "auto"
 calib_tokens = 8192        # rorope: calibration tokens, a seeded choice of train sequences of calib_seq_len
@@ -110,7 +112,8 @@ require(config, micro_batch=(1, None), seq_len=(1, None), tokens_per_step=(1, No
 
 # settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
 MODEL_KEYS = ("init_from", "student_from", "model_config", "mla_layers", "q_rank", "kv_rank", "q_energy", "kv_energy",
-              "qk_nope_dim", "qk_rope_dim", "init", "kv_budget", "rope_ladder", "rank_alloc", "calib_tokens",
+              "qk_nope_dim", "qk_rope_dim", "init", "kv_budget", "head_size", "rope_ladder", "rank_alloc",
+              "calib_tokens",
               "calib_seq_len", "latent_norm", "latent_norm_init", "allow_qk_overlap", "teacher", "kl_weight",
               "ce_weight", "loss_on", "ild", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
 SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
@@ -125,6 +128,13 @@ teacher_from = teacher or init_from
 if (kl_weight > 0 or ild) and (teacher == "none" or teacher_from == "scratch"):
     raise ValueError(f"{'ild=True' if ild else 'kl_weight > 0'} needs a teacher: set teacher= to a model folder or "
                      "hub id")
+if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks); a conversion, so not student_from
+    if student_from or init_from == "scratch":
+        raise ValueError("head_size converts the source's attention; the student here is not converted "
+                         "(student_from / scratch). Fix: drop head_size")
+    kv_rank, qk_rope_dim = engine_ranks(read_model_config(resolve_checkpoint(init_from)), head_size, mla_layers,
+                                        latent_norm, kv_rank=kv_rank, qk_rope_dim=qk_rope_dim, kv_budget=kv_budget,
+                                        kv_energy=kv_energy)
 mla_settings = dict(mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy, kv_energy=kv_energy,
                     qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap,
                     kv_budget=kv_budget, rope_ladder=rope_ladder, rank_alloc=rank_alloc)

@@ -543,6 +543,7 @@ if __name__ == "__main__":
     qk_rope_dim: int | None = None  # d_r (None: d_h / 2)
     init = "svd"               # "svd" (Algorithm 1), "random" (its baseline) or "rorope" (needs calibration)
     kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers/token
+    head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for deepseek.py
     rope_ladder = "highest"    # rorope, d_r < d_h: keep the d_r/2 "highest" frequencies, or "every" c-th one
     rank_alloc = "auto"        # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
     whiten = True              # rorope ingredients (for ablations): activation-aware factorisation ...
@@ -578,6 +579,11 @@ if __name__ == "__main__":
                                                                  enumerate(calib_data)}}, {"data_cache": data_cache})
         check_replaceable(os.path.abspath(out_dir))
         src_cfg = read_model_config(folder)
+        if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks)
+            from deepseek import engine_ranks
+            kv_rank, qk_rope_dim = engine_ranks(src_cfg, head_size, mla_layers, latent_norm, kv_rank=kv_rank,
+                                                qk_rope_dim=qk_rope_dim, kv_budget=kv_budget, kv_energy=kv_energy)
+            print(f"head_size {head_size}: r_kv {kv_rank} + d_r {qk_rope_dim} in every layer")
         check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
                        allow_qk_overlap, kv_budget, rope_ladder, rank_alloc,
                        calib_tokens=calib_tokens if calibrating else None,

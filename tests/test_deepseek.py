@@ -363,3 +363,54 @@ def test_command_line(tmp_path):
     r = subprocess.run([sys.executable, "deepseek.py", str(tmp_path / "bare"), str(tmp_path / "out2")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no RMSNorm on c_kv" in r.stderr and not os.path.exists(tmp_path / "out2")
+
+
+def test_engine_ranks_aim_a_conversion_at_a_served_shape():
+    """svd_init / distill --head_size: r_kv + d_r that land on the shape, d_r = 64 where d_h allows (no padding),
+    and the refusals that name the fix."""
+    import deepseek
+    shape = dict(vocab_size=96, intermediate_size=128)
+    llama1b = ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, **shape)
+    llama8b = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, **shape)
+    smol = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, **shape)
+    assert deepseek.engine_ranks(llama1b, 320) == (256, 64) and deepseek.engine_ranks(llama8b, 576) == (512, 64)
+    assert deepseek.engine_ranks(smol, 320) == (256, 64)
+    with pytest.raises(ValueError, match=r"needs r_kv 448, beyond this model's rank 384.*--head_size=320"):
+        deepseek.engine_ranks(smol, 512)
+    teacher = ModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32, **shape)  # the tiny teacher
+    with pytest.warns(UserWarning, match="more than the source's own cache"):
+        assert deepseek.engine_ranks(teacher, 320) == (256, 32)    # 288 > 256 per layer: served, but no saving
+    tiny = tiny_config()                                           # d_h 16: d_r 16, padded to 64 at export
+    with pytest.raises(ValueError, match=r"needs r_kv 256, beyond this model's rank 64.*no served shape"):
+        deepseek.engine_ranks(tiny, 320)
+    with pytest.raises(ValueError, match="kv_budget would contradict it. Fix: drop kv_budget"):
+        deepseek.engine_ranks(llama1b, 320, kv_budget=0.5)
+    with pytest.raises(ValueError, match="320, 512, 576 only"):
+        deepseek.engine_ranks(llama1b, 400)
+    with pytest.raises(ValueError, match="--latent_norm=kv"):
+        deepseek.engine_ranks(llama1b, 320, latent_norm="none")
+    with pytest.raises(ValueError, match="leave mla_layers unset"):
+        deepseek.engine_ranks(llama1b, 320, mla_layers=[0, 1])
+    with pytest.raises(ValueError, match="d_h 48"):
+        deepseek.engine_ranks(ModelConfig(dim=576, n_layers=2, n_heads=12, n_kv_heads=4, head_dim=48, **shape), 576)
+
+
+def test_command_line_head_size(tmp_path):
+    """svd_init.py --head_size=320 then deepseek.py --head_size=320 on the tiny teacher (d_h 32): the folder has the
+    served shape, the latent unpadded (r_kv = 256), d_r 32 padded to 64, and transformers computes our logits; both
+    say the cache is more than the source's (this teacher caches 256 numbers per layer)."""
+    out, ds = tmp_path / "s", tmp_path / "ds"
+    r = subprocess.run([sys.executable, "svd_init.py", "--init_from=assets/models/tiny_teacher", "--head_size=320",
+                        "--init=rorope", "--latent_norm=kv", "--calib_tokens=2048", "--calib_seq_len=256",
+                        f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "head_size 320: r_kv 256 + d_r 32" in r.stdout and "more than the source's own cache" in r.stderr
+    r = subprocess.run([sys.executable, "deepseek.py", str(out), str(ds), "--head_size=320", "--check=True"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf = json.load(open(ds / "config.json"))
+    assert (hf["kv_lora_rank"], hf["qk_rope_head_dim"]) == (256, 64)
+    assert "1,920 numbers per token" in r.stdout and "125.0% of the GQA source's 1,536" in r.stdout
+    assert "192 of them are zero padding (the model's own latent cache is 1,728, 112.5%)" in r.stdout
+    err = float(r.stdout.split("max |logit difference|")[1].split()[0])
+    assert err < 1e-3  # logits of about 20 in float32

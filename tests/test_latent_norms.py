@@ -129,3 +129,18 @@ def test_command_line_upcycle_then_export(tmp_path):
     assert float(r.stdout.split("max |logit difference|")[1].split()[0]) < 1e-4
     r = run("svd_init.py", "--latent_norm=True", f"--out_dir={tmp_path / 'x'}")
     assert r.returncode != 0 and "latent_norm" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["calibrated", "gain"])
+def test_a_latent_beyond_the_rank_gets_finite_norms(how):
+    """r_kv at the joint matrix's full width, where RoRoPE's shared key leaves it rank-deficient: W_DKV has zero rows,
+    whose latent dimensions are always 0. Their gains used to be 0 / 0 = NaN, and the NaN reached every later layer."""
+    cfg = tiny_config(n_heads=4, n_kv_heads=2)                 # d 64 = 2 n_kv d_h: r_kv 64 is the whole width
+    m = random_model(cfg).eval()
+    calib = teacher_text(m, 4, 32, seed=1)
+    s = upcycle(m, init="rorope", kv_rank=64, qk_rope_dim=8, calib=calib, latent_norm="kv", latent_norm_init=how)
+    rows = torch.stack([b.self_attn.W_DKV.weight.norm(dim=1) for b in s.model.layers])
+    assert (rows == 0).any(), "the case needs a zero row of W_DKV"
+    assert all(b.self_attn.kv_norm.weight.isfinite().all() for b in s.model.layers)
+    with torch.no_grad():
+        assert s(calib).isfinite().all()
