@@ -47,6 +47,7 @@ data_cache = "out/data_cache"
 seed = 0
 norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
+whole_only = False         # only the last row (the whole init) at each budget: the side-by-side column
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 configure(globals())
@@ -97,6 +98,7 @@ rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd"
         ("+ key/value errors weighted by their cost", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
                                                                       qk_rope_dim=r_d)),
         ("+ budget: d_r and per-layer r_kv chosen (the whole)", lambda b: dict(init="rorope", kv_budget=None))]
+rows = rows[-1:] if whole_only else rows
 results = {}
 sink = open(out, "a") if out else None
 for frac in budgets:

@@ -14,7 +14,8 @@ from the hub, unreachable here) returns the text file that `scripts/init_ablatio
         --qk-mqa-dim 64 --kv-lora-rank 128 --deepseek-style
     python scripts/init_ablation.py --model=DIR "--budgets=[]" "--calib_sizes=[]" "--others=['out/transmla-128']"
 
-Everything after `--` goes to TransMLA's converter as its own arguments (its README lists them).
+Everything after `--` goes to TransMLA's converter as its own arguments (its README lists them). It runs in the
+clone's transmla/ folder (its modify_config reads files relative to it): give it absolute paths.
 """
 import json
 import os
@@ -29,6 +30,7 @@ if __name__ == "__main__":
     opts = dict(a[2:].split("=", 1) for a in ours if a.startswith("--") and "=" in a)
     if set(opts) - {"repo", "calib"} or "repo" not in opts or "calib" not in opts:
         sys.exit("usage: run_transmla.py --repo=TRANSMLA_CLONE --calib=CALIB.jsonl -- CONVERTER ARGUMENTS")
+    opts = {k: os.path.abspath(v) for k, v in opts.items()}
     src = os.path.join(opts["repo"], "transmla", "transmla")
     if not os.path.isfile(os.path.join(src, "converter.py")):
         sys.exit(f"error: {src}/converter.py not found. Fix: --repo= a clone of github.com/fxmeng/TransMLA")
@@ -44,4 +46,5 @@ if __name__ == "__main__":
 
     utils.get_dataset = get_dataset
     sys.argv = [os.path.join(src, "converter.py")] + theirs
+    os.chdir(os.path.join(opts["repo"], "transmla"))  # its modify_config reads transmla/transformers/... from there
     runpy.run_path(sys.argv[0], run_name="__main__")
