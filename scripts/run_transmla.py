@@ -22,29 +22,35 @@ import os
 import runpy
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import configure  # noqa: E402  (plain Python: it runs in TransMLA's venv too)
+
 if __name__ == "__main__":
-    ours, theirs = sys.argv[1:], []
-    if "--" in ours:
-        i = ours.index("--")
-        ours, theirs = ours[:i], ours[i + 1:]
-    opts = dict(a[2:].split("=", 1) for a in ours if a.startswith("--") and "=" in a)
-    if set(opts) - {"repo", "calib"} or "repo" not in opts or "calib" not in opts:
-        sys.exit("usage: run_transmla.py --repo=TRANSMLA_CLONE --calib=CALIB.jsonl -- CONVERTER ARGUMENTS")
-    opts = {k: os.path.abspath(v) for k, v in opts.items()}
-    src = os.path.join(opts["repo"], "transmla", "transmla")
+    argv = sys.argv[1:]
+    theirs = argv[argv.index("--") + 1:] if "--" in argv else []
+    sys.argv = sys.argv[:1] + (argv[:argv.index("--")] if "--" in argv else argv)
+    repo = ""                  # a clone of github.com/fxmeng/TransMLA
+    calib = ""                 # the calibration text, one {"text": ...} per line (init_ablation.py --write_calib)
+    configure(globals())
+    if not repo or not calib:
+        raise ValueError("run_transmla.py needs --repo=TRANSMLA_CLONE --calib=CALIB.jsonl -- CONVERTER ARGUMENTS")
+    repo, calib = os.path.abspath(repo), os.path.abspath(calib)
+    src = os.path.join(repo, "transmla", "transmla")
     if not os.path.isfile(os.path.join(src, "converter.py")):
-        sys.exit(f"error: {src}/converter.py not found. Fix: --repo= a clone of github.com/fxmeng/TransMLA")
+        raise ValueError(f"{src}/converter.py not found. Fix: --repo= a clone of github.com/fxmeng/TransMLA")
+    if not os.path.isfile(calib):
+        raise ValueError(f"calib={calib} is not a file. Fix: python scripts/init_ablation.py ... --write_calib={calib}")
     import datasets
     sys.path.insert(0, src)
     import utils  # TransMLA's utils.py
-    texts = [json.loads(line)["text"] for line in open(opts["calib"])]
+    texts = [json.loads(line)["text"] for line in open(calib)]
 
     def get_dataset(name):
-        print(f"run_transmla: calibration = {len(texts)} sequences of {opts['calib']} (instead of {name!r})")
+        print(f"run_transmla: calibration = {len(texts)} sequences of {calib} (instead of {name!r})")
         ds = datasets.Dataset.from_dict({"text": texts})
         return datasets.DatasetDict({"train": ds, "test": ds, "validation": ds})
 
     utils.get_dataset = get_dataset
     sys.argv = [os.path.join(src, "converter.py")] + theirs
-    os.chdir(os.path.join(opts["repo"], "transmla"))  # its modify_config reads transmla/transformers/... from there
+    os.chdir(os.path.join(repo, "transmla"))  # its modify_config reads transmla/transformers/... from there
     runpy.run_path(sys.argv[0], run_name="__main__")

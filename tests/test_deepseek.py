@@ -414,3 +414,13 @@ def test_command_line_head_size(tmp_path):
     assert "192 of them are zero padding (the model's own latent cache is 1,728, 112.5%)" in r.stdout
     err = float(r.stdout.split("max |logit difference|")[1].split()[0])
     assert err < 1e-3  # logits of about 20 in float32
+
+
+@pytest.mark.parametrize("extra, needle", [(["--kv_rank=None", "--qk_rope_dim=None"], "--latent_norm=kv"),
+                                           (["--latent_norm=kv", "--qk_rope_dim=None"], "Fix: drop kv_rank")])
+def test_distill_head_size_refusals(extra, needle, tmp_path):
+    """distill.py --head_size: refused in the pre-flight, one error line with the fix, nothing written."""
+    r = subprocess.run([sys.executable, "distill.py", "config/tiny_kv8.py", "--head_size=320", *extra,
+                        f"--out_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run")
