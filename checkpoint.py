@@ -145,6 +145,9 @@ def save_state(path, config, state_dict, fmt="llama", run_config=None, max_shard
     from safetensors.torch import save_file
     if fmt not in ("llama", "deepseek"):
         raise ValueError(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
+    if export and fmt != "deepseek":
+        raise ValueError(f"{', '.join(export)} shape a DeepSeek-V3 export; this project's format has no such setting. "
+                         "Fix: fmt='deepseek'")
     hf = config_json(config) if fmt == "llama" else deepseek.export_config(config, **export)
     check_replaceable(os.path.abspath(os.path.expanduser(str(path))))  # before any copy of the weights
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}

@@ -60,6 +60,12 @@ def _interleaved(n):
 # Export: our MLA model -> DeepSeek-V3 config.json + tensors
 
 
+def _check_served(head_size, fix):
+    if head_size not in ENGINE_HEAD_SIZES:
+        raise ValueError(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
+                         f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only; {fix}")
+
+
 def engine_shape(cfg, head_size=0):
     """(kv_lora_rank R, qk_rope_head_dim D) of the export: the model's own (largest r_kv, d_r) unpadded, or a served
     head size R + D = head_size with D = 64, or a ValueError with the rule and the nearest shape that is exact."""
@@ -70,10 +76,7 @@ def engine_shape(cfg, head_size=0):
     fits = [h for h in ENGINE_HEAD_SIZES if h - D >= r]
     nearest = f"the nearest served shape that holds it is {fits[0]} ({fits[0] - D} + {D})" if fits else \
         f"no served shape holds r_kv {r} (the largest is {ENGINE_HEAD_SIZES[-1] - D} + {D})"
-    if head_size not in ENGINE_HEAD_SIZES:
-        raise ValueError(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
-                         f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only; {nearest}. Fix: --head_size={fits[0]}"
-                         if fits else f"head_size={head_size}: {nearest}")
+    _check_served(head_size, f"{nearest}. Fix: --head_size={fits[0]}" if fits else nearest)
     if d_r > D or D % d_r:
         raise ValueError(f"d_r {d_r}: a served shape has {D} RoPE dims, and zero padding is exact only when d_r "
                          f"divides {D} (each of our frequencies then sits on the engine's ladder). Fix: upcycle "
@@ -93,9 +96,7 @@ def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
     if given:
         raise ValueError(f"head_size={head_size} sets r_kv and d_r itself; {', '.join(given)} would contradict it. "
                          "Fix: drop " + " and ".join(given))
-    if head_size not in ENGINE_HEAD_SIZES:
-        raise ValueError(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
-                         f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only. Fix: one of those")
+    _check_served(head_size, "Fix: one of those")
     if mla_layers is not None and sorted(mla_layers) != list(range(src.n_layers)):
         raise ValueError("head_size aims at an engine's DeepSeek-V3 format, which has MLA in every layer. Fix: leave "
                          "mla_layers unset")
@@ -374,16 +375,14 @@ class Reader:
         if leaf == "o_proj.weight":
             return [(name, t)]
         raise ValueError(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, "
-                         "q_b_proj, "
-                         "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj)")
+                         "q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj)")
 
     def _rope(self, name, t, dim):
         """Our d_r RoPE rows of the D the checkpoint holds; the others were an engine shape's padding: zero."""
         if self.D != self.d_r and t.index_fill(dim, self._take, 0).count_nonzero():
             raise ValueError(f"{name}: the RoPE rows beyond the model's d_r {self.d_r} (config.json {RECORD}) are "
                              f"not zero: the folder was changed after export. Fix: delete {RECORD}.qk_rope_dim and "
-                             "q_scale "
-                             "from its config.json to read it at the padded width")
+                             "q_scale from its config.json to read it at the padded width")
         return t.index_select(dim, self._take)
 
     @staticmethod

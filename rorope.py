@@ -115,7 +115,7 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
         s, uc, uu, _ = sums[key]
         # a latent dimension that is always 0 (r_kv beyond the weighted matrix's rank: a zero row of W_DKV) has
         # uu = 0; its gain multiplies nothing, so 1 (0 / 0 would put a NaN into every later layer)
-        g = torch.where(uu > 0, uc / uu.clamp_min(1e-300), 1.0) if how != "scalar" else \
+        g = torch.where(uu > 0, uc / torch.where(uu > 0, uu, 1.0), 1.0) if how != "scalar" else \
             (uc.sum() / uu.sum()).expand_as(uc)
         down.weight.mul_(s)
         norm.weight.copy_(g.to(norm.weight.dtype))

@@ -51,6 +51,8 @@ whole_only = False         # only the last row (the whole init) at each budget: 
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 configure(globals())
+if write_calib and os.path.exists(write_calib):  # never over a file this script did not write
+    raise ValueError(f"write_calib={write_calib} exists. Fix: remove it, or choose another path")
 if out:
     check_rows_file(out, ["model", "kl"])  # appended to: it must be this script's own rows file
 
@@ -72,7 +74,7 @@ def measure(student):
 
 _, ce_t = measure(teacher)
 if write_calib:
-    with open(write_calib, "w") as f:
+    with open(write_calib, "x") as f:
         for row in calib.tolist():
             f.write(json.dumps({"text": tok.decode(row)}) + "\n")
     print(f"wrote {write_calib}: {calib.shape[0]} calibration sequences of {calib.shape[1]} tokens as text")

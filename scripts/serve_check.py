@@ -56,21 +56,20 @@ PROMPTS = [
 ]
 
 
-def ours(folder, prompts, n_new):
+def ours(folder, prompts, n_new, eot):
     """Our model on the folder (an export reads back exactly): greedy tokens per prompt, and along them the top-5
     log-probabilities of every step (one full forward over prompt + reply)."""
     m = Transformer.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = Tokenizer.from_name("", folder)
     out = []
     for ids in prompts:
-        seq = m.generate(torch.tensor([ids]), n_new, eos_id=tok.eot_id)[0].tolist()
+        seq = m.generate(torch.tensor([ids]), n_new, eos_id=eot)[0].tolist()
         reply = seq[len(ids):]
-        if tok.eot_id in reply:
-            reply = reply[:reply.index(tok.eot_id) + 1]
+        if eot in reply:
+            reply = reply[:reply.index(eot) + 1]
         with torch.no_grad():
             lp = m(torch.tensor([ids + reply]))[0, len(ids) - 1:-1].float().log_softmax(-1)  # (len(reply), V)
         out.append({"tokens": reply, "logprobs": lp})
-    return out, tok
+    return out
 
 
 def compare(mine, theirs):
@@ -131,13 +130,13 @@ def vllm_run(folder, prompts, n_new, eot, max_model_len, rotary_workaround=True)
 
 
 def convert(folder, converter, work):
-    """llama.cpp's own converter, f32 (no quantisation: the comparison is of the format, not of a quantiser)."""
+    """llama.cpp's own converter, f32 (no quantisation: the comparison is of the format, not of a quantiser), into
+    `work`, a fresh temporary folder: never a stale file of an earlier export, never a file of the user's."""
     gguf = os.path.join(work, os.path.basename(os.path.normpath(folder)) + ".f32.gguf")
-    if not os.path.exists(gguf):
-        r = subprocess.run([sys.executable, converter, folder, "--outfile", gguf, "--outtype", "f32"],
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"llama.cpp's converter refused {folder}:\n{r.stderr[-3000:]}")
+    r = subprocess.run([sys.executable, converter, folder, "--outfile", gguf, "--outtype", "f32"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"llama.cpp's converter refused {folder}:\n{r.stderr[-3000:]}")
     return gguf
 
 
@@ -220,7 +219,7 @@ if __name__ == "__main__":
     max_model_len = 1024       # vLLM
     rotary_workaround = True   # vLLM: eager rotary (False shows the engine bug: wrong text from DeepSeek-format models)
     converter = ""             # llama.cpp: path of convert_hf_to_gguf.py (llama-cpp-python's sdist has it)
-    gguf_dir = "out/gguf"      # llama.cpp: where the converted files go
+    gguf_dir = ""              # llama.cpp: where the temporary GGUF files go ("" = the system's temporary folder)
     contexts = "2048,8192"     # llama.cpp: decode speed after a prefill of these many tokens
     threads = 2
     out = ""                   # results JSON ("" = out/serve_check_<engine>.json)
@@ -249,17 +248,18 @@ if __name__ == "__main__":
             tok = Tokenizer.from_name("", folder)
             prompts = [tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
                        for p in PROMPTS]
-        mine, _ = ours(folder, prompts, max_new_tokens)
+        mine = ours(folder, prompts, max_new_tokens, tok.eot_id)
         if engine == "vllm":
             theirs, info = vllm_run(folder, prompts, max_new_tokens, tok.eot_id, max_model_len, rotary_workaround)
             import vllm
             info["version"] = f"vllm {vllm.__version__}"
         else:
-            os.makedirs(gguf_dir, exist_ok=True)
-            gguf = convert(folder, converter, gguf_dir)
-            n_ctx = max(ctxs) + max_new_tokens + 64
-            theirs, info = llamacpp_run(folder, gguf, prompts, max_new_tokens, tok.eot_id, n_ctx,
-                                        ctxs, threads)
+            if gguf_dir:
+                os.makedirs(gguf_dir, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=gguf_dir or None) as work:  # the GGUF (model-sized) goes with it
+                gguf = convert(folder, converter, work)
+                n_ctx = max(ctxs) + max_new_tokens + 64
+                theirs, info = llamacpp_run(folder, gguf, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs, threads)
             import llama_cpp
             info["version"] = f"llama-cpp-python {llama_cpp.__version__}"
         info.update(compare(mine, theirs))

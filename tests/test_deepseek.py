@@ -424,3 +424,10 @@ def test_distill_head_size_refusals(extra, needle, tmp_path):
                         f"--out_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_head_size_is_refused_for_this_projects_format(tmp_path):
+    """save_pretrained(fmt="llama", head_size=...) would silently ignore the setting: refused, nothing written."""
+    with pytest.raises(ValueError, match="head_size shape a DeepSeek-V3 export.*fmt='deepseek'"):
+        random_model(CASES["kv_norm_fused_query"]).save_pretrained(tmp_path / "m", head_size=320)
+    assert not os.path.exists(tmp_path / "m")
