@@ -5,7 +5,7 @@ cache), and such folders read back by Transformer.from_pretrained.
 
     python svd_init.py --init=rorope --kv_budget=0.5 --latent_norm=kv --out_dir=out/s   # a student to export
     python deepseek.py out/s out/s-deepseek                  # export (CPU)
-    python deepseek.py out/s out/s-deepseek --check=True     # + logits against transformers' DeepseekV3
+    python deepseek.py out/s out/s-deepseek --check=True     # + transformers' DeepseekV3 on it; its dtype vs fp32
     python deepseek.py out/s out/s-deepseek --dtype=bfloat16 # halve the folder for serving
     vllm serve out/s-deepseek                                # on a GPU machine: README "Serving it"
     python evaluate.py --model=out/s-deepseek ...            # any script reads it back
@@ -410,14 +410,15 @@ class Reader:
 
 
 @torch.no_grad()
-def compare_with_transformers(model, folder, n_tokens=64):
-    """Max |logits(transformers DeepseekV3ForCausalLM on folder) - logits(model)| in float32 on random ids."""
+def compare_with_transformers(model, folder, n_tokens=64, device="cpu"):
+    """Max |logits(transformers DeepseekV3ForCausalLM on folder) - logits(model)| in float32 on random ids, both on
+    `device`; and the largest |logit|, to scale a tolerance by."""
     from transformers import AutoModelForCausalLM
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, min(n_tokens, model.config.max_seq_len)),
-                        generator=torch.Generator().manual_seed(0))
-    ours = model.float()(ids)
-    return (ref(ids).logits - ours).abs().max().item()
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    ours = model.float().to(device)(ids)
+    return (ref(ids).logits - ours).abs().max().item(), ours.abs().max().item()
 
 
 if __name__ == "__main__":
@@ -428,7 +429,8 @@ if __name__ == "__main__":
     init_from = ""             # our MLA model folder (or hub id) to export
     out_dir = ""               # the DeepSeek-V3 folder to write (new or empty, or one this project wrote)
     dtype = ""                 # "" keeps the checkpoint's; "bfloat16" halves the folder (engines serve bf16)
-    check = False              # then compare logits with transformers' DeepseekV3ForCausalLM (needs transformers)
+    check = False              # then run the export as an engine would, in its dtype, against the float32 model
+    check_max_kl = 0.05        # --check fails above this KL(float32 model || export) per token (bf16: ~1e-3)
     head_size = 0              # 0: the model's own r_kv + d_r; 320 / 512 / 576: zero-padded to a shape vLLM serves
     config = configure(globals(), positional=("init_from", "out_dir"))  # python deepseek.py MODEL_DIR OUT_DIR
     if not init_from or not out_dir:
@@ -454,5 +456,44 @@ if __name__ == "__main__":
           f"q_lora_rank {max(c.q_rank) if c.latent_norm == 'both' else 'null (query fused)'}")
     print("  " + cache_line(c, head_size))
     if check:
-        err = compare_with_transformers(model, out_dir)
-        print(f"transformers' DeepseekV3ForCausalLM vs ours, float32, 64 random ids: max |logit difference| {err:.2e}")
+        low = model.lm_head.weight.dtype  # the export's own dtype (compare_with_transformers casts the model)
+        # 1. the format: transformers computes, from the folder, exactly what we compute from the same (rounded) weights
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            transformers = None
+            print("--check: transformers is not installed, so the export is read back by this project's reader only")
+        if transformers is not None:
+            err, top = compare_with_transformers(model, out_dir)
+            print(f"transformers' DeepseekV3ForCausalLM vs ours, float32, 64 random ids: max |logit difference| "
+                  f"{err:.2e} (largest logit {top:.1f})")
+            if not err <= 1e-4 * max(top, 1.0):
+                raise ValueError(f"{out_dir}: transformers computes other logits from the export than this project "
+                                 f"does ({err:.2e} apart, largest logit {top:.1f}): the export is not the model. "
+                                 "Please report it, with the source folder's config.json")
+        # 2. the numbers: the export in its own dtype, as it is served, against the source model in float32, on
+        # text the source writes itself (a low-precision copy of an ill-conditioned model passes step 1 and fails here)
+        from ops import kl_and_agreement
+        src = Transformer.from_pretrained(folder, dtype=torch.float32).eval()
+        start = torch.full((4, 1), src.config.bos_id or 0, dtype=torch.long)
+        torch.manual_seed(0)
+        ids = src.generate(start, min(127, src.config.max_seq_len - 1), temperature=1.0)
+        if transformers is not None:
+            eng = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=low).eval()
+            out = eng(ids).logits
+            who = "transformers' DeepseekV3ForCausalLM"
+        else:
+            eng = Transformer.from_pretrained(out_dir, dtype=low).eval()
+            out = eng(ids)
+            who = "this project's reader"
+        with torch.no_grad():
+            kl, agree = kl_and_agreement(src(ids), out)
+        name = str(low).replace("torch.", "")
+        print(f"the export in {name} ({who}) vs the model in float32, {ids.numel()} tokens the model wrote: "
+              f"KL {kl:.2e} nats/token, top-1 agreement {100 * agree:.1f}%")
+        if not kl <= check_max_kl:
+            raise ValueError(f"the export in {name} is not the model: KL {kl:.3f} nats/token (> check_max_kl "
+                             f"{check_max_kl}), top-1 agreement {100 * agree:.1f}%; it works in float32 only. The "
+                             f"folder {out_dir} is written; do not serve it in {name}. Fix: export with "
+                             "--dtype=float32, or re-convert with this version's svd_init.py (its latent scales are "
+                             "bounded)")

@@ -30,9 +30,9 @@ from model import ModelConfig, Transformer, read_model_config, resolve_dtype
 from svd_init import check_settings, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
 from zebra import converted_layers, ild_errors
-from trainer import (RunLog, barrier, check_resume_config, checkpoint_bytes, eval_chunks, export_model, finish,
-                     fit, host_sum, init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir,
-                     resume_step, shard)
+from trainer import (RunLog, barrier, check_resume_config, check_train_settings, checkpoint_bytes, eval_chunks,
+                     export_model, finish, fit, host_sum, init_distributed, latest_checkpoint, lr_at, make_optimizer,
+                     prepare_out_dir, resume_step, shard)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -125,6 +125,10 @@ mp_dtype = cdtype if cdtype != torch.float32 else None  # FSDP2 mixed precision:
 
 # --- pre-flight: every setting, the folders, the tokenizer against the models, the disk; before any work
 teacher_from = teacher or init_from
+export_torch_dtype = check_train_settings(betas, export_dtype)
+if not ild and kl_weight == 0 and ce_weight == 0:
+    raise ValueError("kl_weight=0 and ce_weight=0: the loss is 0 and nothing would train. Fix: kl_weight=1 (distil "
+                     "from the teacher) or ce_weight=1 (next-token loss on the data)")
 if (kl_weight > 0 or ild) and (teacher == "none" or teacher_from == "scratch"):
     raise ValueError(f"{'ild=True' if ild else 'kl_weight > 0'} needs a teacher: set teacher= to a model folder or "
                      "hub id")
@@ -198,8 +202,8 @@ if calibrating:  # checked now, before any model is loaded
 with torch.device("meta"):
     n_params_est = sum(p.numel() for p in Transformer(stu_cfg).parameters())
 go_on = prepare_out_dir(out_dir, resume, d, "distill",
-                        checkpoint_bytes(n_params_est, keep_ckpts, torch.empty((), dtype=getattr(torch, export_dtype)
-                                                                                ).element_size()))
+                        checkpoint_bytes(n_params_est, keep_ckpts,
+                                         torch.empty((), dtype=export_torch_dtype).element_size()))
 log = RunLog(out_dir, d, "distill")
 log.print(f"world {d.world} on {d.device}, compute {cdtype}; tokenizer {tok.describe()}; settings: {config}")
 for note in tok_notes:
@@ -368,6 +372,6 @@ if kv_src:
     log.print(f"KV cache: {kv_stu} vs {kv_src} numbers per token ({100 * kv_stu / kv_src:.1f}% of the teacher's, "
               f"{kv_src / kv_stu:.1f}x smaller)")
 final = os.path.join(out_dir, "final")
-export_model(student, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer=tok)
+export_model(student, final, d, run_config=config, dtype=export_torch_dtype, tokenizer=tok)
 log.print(f"exported {final} (load with Transformer.from_pretrained)")
 finish()

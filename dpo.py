@@ -43,9 +43,9 @@ if __name__ == "__main__":
     from folders import check_apart, resolve_checkpoint
     from model import Transformer, read_model_config, resolve_dtype
     from tokenizer import Tokenizer, check_tokenizer_for
-    from trainer import (RunLog, check_resume_config, checkpoint_bytes, eval_chunks, export_model, finish, fit,
-                         init_distributed, latest_checkpoint, lr_at, make_optimizer, prepare_out_dir, resume_step,
-                         shard)
+    from trainer import (RunLog, check_resume_config, check_train_settings, checkpoint_bytes, eval_chunks,
+                         export_model, finish, fit, init_distributed, latest_checkpoint, lr_at, make_optimizer,
+                         prepare_out_dir, resume_step, shard)
 
     # -----------------------------------------------------------------------------
     # settings
@@ -96,6 +96,7 @@ if __name__ == "__main__":
             ckpt_every=(1, None), keep_ckpts=(1, None))
     if long_prompts not in ("truncate", "drop"):
         raise ValueError(f"long_prompts={long_prompts!r}: use 'truncate' or 'drop'")
+    export_torch_dtype = check_train_settings(betas, export_dtype)
     # -----------------------------------------------------------------------------
 
     MODEL_KEYS = ("init_from", "ref_from", "pref_data", "val_data", "val_every", "tokenizer", "max_length",
@@ -257,6 +258,6 @@ if __name__ == "__main__":
     log.print(f"held-out at {'init' if start_step == 0 else f'step {start_step} (resumed there)'}: {text0}")
     log.print(f"held-out at end  : {text}")
     final = os.path.join(out_dir, "final")
-    export_model(policy, final, d, run_config=config, dtype=getattr(torch, export_dtype), tokenizer=tok)
+    export_model(policy, final, d, run_config=config, dtype=export_torch_dtype, tokenizer=tok)
     log.print(f"exported {final}")
     finish()

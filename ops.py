@@ -101,6 +101,15 @@ def naive_linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weigh
     return (_acc(weight) * (kl_weight * kl + ce_weight * ce)).sum()
 
 
+def kl_and_agreement(logits_ref, logits):
+    """Two models' logits (..., V) on the same tokens -> (mean KL(p_ref || p) per token in nats, the fraction of
+    tokens whose top-1 token agrees). The measure of how far one model (a student, a low-precision copy, an export)
+    is from another."""
+    lp_r, lp = _acc(logits_ref).log_softmax(-1), _acc(logits).log_softmax(-1)
+    kl = (lp_r.exp() * (lp_r - lp)).sum(-1).mean()
+    return kl.item(), (logits_ref.argmax(-1) == logits.argmax(-1)).float().mean().item()
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """lp_i = log softmax(h_i Wᵀ)[y_i], chunk by chunk; backward recomputes the softmax:
     d lp_i / d logits_i = onehot(y_i) - softmax(logits_i)."""

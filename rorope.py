@@ -121,9 +121,11 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
         norm.weight.copy_(g.to(norm.weight.dtype))
 
 
-def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_work=2 ** 31):
+def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_work=2 ** 31, min_scale=0.1):
     """T (r, r) float64 minimising Var(|T c|^2) / E[|T c|^2]^2 over the rows of c (N, r): the basis in which a token's
-    RMS varies least. In standardised coordinates z (each dimension of c divided by its RMS): start from the closed-
+    RMS varies least. In standardised coordinates z (each dimension of c divided by its RMS, or by min_scale times
+    the largest RMS where that is more: a direction the calibration barely excites is not scaled up to count as much
+    as the others, whatever other tokens would then put into it): start from the closed-
     form diagonal solution (t_j^2 ∝ (Cov(z^2)^-1 E[z^2])_j), keep it if it is already steady (relative variance
     < 1e-4, e.g. a full-rank query latent, which is the RMS-normed x itself), else refine the full matrix by Adam
     on at most max_work / r^2 tokens (a step costs N r^2). T's singular values stay within max_cond of each other
@@ -131,7 +133,8 @@ def steady_basis(c, steps=100, lr=0.01, max_cond=10.0, max_work=2 ** 31):
     blow up). Deterministic on CPU for given c."""
     r = c.shape[1]
     c = c.float()
-    scale = c.pow(2).mean(0).sqrt().clamp_min(1e-12)                               # (r,)
+    scale = c.pow(2).mean(0).sqrt()                                                 # (r,)
+    scale = scale.clamp_min(scale.max() * min_scale).clamp_min(1e-12)   # a barely excited one: not blown up
     z = c / scale
     z2 = z.pow(2).double()
     m = z2.mean(0)

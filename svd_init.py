@@ -50,9 +50,17 @@ import warnings
 import torch
 
 from folders import check_replaceable, resolve_checkpoint
-from model import ModelConfig, Transformer, latent_norm_kind, read_model_config, resolve_dtype
+from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
 from rorope import (NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calibrate,
                     calibrate_latent_norms, rope_pairs)
+
+# The factorisation whitens by C + RIDGE * mean(diag C) * I, not by C: the latent's scale per direction is then
+# bounded by construction (|c| <= |x| / sqrt(RIDGE * mean(diag C)) for ANY input x, RMS-normed as attention inputs
+# are), whatever directions a calibration set happens to excite. With 1e-6 a direction the calibration barely saw was
+# scaled up ~1e3 (and ~1e6 after the latent norm's fit): rows of W_DKV whose products cancel, a student that worked in
+# float32 and was another model in bfloat16 (issue 33). 1e-2 costs nothing measurable where the calibration is rich
+# (README "Latent norms").
+RIDGE = 1e-2
 
 
 # -----------------------------------------------------------------------------
@@ -285,6 +293,9 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                       "badly in the README's tiny ablation (KL 1.73 -> 1.39, against 0.19 for latent_norm='kv'). "
                       "Prefer 'kv' (a full-rank query is exported without a norm anyway), or "
                       "latent_norm_init='ones' for 'both'", UserWarning, stacklevel=3)
+    if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
+        raise ValueError(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
+                         "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
     if q_rank is None and q_energy is None:
@@ -307,7 +318,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     _check_calib_size(n_tok, q_rank, kv_rank, cfg)
     src = model.state_dict()
     f64 = lambda k: src[k].double().T  # paper orientation, float64
-    ridge = {i: C + 1e-6 * C.diagonal().mean() * torch.eye(d, dtype=C.dtype, device=C.device)
+    ridge = {i: C + RIDGE * C.diagonal().mean() * torch.eye(d, dtype=C.dtype, device=C.device)
              for i, (C, _) in stats.items()}
     q_svd = {}
     for i in layers:  # the query's factorisation does not depend on d_r
@@ -510,6 +521,22 @@ def kl_per_token(teacher, student, idx):
     return kl, ent
 
 
+FRAGILE_KL = 0.05  # KL(float32 || bfloat16) per token above which a model is called fragile (healthy: ~1e-3)
+
+
+def precision_line(student, ids):
+    """One line: the student run in bfloat16 against itself in float32 (model.precision_probe), with a warning where
+    it does not survive the cast (what an engine serving bf16 would get)."""
+    kl, agree = precision_probe(student, ids, torch.bfloat16)
+    line = (f"bfloat16 probe: KL(float32 || bfloat16) {kl:.2e} nats/token, top-1 agreement {100 * agree:.1f}% on "
+            f"{ids.numel()} tokens")
+    if not kl <= FRAGILE_KL:
+        line += (f"\nWARNING: this student is numerically fragile: in bfloat16 it is another model (KL above "
+                 f"{FRAGILE_KL}). Serve and train it in float32, or re-convert (a different calibration, "
+                 "latent_norm='none')")
+    return line
+
+
 def print_table(report, model_cfg, student):
     src_cache = 2 * model_cfg.n_kv_heads * model_cfg.head_dim
     print(f"{'layer':>5} {'r_q':>6} {'r_kv':>6} {'E_q':>7} {'E_kv':>7} {'params':>11} {'src params':>11} "
@@ -571,7 +598,8 @@ if __name__ == "__main__":
         conversion_bench(device, q_rank or 1424, kv_rank or 64, qk_nope_dim or 32, qk_rope_dim or 32, init, calib_tokens,
               calib_seq_len)
         sys.exit(0)
-    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), sweep_seqs=(1, None), sweep_len=(2, None))
+    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), sweep_seqs=(1, None), sweep_len=(2, None),
+            kv_balance=(0, None))
     folder = resolve_checkpoint(init_from)
     calibrating = init == "rorope" or latent_norm != "none"
     if not run_sweep:  # pre-flight: output folder, settings and tokenizer, before the weights are read
@@ -636,6 +664,10 @@ if __name__ == "__main__":
         kl, ent = kl_per_token(teacher, student, idx)
         print(f"KL(teacher||student) at init: {kl:.3f} nats/token on 8 x 128 teacher-sampled tokens "
               f"(teacher entropy {ent:.3f})")
+    # the low-precision probe: a student whose latent is ill-conditioned works in float32 and breaks in bfloat16
+    probe_ids = teacher_text(teacher, 4, min(128, teacher.config.max_seq_len), seed) \
+        if teacher.config.bos_id is not None else calib[:4, :128]
+    print(precision_line(student, probe_ids))
     table = os.path.join(folder, "tokenizer_tok512.json")  # llama2.c's decode table: python model.py reads it
     student.save_pretrained(out_dir, run_config=config, tokenizer=tok,
                             extra_files=[table] if tok is None and os.path.exists(table) else ())

@@ -149,6 +149,26 @@ def lr_at(step, max_lr, total_steps, warmup_steps, min_lr):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_train_settings(betas, export_dtype):
+    """Refusals, before any work, of settings that would otherwise fail at the first step or the export: AdamW's betas
+    and the final model's dtype. Returns the export dtype as a torch dtype."""
+    try:
+        b = tuple(float(x) for x in betas)
+    except (TypeError, ValueError):
+        b = ()
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        raise ValueError(f"betas={betas!r}: AdamW takes two decay rates in [0, 1). Fix: e.g. --betas='(0.9, 0.98)'")
+    export_dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}.get(export_dtype,
+                                                                                                     export_dtype)
+    if export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype={export_dtype!r}: the final model is written as one of "
+                         f"{', '.join(EXPORT_DTYPES)}. Fix: --export_dtype=bfloat16 (half the size) or float32")
+    return getattr(torch, export_dtype)
+
+
 def make_optimizer(model, lr, betas, weight_decay):
     """AdamW; weight decay on matrices only (not on norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -385,7 +405,8 @@ def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, star
             loss.backward()
             stats += s
         if closures:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            # grad_clip 0: no clipping, as in nanoGPT (the norm is still measured and logged)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         since += 1

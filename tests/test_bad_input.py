@@ -414,3 +414,46 @@ def test_a_failed_swap_puts_the_earlier_folder_back(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         folders.write_folder(str(target), lambda d: open(os.path.join(d, "a.txt"), "w").write("new"))
     assert (target / "a.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["model"]
+
+
+# --- 13. settings that cannot do what the user meant: refused before work, or meaning what nanoGPT means
+
+def test_grad_clip_zero_means_no_clipping(tiny, tmp_path):
+    """grad_clip=0 is nanoGPT's "no clipping": the same model as a clip no gradient reaches. (clip_grad_norm_(..., 0)
+    used to zero every gradient: a run that trained nothing and ended rc 0.)"""
+    import torch
+    from safetensors.torch import load_file
+    finals = {}
+    for clip in (0.0, 1e9):
+        cfg, out = distill_cfg(tiny, f"clip{clip:g}", grad_clip=clip, out_dir=str(tmp_path / f"clip{clip:g}"),
+                               data_cache=str(tmp_path / "cache"))
+        run_script("distill.py", cfg)
+        finals[clip] = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert finals[0.0].keys() == finals[1e9].keys()
+    assert all(torch.equal(finals[0.0][k], finals[1e9][k]) for k in finals[0.0])
+
+
+@pytest.mark.parametrize("script,flags,msg", [
+    ("distill.py", ["--kl_weight=0", "--ce_weight=0"], "nothing would train"),
+    ("distill.py", ["--export_dtype=int8"], "export_dtype='int8'"),
+    ("distill.py", ["--export_dtype=bfloat61"], "Fix: --export_dtype=bfloat16"),
+    ("distill.py", ["--betas=(0.9,)"], "AdamW takes two decay rates"),
+    ("distill.py", ["--betas=(1.5, 0.9)"], "AdamW takes two decay rates"),
+    ("dpo.py", ["--export_dtype=int8"], "export_dtype='int8'"),
+    ("dpo.py", ["--betas=('a', 'b')"], "AdamW takes two decay rates"),
+    ("svd_init.py", ["--init=rorope", "--kv_balance=-1"], "kv_balance=-1.0: must be >= 0")])
+def test_settings_that_cannot_work_are_refused_before_work(tiny, tmp_path, script, flags, msg):
+    t0 = time.time()
+    r = run([script, *flags, f"--out_dir={tmp_path / 'o'}"])
+    clean_error(r, msg)
+    assert not os.path.exists(tmp_path / "o") and time.time() - t0 < 60
+
+
+def test_upcycle_refuses_a_kv_balance_that_is_not_a_weight():
+    import torch
+    from conftest import random_model
+    from svd_init import upcycle
+    m = random_model(tiny_config())
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="kv_balance"):
+            upcycle(m, init="rorope", kv_rank=8, kv_balance=bad, calib=torch.randint(0, 96, (4, 32)))
