@@ -178,7 +178,10 @@ def configure(namespace, argv=None, positional=()):
             raise SystemExit(2)
     if any(a in ("--help", "-h") for a in argv):  # the settings as the rest of the command line resolves them
         configure(namespace, [a for a in argv if a not in ("--help", "-h")], positional)
-        print(help_text(namespace))
+        try:
+            print(help_text(namespace), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     defaults = settings_of(namespace)
     annotations = namespace.get("__annotations__", {})
@@ -219,7 +222,18 @@ def configure(namespace, argv=None, positional=()):
             namespace[key] = _check(key, _home(value), defaults[key], "command line", annotations.get(key))
     for name, value in bare.items():
         namespace[name] = _check(name, value, defaults[name], "command line", annotations.get(name))
+    _check_device(namespace.get("device"))
     return {k: namespace[k] for k in defaults}
+
+
+def _check_device(device):
+    """A GPU asked for on a machine without one: one line now, not a CUDA traceback after the model is read."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch  # only here: the configurator itself needs nothing beyond the standard library
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but this torch sees no GPU (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False). Fix: --device=cpu (or auto), or install the "
+                             "torch build for your CUDA / ROCm")
 
 
 def _apply_file(path, namespace, defaults, annotations):

@@ -293,6 +293,11 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                       "badly in the README's tiny ablation (KL 1.73 -> 1.39, against 0.19 for latent_norm='kv'). "
                       "Prefer 'kv' (a full-rank query is exported without a norm anyway), or "
                       "latent_norm_init='ones' for 'both'", UserWarning, stacklevel=3)
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+               None)
+    if bad is not None:  # else a LinAlgError deep inside an SVD, or a NaN student
+        raise ValueError(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
+                         "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
     if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
         raise ValueError(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
                          "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")

@@ -457,3 +457,24 @@ def test_upcycle_refuses_a_kv_balance_that_is_not_a_weight():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="kv_balance"):
             upcycle(m, init="rorope", kv_rank=8, kv_balance=bad, calib=torch.randint(0, 96, (4, 32)))
+
+
+def test_a_source_with_nan_weights_is_named_not_a_linalg_error():
+    import torch
+    from conftest import random_model
+    from svd_init import upcycle
+    m = random_model(tiny_config())
+    with torch.no_grad():
+        m.model.layers[2].self_attn.k_proj.weight[3, 5] = float("nan")
+    for init in ("svd", "rorope"):
+        with pytest.raises(ValueError, match=r"model.layers.2.self_attn.k_proj.weight holds NaN or Inf"):
+            upcycle(m, init=init, kv_rank=8, calib=torch.randint(0, 96, (4, 32)))
+
+
+@pytest.mark.parametrize("script", ["svd_init.py", "evaluate.py", "distill.py"])
+def test_a_gpu_asked_for_without_one_is_one_line(script, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    clean_error(run([script, "--device=cuda", f"--out_dir={tmp_path / 'o'}"] if script != "evaluate.py" else
+                    [script, "--device=cuda"]), "device='cuda'", "Fix: --device=cpu")
