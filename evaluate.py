@@ -532,6 +532,9 @@ if __name__ == "__main__":
     folder = resolve_checkpoint(model)
     tok = Tokenizer.from_name(tokenizer, folder)
     check_tokenizer_for(tok, folder)
+    for role, other in (("teacher", teacher), ("source", source)):  # a KL across tokenizers is a number of nothing
+        if other:
+            check_tokenizer_for(tok, resolve_checkpoint(other), role)
     bos = tok.add_bos if add_bos == "auto" else add_bos
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     dt = resolve_dtype(dtype, torch.device(dev).type)

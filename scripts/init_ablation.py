@@ -27,12 +27,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import configure  # noqa: E402
-from folders import check_rows_file  # noqa: E402
+from configurator import configure, require  # noqa: E402
+from folders import check_rows_file, resolve_checkpoint  # noqa: E402
 from data import PackedData, build_cache, calibration_ids  # noqa: E402
 from model import Transformer  # noqa: E402
 from svd_init import upcycle  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from tokenizer import Tokenizer, check_tokenizer_for  # noqa: E402
 
 model = "assets/models/tiny_teacher"
 budgets = [1.0, 0.5, 0.25, 0.125]
@@ -50,7 +50,11 @@ out = ""                   # also write the rows as JSON lines here
 whole_only = False         # only the last row (the whole init) at each budget: the side-by-side column
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
-configure(globals())
+config = configure(globals())
+require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(1, None))
+if any(not 0 < b <= 1 for b in budgets) or any(n < 1 for n in calib_sizes):
+    raise ValueError(f"budgets={budgets} / calib_sizes={calib_sizes}: budgets are fractions of the cache in (0, 1], "
+                     "calibration sizes token counts >= 1. Fix: e.g. --budgets=[0.5,0.25] --calib_sizes=[8192]")
 if write_calib and os.path.exists(write_calib):  # never over a file this script did not write
     raise ValueError(f"write_calib={write_calib} exists. Fix: remove it, or choose another path")
 if out:
@@ -78,6 +82,8 @@ if write_calib:
         for row in calib.tolist():
             f.write(json.dumps({"text": tok.decode(row)}) + "\n")
     print(f"wrote {write_calib}: {calib.shape[0]} calibration sequences of {calib.shape[1]} tokens as text")
+for folder in others:  # checked before any is scored: the same tokenizer, or the KL compares different texts
+    check_tokenizer_for(tok, resolve_checkpoint(folder), "other converter's model")
 for folder in others:
     other = Transformer.from_pretrained(folder).eval()
     kl, ce = measure(other)

@@ -478,3 +478,12 @@ def test_a_gpu_asked_for_without_one_is_one_line(script, tmp_path):
         pytest.skip("this machine has a GPU")
     clean_error(run([script, "--device=cuda", f"--out_dir={tmp_path / 'o'}"] if script != "evaluate.py" else
                     [script, "--device=cuda"]), "device='cuda'", "Fix: --device=cpu")
+
+
+def test_evaluate_refuses_a_teacher_with_another_tokenizer(tiny, tmp_path):
+    """A KL between models that read different token ids was written as a number (25.4 nats)."""
+    from conftest import STORIES
+    r = run(["evaluate.py", f"--model={tiny / 'teacher'}", f"--teacher={STORIES}", "--tasks=",
+             f"--ppl_data={tiny / 'sft.json'}", f"--out={tmp_path / 'r.json'}"])
+    clean_error(r, "teacher", "tokenizer")
+    assert not os.path.exists(tmp_path / "r.json")
