@@ -670,8 +670,12 @@ if __name__ == "__main__":
         print(f"KL(teacher||student) at init: {kl:.3f} nats/token on 8 x 128 teacher-sampled tokens "
               f"(teacher entropy {ent:.3f})")
     # the low-precision probe: a student whose latent is ill-conditioned works in float32 and breaks in bfloat16
-    probe_ids = teacher_text(teacher, 4, min(128, teacher.config.max_seq_len), seed) \
-        if teacher.config.bos_id is not None else calib[:4, :128]
+    if teacher.config.bos_id is not None:
+        probe_ids = teacher_text(teacher, 4, min(128, teacher.config.max_seq_len), seed)
+    else:  # no BOS to start the source's own text from: the calibration text, or any ids
+        probe_ids = calib[:4, :128] if calib is not None else torch.randint(
+            0, teacher.config.vocab_size, (4, min(128, teacher.config.max_seq_len)),
+            generator=torch.Generator().manual_seed(seed))
     print(precision_line(student, probe_ids))
     table = os.path.join(folder, "tokenizer_tok512.json")  # llama2.c's decode table: python model.py reads it
     student.save_pretrained(out_dir, run_config=config, tokenizer=tok,

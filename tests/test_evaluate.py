@@ -201,7 +201,7 @@ def test_task_names_and_data_are_checked_before_scoring(tmp_path, byte_model):
 def test_results_are_written_after_each_task(tmp_path, byte_model):
     byte_model.save_pretrained(tmp_path / "m", tokenizer=Tokenizer.byte_level())
     (tmp_path / "broken").mkdir()                            # a teacher that fails to load, after the tasks
-    (tmp_path / "broken" / "config.json").write_text(json.dumps(tiny_config().to_hf()))
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(tiny_config(vocab_size=512).to_hf()))  # its ids
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x00" * 10)
     out = tmp_path / "r.json"
     r = run_script("evaluate.py", f"--model={tmp_path / 'm'}", check=False,
