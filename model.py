@@ -639,12 +639,13 @@ def precision_probe(model, ids, dtype=torch.bfloat16, batch_size=4):
     """The model run in `dtype` (weights and activations; norms and softmax stay fp32 inside) against the same model
     in float32, on token ids (N, T): (KL(fp32 || dtype) per token, top-1 agreement). A healthy model loses little
     (bf16: agreement ~0.98-0.99); one whose outputs come from products of large weights that cancel (an ill-
-    conditioned latent) passes every float32 check and falls apart here. The model itself is left as it was."""
+    conditioned latent) passes every float32 check and falls apart here. The model itself is left as it was
+    (copies are cast; the caller's train/eval mode applies: eval for a measurement)."""
     import copy
     from ops import kl_and_agreement
     dev = model.lm_head.weight.device
-    ref = copy.deepcopy(model).float().eval() if model.lm_head.weight.dtype != torch.float32 else model.eval()
-    low = copy.deepcopy(model).to(dtype).eval()
+    ref = copy.deepcopy(model).float() if model.lm_head.weight.dtype != torch.float32 else model
+    low = copy.deepcopy(model).to(dtype)
     kls, agree = [], []
     for b in range(0, len(ids), batch_size):
         x = ids[b:b + batch_size].to(dev)

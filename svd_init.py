@@ -264,6 +264,12 @@ def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_
 
 
 @torch.no_grad()
+def check_kv_balance(kv_balance):
+    if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
+        raise ValueError(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
+                         "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
+
+
 def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
             qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
             report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
@@ -298,9 +304,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     if bad is not None:  # else a LinAlgError deep inside an SVD, or a NaN student
         raise ValueError(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
                          "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
-    if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
-        raise ValueError(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
-                         "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
+    check_kv_balance(kv_balance)
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
     if q_rank is None and q_energy is None:
@@ -603,8 +607,8 @@ if __name__ == "__main__":
         conversion_bench(device, q_rank or 1424, kv_rank or 64, qk_nope_dim or 32, qk_rope_dim or 32, init, calib_tokens,
               calib_seq_len)
         sys.exit(0)
-    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), sweep_seqs=(1, None), sweep_len=(2, None),
-            kv_balance=(0, None))
+    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), sweep_seqs=(1, None), sweep_len=(2, None))
+    check_kv_balance(kv_balance)
     folder = resolve_checkpoint(init_from)
     calibrating = init == "rorope" or latent_norm != "none"
     if not run_sweep:  # pre-flight: output folder, settings and tokenizer, before the weights are read

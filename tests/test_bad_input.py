@@ -441,7 +441,8 @@ def test_grad_clip_zero_means_no_clipping(tiny, tmp_path):
     ("distill.py", ["--betas=(1.5, 0.9)"], "AdamW takes two decay rates"),
     ("dpo.py", ["--export_dtype=int8"], "export_dtype='int8'"),
     ("dpo.py", ["--betas=('a', 'b')"], "AdamW takes two decay rates"),
-    ("svd_init.py", ["--init=rorope", "--kv_balance=-1"], "kv_balance=-1.0: must be >= 0")])
+    ("svd_init.py", ["--init=rorope", "--kv_balance=-1"], "kv_balance=-1.0: the weight of key errors"),
+    ("svd_init.py", ["--init=rorope", "--kv_balance=0"], "kv_balance=0.0: the weight of key errors")])
 def test_settings_that_cannot_work_are_refused_before_work(tiny, tmp_path, script, flags, msg):
     t0 = time.time()
     r = run([script, *flags, f"--out_dir={tmp_path / 'o'}"])
