@@ -431,3 +431,35 @@ def test_head_size_is_refused_for_this_projects_format(tmp_path):
     with pytest.raises(ValueError, match="head_size shape a DeepSeek-V3 export.*fmt='deepseek'"):
         random_model(CASES["kv_norm_fused_query"]).save_pretrained(tmp_path / "m", head_size=320)
     assert not os.path.exists(tmp_path / "m")
+
+
+def test_check_runs_the_export_in_its_dtype_and_fails_on_a_fragile_one(tmp_path, monkeypatch):
+    """--check compares the export in its own dtype with the model in float32. Issue 33's fragile student (built
+    here with the old 1e-6 whitening ridge: the tiny teacher calibrated on the dummy conversation alone) passed the
+    old check with 0.00e+00 as a bf16 export; now the check says the numbers and exits 2. The same conversion with
+    today's ridge exports to bf16 and passes."""
+    import svd_init
+    from data import calibration_ids
+    from tokenizer import Tokenizer
+    folder = os.path.join(ROOT, "assets", "models", "tiny_teacher")
+    teacher = Transformer.from_pretrained(folder).eval()
+    tok = Tokenizer.from_name("", folder)
+    calib = calibration_ids([os.path.join(ROOT, "assets", "data", "sft", "fastchat_dummy_conversation.json")], tok,
+                            str(tmp_path / "cache"), 2048, 256, 0, log=lambda *a: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for ridge, ok in ((1e-6, False), (svd_init.RIDGE, True)):
+        monkeypatch.setattr(svd_init, "RIDGE", ridge)
+        student = upcycle(teacher, init="rorope", kv_budget=0.5, qk_rope_dim=32, rank_alloc="uniform", calib=calib,
+                          latent_norm="kv").eval()
+        src, out = tmp_path / f"s{ridge:g}", tmp_path / f"ds{ridge:g}"
+        student.save_pretrained(src, tokenizer=tok)
+        r = subprocess.run([sys.executable, "deepseek.py", str(src), str(out), "--dtype=bfloat16", "--check=True"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert "the export in bfloat16 (transformers' DeepseekV3ForCausalLM) vs the model in float32" in r.stdout, \
+            r.stdout[-2000:] + r.stderr[-2000:]
+        kl = float(r.stdout.split("tokens the model wrote: KL ")[1].split()[0])
+        if ok:
+            assert r.returncode == 0 and kl < 0.01, (kl, r.stderr[-2000:])
+        else:
+            assert r.returncode == 2 and kl > 0.05 and "the export in bfloat16 is not the model" in r.stderr, \
+                (kl, r.returncode, r.stderr[-2000:])
