@@ -55,7 +55,8 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
     filled cache of S tokens: GQA (SDPA over its own K/V cache), MLA naive (per-head K/V expanded into the cache,
     as the official X-EcoMLA code caches them), MLA latent (this project: r_kv + d_r per token, one SDPA call) and
     the Mamba2 layer Zebra-Llama puts in its place (a fixed state; "GB/s" there is the state read per step).
-    Prints step time, tokens/s (batch / step time), cache bytes read per step / step time, and cache memory."""
+    Prints step time, tokens/s (batch / step time), cache bytes read per step / step time, and cache memory;
+    returns the table's rows as dicts (scripts/gpu_check.py sets them against the device's copy bandwidth)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     esize = torch.empty((), dtype=dt).element_size()
@@ -64,7 +65,7 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
                 rope_theta=500000.0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    spreads = []
+    spreads, table = [], []
 
     def timed(fn):
         """Median of `repeats` timed calls after a warm-up; the spread (max / min) is kept: a busy machine shows
@@ -142,6 +143,9 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
             spreads.clear()
             for name, per_tok, t, core in rows:
                 gbs = (B * S * per_tok * esize if per_tok else state_read) / core / 1e9
+                table.append(dict(variant=name, numbers_per_token=per_tok, batch=B, context=S, step_ms=1e3 * t,
+                                  core_ms=1e3 * core, bytes_read=B * S * per_tok * esize if per_tok else state_read,
+                                  core_gb_s=gbs, core_vs_gqa=t_gqa / core, spread=spread))
                 print(f"| {name} | {per_tok} | {B} | {S} | {1e3 * t:.2f} | {B / t:,.0f} | {1e3 * core:.3f} | "
                       f"{gbs:.1f} | {t_gqa / core:.2f}x |", flush=True)
             print(f"|  | per-call spread (max/min of {repeats}) over this block: {spread:.2f}x"
@@ -168,6 +172,7 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
     for name, per_tok in [("GQA", 1024), ("MLA naive (expanded)", 4096)] + [(f"MLA r_kv {r}", r + 32) for r in ranks]:
         per_seq = L * per_tok * 32768 * esize
         print(f"  {name:22s} {per_seq / 2**30:6.2f} GiB/seq   max batch {int(budget_gib * 2**30 // per_seq)}")
+    return table
 
 
 # -----------------------------------------------------------------------------
@@ -201,12 +206,17 @@ def init_sweep(teacher, n_seq, seq_len, seed, n_random=5):
               f"{rnd.mean():.3f} ± {rnd.std():.3f} |")
 
 
-def conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="svd", calib_tokens=2048, calib_seq_len=512):
-    """Convert a random Llama-3.2-1B-shaped model; print wall time and peak memory."""
-    cfg = ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-                      intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
-                      rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                        original_max_position_embeddings=8192))
+LLAMA_1B = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192,
+                max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))  # Llama-3.2-1B's config, random weights
+
+
+def conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="svd", calib_tokens=2048, calib_seq_len=512,
+                     shape=None):
+    """Convert a random Llama-3.2-1B-shaped model (or ModelConfig fields `shape`); print wall time and peak memory,
+    return them as a dict."""
+    cfg = ModelConfig(**(shape or LLAMA_1B))
     with torch.device("meta"):
         src = Transformer(cfg)
     src.to_empty(device=device)
@@ -232,11 +242,15 @@ def conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="sv
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     n = sum(p.numel() for p in student.parameters())
     ncal = f", {calib.numel()} calibration tokens" if calib is not None else ""
-    print(f"converted a random Llama-3.2-1B-shaped model (16 layers, init {init}, r_q {q_rank}, r_kv {kv_rank}, "
+    what = "Llama-3.2-1B-shaped" if shape is None else f"d {cfg.dim}"
+    print(f"converted a random {what} model ({cfg.n_layers} layers, init {init}, r_q {q_rank}, r_kv {kv_rank}, "
           f"d_qk {qk_nope_dim}, d_r {qk_rope_dim}{ncal}) on {device} with {torch.get_num_threads()} threads: "
           f"{dt:.1f} s; process peak RSS {rss1:.2f} GiB (source model alone: {rss0:.2f} GiB); {n:,} parameters")
+    out = dict(seconds=dt, peak_rss_gib=rss1, parameters=n)
     if device.startswith("cuda"):
-        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak CUDA memory {out['peak_cuda_gib']:.2f} GiB")
+    return out
 
 
 if __name__ == "__main__":
