@@ -423,7 +423,7 @@ def compare_with_transformers(model, folder, n_tokens=64, device="cpu"):
 
 if __name__ == "__main__":
     from configurator import configure
-    from folders import check_apart, check_replaceable, resolve_checkpoint
+    from folders import check_apart, check_not_in_a_live_run, check_replaceable, resolve_checkpoint
     from model import Transformer, resolve_dtype
     from tokenizer import Tokenizer
     init_from = ""             # our MLA model folder (or hub id) to export
@@ -439,6 +439,7 @@ if __name__ == "__main__":
     folder = resolve_checkpoint(init_from)
     check_apart(out_dir, "out_dir", {"init_from": folder})  # never over its own source (an MLA folder we wrote)
     check_replaceable(os.path.abspath(os.path.expanduser(out_dir)))
+    check_not_in_a_live_run(out_dir)
     model = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, "cpu") if dtype else None).eval()
     try:
         export_config(model.config, head_size)  # the refusals, before anything is written

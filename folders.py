@@ -304,26 +304,48 @@ def take_lock(out_dir):
             atexit.register(release_lock, out_dir, me)
             return
         except FileExistsError:
-            try:
-                owner = open(path).read().strip()
-            except OSError:
-                owner = ""
-            pid, _, host = owner.partition("@")
-            alive = host != socket.gethostname()  # another machine's lock: cannot check it, so respect it
-            if not alive and pid.isdigit():
-                try:
-                    os.kill(int(pid), 0)
-                    alive = True
-                except ProcessLookupError:
-                    alive = False
-                except PermissionError:
-                    alive = True
+            owner, alive = lock_holder(path)
             if alive:
                 raise RuntimeError(f"out_dir {out_dir} is in use by another run (process {owner}, lock {path}). "
                                    "Fix: wait for it, or give another out_dir. If that run is dead on another "
                                    "machine, delete the lock file") from None
             os.remove(path)  # stale: its process is gone
     raise RuntimeError(f"could not take the lock {path}")
+
+
+def lock_holder(path):
+    """(who holds the lock file at `path`, whether that run may be alive). Another machine's lock cannot be checked,
+    so it counts as alive. An empty lock is one a run is writing this instant, or one left by a crash between
+    creating and writing it: alive only while it is new (10 s)."""
+    try:
+        owner = open(path).read().strip()
+        age = time.time() - os.path.getmtime(path)
+    except OSError:
+        return "", False
+    if not owner:
+        return "(empty)", age < 10
+    pid, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return owner, True
+    try:
+        os.kill(int(pid), 0)
+        return owner, True
+    except ProcessLookupError:
+        return owner, False
+    except PermissionError:
+        return owner, True
+
+
+def check_not_in_a_live_run(path):
+    """Raise if `path` lies in the out_dir of a training run that holds its lock (svd_init.py, deepseek.py or
+    zebra.py told to write OUT/final while distill.py is writing it)."""
+    d = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    lock = os.path.join(d, ".lock")
+    if os.path.exists(lock):
+        owner, alive = lock_holder(lock)
+        if alive and owner.partition("@")[0] != str(os.getpid()):
+            raise RuntimeError(f"{path} is inside {d}, which a training run is using (process {owner}, lock {lock}): "
+                               "it would write there too. Fix: choose an out_dir outside it, or wait for that run")
 
 
 def release_lock(out_dir, me=None):

@@ -49,7 +49,7 @@ import warnings
 
 import torch
 
-from folders import check_replaceable, resolve_checkpoint
+from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
 from rorope import (NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calibrate,
                     calibrate_latent_norms, rope_pairs)
@@ -615,6 +615,7 @@ if __name__ == "__main__":
         check_apart(out_dir, "out_dir", {"init_from": folder, **{f"calib_data[{i}]": c for i, c in
                                                                  enumerate(calib_data)}}, {"data_cache": data_cache})
         check_replaceable(os.path.abspath(out_dir))
+        check_not_in_a_live_run(out_dir)
         src_cfg = read_model_config(folder)
         if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks)
             from deepseek import engine_ranks

@@ -39,7 +39,7 @@ import time
 import torch
 
 from mamba2 import ssm_init
-from folders import check_replaceable, resolve_checkpoint
+from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, read_model_config, resolve_dtype
 from svd_init import _assemble, kv_budget_numbers, upcycle
 
@@ -345,6 +345,7 @@ if __name__ == "__main__":
     check_budget(src_cfg, mla_layers if mla_layers is not None else list(range(n)), mla_cache, cache_budget)
     check_sources(calib_data)
     check_replaceable(os.path.abspath(out_dir))
+    check_not_in_a_live_run(out_dir)
     tok = Tokenizer.from_name(tokenizer, folder)
     check_tokenizer_for(tok, folder, "source")
     calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)  # too little data: now

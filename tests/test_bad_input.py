@@ -488,3 +488,30 @@ def test_evaluate_refuses_a_teacher_with_another_tokenizer(tiny, tmp_path):
              f"--ppl_data={tiny / 'sft.json'}", f"--out={tmp_path / 'r.json'}"])
     clean_error(r, "teacher", "tokenizer")
     assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_an_empty_lock_blocks_only_while_it_is_new(tmp_path):
+    """A lock created but never written (a crash between the two) used to block the out_dir forever."""
+    import socket
+    from folders import release_lock, take_lock
+    lock = tmp_path / ".lock"
+    lock.write_text("")
+    with pytest.raises(RuntimeError, match=r"in use by another run \(process \(empty\)"):
+        take_lock(str(tmp_path))                      # new: perhaps a run writing it this instant
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    take_lock(str(tmp_path))                          # a minute old and still empty: stale, taken
+    assert lock.read_text().strip() == f"{os.getpid()}@{socket.gethostname()}"
+    release_lock(str(tmp_path))
+
+
+@pytest.mark.parametrize("script", ["svd_init.py", "deepseek.py"])
+def test_a_converter_does_not_write_into_a_live_runs_out_dir(tiny, tmp_path, script):
+    import socket
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text(f"{os.getpid()}@{socket.gethostname()}\n")   # this test's process: alive
+    args = ([f"--init_from={tiny / 'teacher'}", "--kv_rank=8", f"--out_dir={run_dir / 'final'}"]
+            if script == "svd_init.py" else [str(tiny / "teacher"), str(run_dir / "final")])
+    clean_error(run([script, *args]), "which a training run is using", "Fix: choose an out_dir outside it")
+    assert sorted(os.listdir(run_dir)) == [".lock"]
