@@ -348,7 +348,8 @@ def kv_report(model, source=None, batch=1, context=32768, dtype=torch.bfloat16):
            "dtype": str(dtype).replace("torch.", "")}
     if source is not None:
         rep["source_elements_per_token"] = source.kv_cache_elements_per_token()
-        rep["percent_of_source"] = 100 * rep["elements_per_token"] / rep["source_elements_per_token"]
+        # bytes at this context, so a hybrid's fixed Mamba2 state counts too (per token it would vanish)
+        rep["percent_of_source"] = 100 * rep["bytes"] / source.kv_cache_bytes(batch, context, dtype)
     return rep
 
 
@@ -568,9 +569,11 @@ if __name__ == "__main__":
         results["perplexity"] = perplexity_and_kl(m, tok, text, min(m.config.max_seq_len, 1024), t, ppl_tokens)
         print(f"perplexity: {results['perplexity']}")
     results["kv_cache"] = kv_report(m, src, context=kv_context)
-    print(f"KV cache: {results['kv_cache']['elements_per_token']} numbers per token"
-          + (f" = {results['kv_cache']['percent_of_source']:.1f}% of the source's" if src else "")
-          + f"; {results['kv_cache']['bytes'] / 2**20:.1f} MiB at batch 1, context {kv_context}, bf16")
+    kv = results["kv_cache"]
+    print(f"KV cache: {kv['elements_per_token']} numbers per token"
+          + (f", plus {kv['state_bytes'] / 2**20:.2f} MiB of Mamba2 state" if kv["state_bytes"] else "")
+          + f"; {kv['bytes'] / 2**20:.1f} MiB at batch 1, context {kv_context}, bf16"
+          + (f" = {kv['percent_of_source']:.1f}% of the source's" if src else ""))
     if speed:
         results["speed"] = []
         for b in speed_batches:

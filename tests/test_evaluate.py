@@ -11,6 +11,7 @@ from conftest import FIXTURES, ROOT, random_model, run_script, tiny_config
 from evaluate import (TASKS, aggregate_mmlu, build_requests, encode_pair, kv_report, load_docs, perplexity_and_kl,
                       score_task)
 from tokenizer import Tokenizer
+from model import Transformer
 
 EVAL = os.path.join(FIXTURES, "eval")
 
@@ -113,6 +114,12 @@ def test_perplexity_kl_and_kv(byte_model):
     assert r["tokens"] > 400 and abs(r["kl_teacher_student"]) < 1e-6 and r["perplexity"] > 1
     kv = kv_report(byte_model, byte_model, batch=2, context=100, dtype=torch.float32)
     assert kv["percent_of_source"] == 100.0 and kv["bytes"] == 2 * 100 * kv["elements_per_token"] * 4
+    # a hybrid: its Mamba2 state is in the percentage (it caches no numbers per token in those layers)
+    hybrid = Transformer(tiny_config(mamba_layers=(0, 1, 2, 3), ssm_chunk=4))
+    source = Transformer(tiny_config())
+    kv = kv_report(hybrid, source, batch=1, context=100, dtype=torch.float32)
+    assert kv["elements_per_token"] == 0 and kv["state_bytes"] > 0
+    assert kv["percent_of_source"] == 100 * kv["state_bytes"] / source.kv_cache_bytes(1, 100, torch.float32) > 0
 
 
 def test_command_line_end_to_end(tmp_path, byte_model):
