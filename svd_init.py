@@ -513,10 +513,15 @@ def _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, 
 
 @torch.no_grad()
 def teacher_text(teacher, n_seq, seq_len, seed=0, temperature=1.0):
-    """Held-out text sampled from the teacher itself (from BOS): the distribution the student should match."""
+    """Held-out text sampled from the teacher itself (from BOS): the distribution the student should match. Sampled
+    16 sequences at a time (memory bounded whatever n_seq; the first 16 are what one batch would give)."""
     torch.manual_seed(seed)
-    start = torch.full((n_seq, 1), teacher.config.bos_id, dtype=torch.long, device=teacher.lm_head.weight.device)
-    return teacher.generate(start, seq_len - 1, temperature=temperature)
+    out = []
+    for b in range(0, n_seq, 16):  # 16 sequences at a time: the caches of n_seq at once could exhaust memory
+        start = torch.full((min(16, n_seq - b), 1), teacher.config.bos_id, dtype=torch.long,
+                           device=teacher.lm_head.weight.device)
+        out.append(teacher.generate(start, seq_len - 1, temperature=temperature))
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -247,3 +247,12 @@ def test_command_line_rorope(tmp_path):
     r = subprocess.run([sys.executable, "svd_init.py", "--init=rorope", "--kv_budget=0.5", "--calib_tokens=8",
                         f"--out_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "calibration has 8 tokens, fewer than the rank" in r.stderr
+
+
+def test_teacher_text_is_sampled_in_bounded_batches(stories):
+    """Calibration text for a source without a tokenizer is sampled 16 sequences at a time (all at once, a large
+    calib_tokens allocated every sequence's caches together: 22 GB); the first 16 are what one batch gives."""
+    torch.manual_seed(0)
+    one_batch = stories.generate(torch.full((16, 1), stories.config.bos_id), 23, temperature=1.0)
+    many = teacher_text(stories, 40, 24, seed=0)
+    assert many.shape == (40, 24) and torch.equal(many[:16], one_batch)
