@@ -164,14 +164,40 @@ def load_docs(task, data_dir=None, limit=None, split=None):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: convert the raw local sets into {data_dir} with "
                                     "--convert_from=RAW_DIR, or drop --data_dir to read the hub")
+        docs, where = [], []
         with open(path) as f:
-            docs = [json.loads(line) for line in f if line.strip()]
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        docs.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not a JSON row ({e.msg}). Fix: one JSON object per line, "
+                                         "or re-convert with --convert_from=RAW_DIR") from None
+                    where.append(f"{path}:{n}")
     else:
         import datasets
         hub_id, config, hub_split = HUB[task]
         # EleutherAI/race holds one row per article already, its questions in a `problems` field
         docs = list(datasets.load_dataset(hub_id, config, split=split or hub_split))
-    return limit_docs(task, docs, limit)
+        where = [f"{hub_id} {split or hub_split} row {i}" for i in range(len(docs))]
+    at = {id(d): w for d, w in zip(docs, where)}
+    docs = limit_docs(task, docs, limit)
+    for doc in docs:  # every row used is readable and its gold answer is one of its choices: now, not mid-run
+        check_doc(task, doc, at[id(doc)])
+    return docs
+
+
+def check_doc(task, doc, where):
+    """Raise, naming the row, unless build_requests can read `doc` and its gold answer indexes one of its choices (a
+    label out of range used to be scored as a miss)."""
+    try:
+        _, conts, gold, _ = build_requests(task, doc)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, SyntaxError) as e:
+        raise ValueError(f"{where}: a {task} row this scorer cannot read ({type(e).__name__}: {e}). Fix: the hub's "
+                         "field names (README 'Evaluation'), or re-convert with --convert_from=RAW_DIR") from None
+    if not (isinstance(gold, int) and 0 <= gold < len(conts)):
+        raise ValueError(f"{where}: gold answer {gold!r} is not one of the row's {len(conts)} choices. Fix: the row's "
+                         "label")
 
 
 def limit_docs(task, docs, limit):

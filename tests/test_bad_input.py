@@ -515,3 +515,17 @@ def test_a_converter_does_not_write_into_a_live_runs_out_dir(tiny, tmp_path, scr
             if script == "svd_init.py" else [str(tiny / "teacher"), str(run_dir / "final")])
     clean_error(run([script, *args]), "which a training run is using", "Fix: choose an out_dir outside it")
     assert sorted(os.listdir(run_dir)) == [".lock"]
+
+
+@pytest.mark.parametrize("row,msg", [('{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "gold answer 2 is not one"),
+                                     ('{"goal": "g", "sol1": "a", "sol2": "b"}', "cannot read (KeyError"),
+                                     ('{"goal": "g", "sol1": ', "not a JSON row")])
+def test_evaluation_rows_that_cannot_be_scored_are_named_with_file_and_line(tiny, tmp_path, row, msg):
+    """A gold label out of range was scored as a miss; a malformed row was a traceback mid-run."""
+    good = '{"goal": "g", "sol1": "a", "sol2": "b", "label": 1}'
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "piqa.jsonl").write_text(good + "\n" + row + "\n")
+    r = run(["evaluate.py", f"--model={tiny / 'teacher'}", "--tasks=piqa", f"--data_dir={tmp_path / 'data'}",
+             f"--out={tmp_path / 'r.json'}"])
+    clean_error(r, f"piqa.jsonl:2: ", msg)
+    assert not os.path.exists(tmp_path / "r.json")
