@@ -517,9 +517,10 @@ def test_a_converter_does_not_write_into_a_live_runs_out_dir(tiny, tmp_path, scr
     assert sorted(os.listdir(run_dir)) == [".lock"]
 
 
-@pytest.mark.parametrize("row,msg", [('{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "gold answer 2 is not one"),
-                                     ('{"goal": "g", "sol1": "a", "sol2": "b"}', "cannot read (KeyError"),
-                                     ('{"goal": "g", "sol1": ', "not a JSON row")])
+@pytest.mark.parametrize("row,msg", [
+    ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "gold answer 2 is not one"),
+    ('{"goal": "g", "sol1": "a", "sol2": "b"}', "cannot read (KeyError"),
+    ('{"goal": "g", "sol1": ', "not a JSON row")])
 def test_evaluation_rows_that_cannot_be_scored_are_named_with_file_and_line(tiny, tmp_path, row, msg):
     """A gold label out of range was scored as a miss; a malformed row was a traceback mid-run."""
     good = '{"goal": "g", "sol1": "a", "sol2": "b", "label": 1}'
