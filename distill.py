@@ -31,8 +31,8 @@ from svd_init import check_settings, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
 from zebra import converted_layers, ild_errors
 from trainer import (RunLog, barrier, check_resume_config, check_train_settings, checkpoint_bytes, eval_chunks,
-                     export_model, finish, fit, host_sum, init_distributed, latest_checkpoint, lr_at, make_optimizer,
-                     prepare_out_dir, resume_step, shard)
+                     export_model, finish, fit, host_sum, init_distributed, lr_at, make_optimizer, prepare_out_dir,
+                     resumable_checkpoint, resume_step, shard)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -211,7 +211,7 @@ for note in tok_notes:
 for line in data_notes:
     log.print(line, shown=True)
 if go_on:
-    check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
+    check_resume_config(resumable_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
 
 if max_steps < 0:
     max_steps = max(1, int(epochs * train_data.n_seq) // (micro_batch * accum * d.world))

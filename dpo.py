@@ -44,8 +44,8 @@ if __name__ == "__main__":
     from model import Transformer, read_model_config, resolve_dtype
     from tokenizer import Tokenizer, check_tokenizer_for
     from trainer import (RunLog, check_resume_config, check_train_settings, checkpoint_bytes, eval_chunks,
-                         export_model, finish, fit, init_distributed, latest_checkpoint, lr_at, make_optimizer,
-                         prepare_out_dir, resume_step, shard)
+                         export_model, finish, fit, init_distributed, lr_at, make_optimizer, prepare_out_dir,
+                         resumable_checkpoint, resume_step, shard)
 
     # -----------------------------------------------------------------------------
     # settings
@@ -141,7 +141,7 @@ if __name__ == "__main__":
     for line in data_notes:
         log.print(line, shown=True)
     if go_on:
-        check_resume_config(latest_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
+        check_resume_config(resumable_checkpoint(out_dir), config, MODEL_KEYS, SCHEDULE_KEYS, log)
 
     accum = pairs_per_step // (micro_batch * d.world)
     if max_steps < 0:

@@ -338,12 +338,44 @@ def load_checkpoint(path, model, optimizer, d: Dist):
 def resume_step(resume, out_dir, model, optimizer, d: Dist, log):
     """With resume (prepare_out_dir's answer): restore the newest complete checkpoint in out_dir and return its
     step; else 0."""
-    path = latest_checkpoint(out_dir) if resume else None
+    path = resumable_checkpoint(out_dir, log) if resume else None
     if path is None:
         return 0
     step = load_checkpoint(path, model, optimizer, d)["step"]
     log.print(f"resume: {path} (step {step})")
     return step
+
+
+def resumable_checkpoint(out_dir, log=None):
+    """The newest checkpoint in out_dir that can be read (a newer unreadable one is named, with log), or None where
+    there is none; raises where there are checkpoints and none can be read. Every rank decides alike (the same files,
+    the same checks), so no rank waits on a broadcast another skipped."""
+    found = checkpoints(out_dir)
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if log is not None:
+            log.print(f"WARNING: {path} cannot be read ({problem}); resuming from the one before it")
+    if found:
+        raise ValueError(f"no checkpoint in {out_dir} can be read (the newest: {checkpoint_problem(found[-1])}). "
+                         "Fix: start afresh with --resume=False (the files are moved aside, not deleted)")
+    return None
+
+
+def checkpoint_problem(path):
+    """Why the checkpoint at `path` cannot be resumed from (its meta.json or a safetensors file unreadable, truncated
+    or missing), or None. Headers only: a flipped byte inside a tensor is not seen."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            json.load(f)["step"]
+        for name in ("model.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as g:
+                g.keys()
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def export_model(model, path, d: Dist, run_config=None, dtype=None, tokenizer=None):

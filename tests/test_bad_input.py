@@ -530,3 +530,23 @@ def test_evaluation_rows_that_cannot_be_scored_are_named_with_file_and_line(tiny
              f"--out={tmp_path / 'r.json'}"])
     clean_error(r, f"piqa.jsonl:2: ", msg)
     assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(tiny, tmp_path):
+    """A truncated newest checkpoint (a disk that lied, a copy cut short) was a traceback on resume; now the run names
+    it, resumes from the one before it and ends."""
+    cfg, out = distill_cfg(tiny, "corrupt", out_dir=str(tmp_path / "run"), data_cache=str(tmp_path / "cache"),
+                           max_steps=4, ckpt_every=2)
+    run_script("distill.py", cfg)
+    newest = os.path.join(out, "ckpt-0000004", "model.safetensors")
+    data = open(newest, "rb").read()
+    open(newest, "wb").write(data[:len(data) // 2])
+    r = run_script("distill.py", cfg, extra=["--resume=True", "--max_steps=6"])
+    assert "ckpt-0000004 cannot be read" in r.stdout and "resume: " in r.stdout and "(step 2)" in r.stdout, r.stdout
+    assert os.path.exists(os.path.join(out, "final"))
+    kept = [n for n in os.listdir(out) if n.startswith("ckpt-")]
+    assert kept                                 # the run went on saving, keep_ckpts of them
+    for n in kept:                              # all unreadable: refused with the fix
+        open(os.path.join(out, n, "model.safetensors"), "wb").write(b"garbage")
+    r = run_script("distill.py", cfg, extra=["--resume=True", "--max_steps=8"], check=False)
+    clean_error(r, "can be read", "--resume=False")
