@@ -79,7 +79,11 @@ def read_json(path, missing=None):
 
 def read_config_json(path):
     """A folder's config.json as a dict."""
-    return read_json(os.path.join(path, "config.json"))
+    hf = read_json(os.path.join(path, "config.json"))
+    if not isinstance(hf, dict):
+        raise ValueError(f"{os.path.join(path, 'config.json')} holds a JSON {type(hf).__name__}, not the object a "
+                         "config.json is. Fix: restore it from the model's source")
+    return hf
 
 
 def safetensors_files(path):

@@ -90,6 +90,17 @@ class ModelConfig:
     ssm_chunk: int = 64                # SSD chunk length (compute only: any value gives the same numbers)
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                     "max_seq_len"):  # a config.json of the wrong types fails here, named, not deep inside torch
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                hf = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                          n_kv_heads="num_key_value_heads", max_seq_len="max_position_embeddings").get(name, name)
+                raise ValueError(f"{name}={v!r} (config.json: {hf}): must be a whole number >= 1")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name}={v!r}: must be a number > 0")
         for name in ("mla_layers", "q_rank", "kv_rank", "eos_id", "mamba_layers"):
             v = getattr(self, name)
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v is not None else ()))

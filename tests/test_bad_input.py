@@ -550,3 +550,15 @@ def test_resume_skips_an_unreadable_newest_checkpoint(tiny, tmp_path):
         open(os.path.join(out, n, "model.safetensors"), "wb").write(b"garbage")
     r = run_script("distill.py", cfg, extra=["--resume=True", "--max_steps=8"], check=False)
     clean_error(r, "can be read", "--resume=False")
+
+
+@pytest.mark.parametrize("edit,msg", [(lambda c: c.update(hidden_size="256"), "(config.json: hidden_size)"),
+                                      (lambda c: c.update(rope_theta=-1.0), "rope_theta=-1.0: must be a number > 0"),
+                                      (lambda c: [1, 2], "holds a JSON list")])
+def test_a_config_json_of_the_wrong_shape_is_named(tiny, tmp_path, edit, msg):
+    import shutil
+    shutil.copytree(tiny / "teacher", tmp_path / "m")
+    cfg = json.load(open(tmp_path / "m" / "config.json"))
+    cfg = edit(cfg) or cfg
+    json.dump(cfg, open(tmp_path / "m" / "config.json", "w"))
+    clean_error(run(["evaluate.py", f"--model={tmp_path / 'm'}", "--tasks="]), "config.json", msg)
