@@ -366,7 +366,9 @@ def release_lock(out_dir, me=None):
 
 
 def check_results_file(path):
-    """Raise unless `path` is absent or a JSON file this project wrote (write_results_file's "written_by")."""
+    """Raise unless `path` is absent or a JSON file this project wrote (write_results_file's "written_by"), and unless
+    its folder can be written (read-only, full or not a folder: refused now, not after the work it would record)."""
+    _check_writable(os.path.dirname(os.path.abspath(os.path.expanduser(str(path)))), path)
     if not os.path.lexists(path):
         return
     if os.path.islink(path) or not os.path.isfile(path):
@@ -382,6 +384,25 @@ def check_results_file(path):
     if not ours:
         raise FileExistsError(f"{path} exists and is not a results file this project wrote: refusing to replace it, "
                               "nothing was changed. Fix: choose another --out, or move that file away yourself")
+
+
+def _check_writable(folder, path):
+    """Create and remove one temporary file of ours in `folder` (or its nearest existing ancestor, where the missing
+    folders would be made): the only sure test of a read-only mount, a full disk or a path through a file."""
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".nanomla-write-test-", dir=probe)
+        try:
+            os.write(fd, bytes(4096))  # a block: an empty file can still be made on a full disk
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(tmp)
+    except OSError as e:
+        raise OSError(f"{path} cannot be written ({probe}: {e.strerror or e}). Fix: an --out on a writable disk with "
+                      "free space") from None
 
 
 def write_results_file(path, obj, what):

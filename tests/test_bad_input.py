@@ -562,3 +562,15 @@ def test_a_config_json_of_the_wrong_shape_is_named(tiny, tmp_path, edit, msg):
     cfg = edit(cfg) or cfg
     json.dump(cfg, open(tmp_path / "m" / "config.json", "w"))
     clean_error(run(["evaluate.py", f"--model={tmp_path / 'm'}", "--tasks="]), "config.json", msg)
+
+
+def test_an_evaluation_out_that_cannot_be_written_is_refused_before_scoring(tiny, tmp_path):
+    """The scores used to be computed, then lost at the write."""
+    (tmp_path / "a_file").write_text("mine")
+    data = os.path.join(ROOT, "tests", "fixtures", "eval")
+    for out, msg in ((tmp_path / "a_file" / "r.json", "Not a directory"), ("/proc/nanomla/r.json", "written")):
+        t0 = time.time()
+        r = run(["evaluate.py", f"--model={tiny / 'teacher'}", "--tasks=piqa", f"--data_dir={data}", f"--out={out}"])
+        clean_error(r, "cannot be written", msg, "Fix: an --out on a writable disk")
+        assert "piqa: acc" not in r.stdout and time.time() - t0 < 60
+    assert (tmp_path / "a_file").read_text() == "mine" and os.listdir(tmp_path) == ["a_file"]
