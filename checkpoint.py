@@ -49,7 +49,7 @@ def config_fields(hf: dict) -> dict:
         # folders written before the field existed computed their latent norms with rms_norm_eps
         latent_norm_eps=hf.get("mla_latent_norm_eps", hf.get("rms_norm_eps", 1e-6) if hf.get("mla_latent_norm")
                                else 1e-6),
-        qk_rope_theta=float(hf.get("qk_rope_theta", 0.0)),
+        qk_rope_theta=float(hf.get("qk_rope_theta", 0.0)), rope_fold=hf.get("qk_rope_fold", 1),
         mamba_layers=hf.get("mamba_layers", ()), ssm_d_inner=hf.get("ssm_d_inner", 0),
         ssm_d_xb=hf.get("ssm_d_xb", 0), ssm_d_state=hf.get("ssm_d_state", 0), ssm_d_conv=hf.get("ssm_d_conv", 4),
         ssm_chunk=hf.get("ssm_chunk_size", 64),
@@ -80,6 +80,8 @@ def config_json(c) -> dict:
         })
         if c.qk_rope_theta:  # a rotary ladder other than the source's theta over d_r dims (svd_init rorope)
             hf["qk_rope_theta"] = c.qk_rope_theta
+        if c.rope_fold != 1:  # a record of how the init built the shared key (svd_init rorope, rope_fold)
+            hf["qk_rope_fold"] = c.rope_fold
     if c.mamba_layers:  # Zebra-Llama: the state space layers and their shape
         hf.update({
             "architectures": ["LlamaHybridForCausalLM"], "model_type": "llama_hybrid",
@@ -124,6 +126,9 @@ def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> d
                         mis_shaped.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k])}")
                         continue
                     sd[k] = t.to(dtype) if dtype is not None else t
+    if not sd and not unexpected and not mis_shaped:
+        raise ValueError(f"{path}: its safetensors hold no tensors this model reads. Fix: copy the weights again "
+                         "from where the model came from")
     if reader is not None:
         sd.update(reader.generated(next(iter(sd.values())).dtype, device))
     missing = sorted(set(expected) - set(sd) - {m.split(':')[0] for m in mis_shaped})

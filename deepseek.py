@@ -341,7 +341,16 @@ class Reader:
         if name.endswith("rotary_emb.inv_freq"):
             return True
         parts = name.split(".")
-        return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= self.L
+        return len(parts) > 2 and parts[1] == "layers" and self._layer(name) >= self.L
+
+    @staticmethod
+    def _layer(name):
+        """The layer index of model.layers.<i>.…: an odd name is refused by name."""
+        i = name.split(".")[2] if name.count(".") >= 2 else ""
+        if not i.isdigit():
+            raise ValueError(f"{name}: not a tensor name of a DeepSeek checkpoint (model.layers.<index>.…). Fix: "
+                             "rename it back, or copy the weights again from where the model came from")
+        return int(i)
 
     def tensors(self, name, t):
         """One DeepSeek tensor -> [(our name, tensor), ...]."""
@@ -350,7 +359,7 @@ class Reader:
         if ".self_attn." not in name:
             return [(name, t)]
         p, leaf = name.rsplit(".self_attn.", 1)
-        i, p = int(p.split(".")[-1]), p + ".self_attn."
+        i, p = self._layer(name), p + ".self_attn."
         H, d_qk, d_r, d_v = self.H, self.d_qk, self.d_r, self.d_v
         r_q, r_kv = self.q_rank[i], self.kv_rank[i]
         k_q, k_kv = math.sqrt(self.R_q / r_q), math.sqrt(self.R_kv / r_kv)
@@ -375,7 +384,8 @@ class Reader:
         if leaf == "o_proj.weight":
             return [(name, t)]
         raise ValueError(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, "
-                         "q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj)")
+                         "q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj). Fix: rename it back, "
+                         "or copy the weights again from where the model came from")
 
     def _rope(self, name, t, dim):
         """Our d_r RoPE rows of the D the checkpoint holds; the others were an engine shape's padding: zero."""

@@ -18,7 +18,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 
@@ -89,12 +91,48 @@ def read_config_json(path):
 def safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object whose weight_map names the shards: "
+                             f"{type(e).__name__} {e}). Fix: copy it again from where the model came from") from None
+        gone = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if gone:
+            raise FileNotFoundError(f"{index} names shards that are not in {path}: {gone}. Fix: copy them there")
+        return files
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return ["model.safetensors"]
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
                             "(only safetensors are read, never pickled .bin files)")
+
+
+def run_child(args, **kw):
+    """subprocess.run(args, **kw) for a script that launches training runs: the child gets its own process group, and
+    a SIGTERM or SIGINT to this script is passed on to that whole group (torchrun and its workers), which then stops
+    as a run stops (a last checkpoint, the lock released); this script waits for it and exits. Without it, killing
+    the script would leave its child training, holding the run's lock."""
+    got = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        proc = subprocess.Popen(args, start_new_session=True, **kw)
+        out, err = proc.communicate()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        what = " ".join(a for a in args if a.endswith(".py") or a.startswith("--out"))
+        raise SystemExit(f"stopped by {signal.Signals(got[0]).name}: the child run ({what}) was stopped too "
+                         f"(exit {proc.returncode})")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 # -----------------------------------------------------------------------------
@@ -368,7 +406,7 @@ def release_lock(out_dir, me=None):
 def check_results_file(path):
     """Raise unless `path` is absent or a JSON file this project wrote (write_results_file's "written_by"), and unless
     its folder can be written (read-only, full or not a folder: refused now, not after the work it would record)."""
-    _check_writable(os.path.dirname(os.path.abspath(os.path.expanduser(str(path)))), path)
+    check_writable(path)
     if not os.path.lexists(path):
         return
     if os.path.islink(path) or not os.path.isfile(path):
@@ -386,10 +424,11 @@ def check_results_file(path):
                               "nothing was changed. Fix: choose another --out, or move that file away yourself")
 
 
-def _check_writable(folder, path):
-    """Create and remove one temporary file of ours in `folder` (or its nearest existing ancestor, where the missing
-    folders would be made): the only sure test of a read-only mount, a full disk or a path through a file."""
-    probe = folder
+def check_writable(path):
+    """Raise unless a new file `path` can be written: create and remove one temporary file of ours in its folder (or
+    the nearest existing ancestor, where the missing folders would be made), the only sure test of a read-only
+    mount, a full disk or a path through a file."""
+    probe = os.path.dirname(os.path.abspath(os.path.expanduser(str(path))))
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
     try:
@@ -401,7 +440,7 @@ def _check_writable(folder, path):
             os.close(fd)
             os.remove(tmp)
     except OSError as e:
-        raise OSError(f"{path} cannot be written ({probe}: {e.strerror or e}). Fix: an --out on a writable disk with "
+        raise OSError(f"{path} cannot be written ({probe}: {e.strerror or e}). Fix: a path on a writable disk with "
                       "free space") from None
 
 
@@ -435,7 +474,9 @@ def _finite(x):
 
 def check_rows_file(path, keys):
     """An append-only JSON-lines results file (scripts/): absent, or every line a JSON object holding `keys` (rows
-    the same script wrote before). Anything else is refused before any work: appending would corrupt it."""
+    the same script wrote before). Anything else is refused before any work: appending would corrupt it; so is a
+    path whose folder cannot be written."""
+    check_writable(path)
     if not os.path.lexists(path):
         return
     try:

@@ -77,6 +77,8 @@ class ModelConfig:
     qk_rope_dim: int = 0               # d_r
     qk_rope_theta: float = 0.0         # theta of MLA's d_r-dim rotary ladder (0: rope_theta). svd_init's "rorope"
                                        # keeps a subset of the source's frequencies that such a ladder computes
+    rope_fold: int = 1                 # how svd_init's "rorope" built the shared key: f adjacent source frequencies
+                                       # folded per group (1: none). A record only: the forward does not read it
     v_head_dim: int = 0                # d_v (0: = head_dim)
     latent_norm: str = "none"          # RMSNorm on the latents: "none", "kv" (on c_kv) or "both" (c_q and c_kv).
                                        # DeepSeek has both; serving engines need "kv" at least (deepseek.py)

@@ -12,6 +12,11 @@ are linear in x, so their second moments are Wᵀ C W. In the paper's orientatio
           most of what the queries read. The rest, k_j - a_j k_r, joins the no-RoPE part (d_qk = d_h), where it
           is scored without rotation: the one approximation. d_r < d_h keeps d_r/2 frequencies, the ones that a
           standard d_r-dim rotary computes as is (see rope_pairs), so a serving engine needs nothing special.
+  Folding  (rope_fold f > 1, after TransMLA's freqfold) The same PCA, jointly over f adjacent frequencies of all KV
+          heads (n_kv f components per group); the top f/c of them (c = d_h / d_r) rotate at the group's kept
+          frequencies (every c-th: a standard rotary at the source's theta). A component that mixes frequencies
+          rotates at one of them, a second approximation, but far more of the keys' energy rotates. The group's PCA is
+          plain (a query-weighted one measured worse: README). The calibration KL picks f beside d_r.
   Factorisation  [K_res | V] (d, 2 n_kv d_h) ≈ W_DKV B with the cost E||x (W - W_DKV B) G||², x the calibration
           activations (whitening, C) and G per column block: key errors through the queries that read them
           (E[q qᵀ] of the group, times the spread of the values they mix), value errors through W_O
@@ -215,6 +220,35 @@ def rope_pairs(d_h, d_r, ladder="highest"):
     return [c * j for j in range(k)], 1.0
 
 
+FOLDS = (1, 2, 4, 8)
+
+
+def fold_problem(d_h, d_r, fold):
+    """Why `fold` adjacent source frequencies cannot be folded into a d_r-dim key, or "" where they can. A fold f > 1
+    keeps f/c components of each group of f frequencies (c = d_h / d_r), so c must divide f and f must divide d_h/2."""
+    half, k = d_h // 2, d_r // 2
+    if fold == 1:
+        return ""
+    if fold not in FOLDS:
+        return f"rope_fold={fold}: use one of {', '.join(map(str, FOLDS))} (or None: chosen under kv_budget)"
+    if half % k or fold % (half // k) or half % fold:
+        return (f"rope_fold={fold} with d_r {d_r} of d_h {d_h}: a fold keeps fold/c components of each group of fold "
+                f"frequencies, c = d_h/d_r = {d_h / d_r:g}, so c must be a whole number dividing the fold, and the "
+                f"fold must divide d_h/2 = {half}")
+    return ""
+
+
+def rope_groups(d_h, pairs, fold):
+    """The RoRoPE key's groups: [(source frequencies, slots of the shared key)], each slot one pair of the d_r-dim
+    rotary, rotating at frequency pairs[slot]. fold 1: each kept frequency alone (exact rotation). fold f > 1
+    (pairs: every c-th frequency): f adjacent frequencies, their f/c kept ones the group's slots."""
+    if fold == 1:
+        return [([i], [slot]) for slot, i in enumerate(pairs)]
+    m = fold * len(pairs) // (d_h // 2)  # slots per group: fold / c
+    return [(list(range(g * fold, (g + 1) * fold)), list(range(g * m, (g + 1) * m)))
+            for g in range(d_h // 2 // fold)]
+
+
 def _sqrtm(M):
     """Square root of a symmetric PSD matrix (float64)."""
     e, V = torch.linalg.eigh(M)
@@ -239,10 +273,13 @@ def _truncate(W, C, G, usv, r, whiten):
     return P, P.T @ C @ W                            # C-weighted least squares: argmin_B E||x (W - P B)||²
 
 
-def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_errors, kv_balance):
-    """One layer's RoRoPE split (float64, paper orientation). Returns W_KR (d, d_r), the groups' coefficients
-    a (n_kv, d_r/2) on the shared key, the joint no-RoPE matrix [K_res | V] (d, 2 n_kv d_h) and its column
-    weights G (or None)."""
+def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_errors, kv_balance, fold=1):
+    """One layer's RoRoPE split (float64, paper orientation). Returns W_KR (d, d_r), the coefficients A (n_kv, d_h/2,
+    d_r/2) of each group's source frequency on each slot of the shared key, the joint no-RoPE matrix [K_res | V]
+    (d, 2 n_kv d_h) and its column weights G (or None).
+    fold f > 1 (frequency folding, after TransMLA's freqfold): the PCA runs jointly over f adjacent frequencies of all
+    KV heads, and its top f/c components rotate at the group's kept frequencies. A component that mixes frequencies
+    rotates at one of them: approximate, but more of the keys' energy lands in the rotating dims."""
     d, H, n_kv, d_h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     g, half, k = H // n_kv, d_h // 2, len(pairs)
     grp = torch.arange(H, device=C.device) // g                                   # head -> its KV group
@@ -252,16 +289,28 @@ def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_e
     w = e_q[:, :half] + e_q[:, half:]                                             # (n_kv, d_h/2) per frequency
     Kc = torch.einsum("dji,dmi->ijm", WK, (C @ W_K).view(d, n_kv, d_h))          # (d_h, n_kv, n_kv)
     Kf = Kc[:half] + Kc[half:]                                                    # per frequency: both dims
-    W_KR, a, K_res = W_K.new_zeros(d, 2 * k), W_K.new_zeros(n_kv, k), WK.clone()
-    for slot, i in enumerate(pairs):
-        s = (w[:, i] / w[:, i].mean().clamp_min(1e-30)).clamp_min(1e-12).sqrt()  # √(query weight), mean 1
-        u = torch.linalg.eigh(s[:, None] * Kf[i] * s[None, :])[1][:, -1]         # top principal mix (n_kv,)
-        u = u * torch.sign(u[u.abs().argmax()])                                   # a fixed sign: reproducible
-        for col, out in ((i, slot), (i + half, slot + k)):  # rotate-half layout: pair (slot, slot + d_r/2)
-            kr = WK[:, :, col] @ (u * s)                                          # (d,) k_r = Σ_j u_j s_j k_j
-            W_KR[:, out] = kr
-            K_res[:, :, col] -= kr[:, None] * (u / s)[None, :]                    # k_j - a_j k_r
-        a[:, slot] = u / s
+    W_KR, A, K_res = W_K.new_zeros(d, 2 * k), W_K.new_zeros(n_kv, half, k), WK.clone()
+    for freqs, slots in rope_groups(d_h, pairs, fold):
+        if fold == 1:  # one frequency: the (n_kv, n_kv) key moment, weighted by √(query energy), mean 1
+            i = freqs[0]
+            s = (w[:, i] / w[:, i].mean().clamp_min(1e-30)).clamp_min(1e-12).sqrt()[:, None]  # (n_kv, 1)
+            M = s * Kf[i] * s.T
+        else:  # (n_kv f, n_kv f) joint moment of the group, both dims of each pair; plain PCA
+            X1, X2 = (WK[:, :, cols].reshape(d, -1) for cols in (freqs, [i + half for i in freqs]))  # (d, n_kv f)
+            M = X1.T @ C @ X1 + X2.T @ C @ X2
+            s = torch.ones(n_kv, len(freqs), dtype=C.dtype, device=C.device)
+        # the top principal mixes, descending: the t-th rotates at the group's t-th kept frequency (as TransMLA's; an
+        # order by each component's own mean frequency measured worse, README)
+        U = torch.linalg.eigh(M)[1][:, -len(slots):].flip(1)
+        U = U * torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))           # fixed signs: reproducible
+        for t, slot in enumerate(slots):
+            u = U[:, t].view(n_kv, len(freqs))                                    # (n_kv, f)
+            for col, out in ((freqs, slot), ([i + half for i in freqs], slot + k)):  # rotate-half: (slot, slot + k)
+                kr = WK[:, :, col].reshape(d, -1) @ (u * s).reshape(-1) if fold > 1 else WK[:, :, col[0]] @ (
+                    u * s)[:, 0]                                                  # (d,) k_r = Σ u s k
+                W_KR[:, out] = kr
+                K_res[:, :, col] -= kr[:, None, None] * (u / s)[None]             # k_j,i - a_j,i k_r
+            A[:, freqs, slot] = u / s
     W = torch.cat([K_res.reshape(d, n_kv * d_h), W_V], dim=1)                    # (d, 2 n_kv d_h)
     G = None
     if weight_errors:
@@ -274,7 +323,7 @@ def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_e
         Gk = (kv_balance * spread[:, None, None] * Sq / d_h).view(n_kv, g, d_h, d_h).sum(1)
         Gv = MO.view(n_kv, g, d_h, d_h).sum(1)
         G = torch.block_diag(*[_sqrtm(m) for m in (*Gk, *Gv)])
-    return W_KR, a, W, G
+    return W_KR, A, W, G
 
 
 def allocate_ranks(spectra: dict, total: int):

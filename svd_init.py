@@ -51,8 +51,8 @@ import torch
 
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
-from rorope import (NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calibrate,
-                    calibrate_latent_norms, rope_pairs)
+from rorope import (FOLDS, NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calibrate,
+                    calibrate_latent_norms, fold_problem, rope_pairs)
 
 # The factorisation whitens by C + RIDGE * mean(diag C) * I, not by C: the latent's scale per direction is then
 # bounded by construction (|c| <= |x| / sqrt(RIDGE * mean(diag C)) for ANY input x, RMS-normed as attention inputs
@@ -91,7 +91,7 @@ ALLOCS = ("auto", "uniform", "waterfill")
 
 def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init,
                     allow_qk_overlap, kv_budget=None, rope_ladder="highest", rank_alloc="auto", latent_norm="none",
-                    latent_norm_init="calibrated"):
+                    latent_norm_init="calibrated", rope_fold=None):
     n = cfg.n_layers
     if not layers or len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
         raise ValueError(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
@@ -124,6 +124,16 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
         raise ValueError(f"rope_ladder='every' needs d_r/2 to divide d_h/2 = {d_h // 2} (every c-th frequency of a "
                          f"standard ladder); qk_rope_dim={d_r} does not. Fix: a d_r with d_h/d_r a whole number, "
                          "or rope_ladder='highest'")
+    if rope_fold is not None and (rope_fold not in FOLDS or isinstance(rope_fold, bool)):
+        raise ValueError(f"rope_fold={rope_fold!r}: use one of {', '.join(map(str, FOLDS))}, or None (the "
+                         "calibration picks it)")
+    if rope_fold not in (None, 1) and init != "rorope":
+        raise ValueError(f"rope_fold={rope_fold} folds frequencies into the shared key of init='rorope'; "
+                         f"init={init!r} has none. Fix: init='rorope', or drop rope_fold")
+    if init == "rorope" and rope_fold is not None and d_r is not None and fold_problem(d_h, d_r, rope_fold):
+        ok = [f for f in FOLDS if not fold_problem(d_h, d_r, f)]
+        raise ValueError(fold_problem(d_h, d_r, rope_fold) + f". Fix: rope_fold in {ok} for this d_r, or another "
+                         "qk_rope_dim")
     if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim):
         raise ValueError(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
                          f"new layers must use the same (got {d_qk}, {d_r})")
@@ -185,7 +195,7 @@ def _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget):
 def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
                    qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, kv_budget=None,
                    rope_ladder="highest", rank_alloc="auto", calib_tokens=None, latent_norm="none",
-                   latent_norm_init="calibrated", calib_seq_len=None, **_):
+                   latent_norm_init="calibrated", calib_seq_len=None, rope_fold=None, **_):
     """upcycle()'s settings checked against a source config alone (no weights needed): scripts call it before any
     work, so a bad rank fails in a second, not after the data is tokenised. q_rank=None with no q_energy means
     full rank here (as the command lines default it). calib_tokens / calib_seq_len (given when the run calibrates):
@@ -199,7 +209,7 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
         kv_rank = min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)
     d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
     _check_settings(cfg, list(layers), q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init)
+                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init, rope_fold)
     if init == "rorope" and calib_tokens is not None:
         _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
     if calib_seq_len is not None and not 1 <= calib_seq_len <= cfg.max_seq_len:
@@ -244,7 +254,8 @@ def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
                          f"(calib_tokens; a few x d = {cfg.dim} is the least useful, 8192+ recommended)")
 
 
-def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_rope_theta=0.0) -> ModelConfig:
+def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_rope_theta=0.0,
+               rope_fold=1) -> ModelConfig:
     """The config of the upcycled model: `cfg` with layers {layer: (r_q, r_kv)} made MLA (added to the source's own
     MLA layers, if any, which keep their ranks). Each layer keeps its own ranks: nothing is shared between layers."""
     if cfg.mla_layers and latent_norm != cfg.latent_norm:
@@ -258,7 +269,7 @@ def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_
     order = sorted(ranks)
     return ModelConfig(**{**vars(cfg), "mla_layers": tuple(order), "q_rank": tuple(ranks[i][0] for i in order),
                           "kv_rank": tuple(ranks[i][1] for i in order), "qk_nope_dim": d_qk, "qk_rope_dim": d_r,
-                          "latent_norm": latent_norm, "qk_rope_theta": qk_rope_theta})
+                          "latent_norm": latent_norm, "qk_rope_theta": qk_rope_theta, "rope_fold": rope_fold})
 
 
 
@@ -274,7 +285,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
             report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
             weight_errors=True, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
-            log=None) -> Transformer:
+            rope_fold=None, log=None) -> Transformer:
     """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
     every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
     `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
@@ -285,7 +296,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
     layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
     {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
-    q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd".
+    q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd". rope_fold (rorope): fold 1, 2, 4 or 8 adjacent
+    frequencies into the shared key (rorope.py); None: the calibration KL picks it beside d_r.
     latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q and c_kv (serving engines need them: deepseek.py),
     set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
@@ -311,7 +323,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         q_rank = min(d, H * d_h)
     d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
     _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init)
+                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init, rope_fold)
     budget = None
     if kv_budget is not None:
         budget = kv_budget_numbers(kv_budget, len(layers) * 2 * n_kv * d_h)
@@ -344,17 +356,23 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             while rope_ladder == "every" and (d_h // 2) % (r // 2):
                 r -= 2
             candidates = [r]
+    # with the fold: unset, the calibration KL picks it among the valid ones
+    d_rs, candidates = candidates, [(r, f) for r in candidates for f in ([rope_fold] if rope_fold is not None else
+                                                                         FOLDS) if not fold_problem(d_h, r, f)]
+    if not candidates:  # a fold given, and a budget whose d_r it does not fit
+        raise ValueError(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
+                         f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
     best = lp_t = None
-    for d_r_c in candidates:
-        pairs, exponent = rope_pairs(d_h, d_r_c, rope_ladder)
+    for d_r_c, fold in candidates:
+        pairs, exponent = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")
         theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
         parts = {}
         for i in layers:
             p = f"model.layers.{i}.self_attn."
-            W_KR, a, W, G = _rorope_layer(q_svd[i][0], f64(p + "k_proj.weight"), f64(p + "v_proj.weight"),
+            W_KR, A, W, G = _rorope_layer(q_svd[i][0], f64(p + "k_proj.weight"), f64(p + "v_proj.weight"),
                                           f64(p + "o_proj.weight"), ridge[i], stats[i][1], cfg, pairs,
-                                          weight_errors, kv_balance)
-            parts[i] = dict(W_KR=W_KR, a=a, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
+                                          weight_errors, kv_balance, fold)
+            parts[i] = dict(W_KR=W_KR, A=A, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
         if budget is not None:
             spare = budget - len(layers) * d_r_c
             cap = min(d, 2 * n_kv * d_h)
@@ -369,15 +387,17 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                                 for i in layers}}
         for how, r_kv in allocs.items():
             built = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
-                                  theta, whiten, latent_norm, copy)
+                                  theta, whiten, latent_norm, copy, fold)
+            for row in built[1]:
+                row["rope_fold"] = fold
             scored = len(candidates) * len(allocs) > 1
             if scored:
                 if lp_t is None:  # the candidates are scored on the first 4 calibration sequences
                     idx = calib[:4].to(model.lm_head.weight.device)
                     lp_t = model(idx).float().log_softmax(-1)
                 kl = _calib_kl(lp_t, built[0], idx, layers)  # scored without latent norms (fitted to the best)
-                say(f"rorope: d_r {d_r_c}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f}): KL on the "
-                    f"calibration tokens {kl:.4f}")
+                say(f"rorope: d_r {d_r_c}, fold {fold}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f}): "
+                    f"KL on the calibration tokens {kl:.4f}")
                 if best is not None and kl >= best[0]:
                     continue
                 best = (kl, *built)
@@ -390,14 +410,14 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
 
 
 def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c, theta, whiten,
-                  latent_norm, copy):
+                  latent_norm, copy, fold=1):
     """The rorope student for one choice of d_r and per-layer r_kv. -> (student, report rows)."""
     cfg = model.config
     d_h, H, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     new_sd, ranks, rep = {}, {}, []
     for i in layers:
         p = f"model.layers.{i}.self_attn."
-        W_KR, a, W, G, usv = (parts[i][k] for k in ("W_KR", "a", "W", "G", "usv"))
+        W_KR, A, W, G, usv = (parts[i][k] for k in ("W_KR", "A", "W", "G", "usv"))
         W_Q, q_usv = q_svd[i]
         r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
         ranks[i] = (r_q, r_kv[i])
@@ -409,10 +429,12 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
         W_DKV, B_kv = _truncate(W, ridge[i], G, usv, r_kv[i], whiten)           # (d, r_kv), (r_kv, 2 n_kv d_h)
         c = math.sqrt((d_h + d_r_c) / d_h)  # MLA divides scores by √(d_qk + d_r) = √(d_h + d_r), Llama by √d_h
         Bq = B_q.view(r_q, H, d_h)
-        cols = pairs + [i_ + d_h // 2 for i_ in pairs]
-        coef = a[torch.arange(H) // (H // n_kv)].repeat(1, 2)                   # (H, d_r): a of each head's group
+        A_h = A[torch.arange(H) // (H // n_kv)]                                 # (H, d_h/2, d_r/2): each head's group
+        cBq = c * Bq
+        W_QR = torch.cat([torch.einsum("rhi,hit->rht", cBq[:, :, half], A_h) for half in (slice(0, d_h // 2),
+                                                                                        slice(d_h // 2, d_h))], -1)
         rep_heads = lambda B: B.view(-1, n_kv, 1, d_h).expand(-1, n_kv, H // n_kv, d_h).reshape(-1, H * d_h)
-        weights = dict(W_DQ=W_DQ, W_UQ=c * B_q, W_QR=(c * Bq[:, :, cols] * coef).reshape(r_q, H * d_r_c),
+        weights = dict(W_DQ=W_DQ, W_UQ=c * B_q, W_QR=W_QR.reshape(r_q, H * d_r_c),
                        W_DKV=W_DKV, W_KR=W_KR, W_UK=rep_heads(B_kv[:, :n_kv * d_h]),
                        W_UV=rep_heads(B_kv[:, n_kv * d_h:]))
         dt = src[p + "q_proj.weight"].dtype
@@ -425,7 +447,7 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
                         kv_energy=energy_kept(usv[1], r_kv[i]), params=n_attn,
                         src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
                         cache=r_kv[i] + d_r_c, src_cache=2 * n_kv * d_h))
-    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_h, d_r_c, latent_norm, theta), copy), rep
+    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_h, d_r_c, latent_norm, theta, fold), copy), rep
 
 
 def _norm_placeholders(prefix, latent_norm, r_q, r_kv, dtype, device):
@@ -585,7 +607,9 @@ if __name__ == "__main__":
     init = "svd"               # "svd" (Algorithm 1), "random" (its baseline) or "rorope" (needs calibration)
     kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers/token
     head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for deepseek.py
-    rope_ladder = "highest"    # rorope, d_r < d_h: keep the d_r/2 "highest" frequencies, or "every" c-th one
+    rope_ladder = "highest"    # rorope, d_r < d_h, no folding: keep the d_r/2 "highest" frequencies, or every c-th
+    rope_fold: int | None = None  # rorope: fold 1, 2, 4 or 8 adjacent frequencies into the shared key; None: the
+                               # calibration KL picks (1: exact rotation, no folding)
     rank_alloc = "auto"        # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
     whiten = True              # rorope ingredients (for ablations): activation-aware factorisation ...
     weight_errors = True       # ... key / value errors weighted by their cost
@@ -628,7 +652,7 @@ if __name__ == "__main__":
                                                 qk_rope_dim=qk_rope_dim, kv_budget=kv_budget, kv_energy=kv_energy)
             print(f"head_size {head_size}: r_kv {kv_rank} + d_r {qk_rope_dim} in every layer")
         check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
-                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc,
+                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, rope_fold=rope_fold,
                        calib_tokens=calib_tokens if calibrating else None,
                        calib_seq_len=calib_seq_len if calibrating else None,
                        latent_norm=latent_norm, latent_norm_init=latent_norm_init)
@@ -670,6 +694,7 @@ if __name__ == "__main__":
                       latent_norm=latent_norm, latent_norm_init=latent_norm_init,
                       allow_qk_overlap=allow_qk_overlap, seed=seed, report=report,
                       copy=False, kv_budget=kv_budget, calib=calib, rope_ladder=rope_ladder, rank_alloc=rank_alloc,
+                      rope_fold=rope_fold,
                       whiten=whiten, weight_errors=weight_errors, kv_balance=kv_balance,
                       log=print).eval()  # the teacher's untouched tensors are shared, not duplicated
     print(f"upcycled {init_from} in {time.time() - t0:.1f} s ({init} init)")

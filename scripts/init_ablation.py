@@ -16,8 +16,11 @@ run_transmla.py feeds it to TransMLA's); --others scores any folder from_pretrai
 output, a DeepSeek-V3 export) on the same held-out tokens, with its cache.
 
 Held-out text: the first 8 packed sequences of 512 tokens of the bundled C4 sample (assets/data/corpus/c4_demo.jsonl,
-never used for calibration). Calibration: a seeded choice of 512-token sequences of the bundled SFT mix (the train
-split distill.py reads), 8192 tokens unless said otherwise.
+never used for calibration). Calibration (8192 tokens unless said otherwise), two protocols:
+    --calib_text=sft            B: a seeded choice of 512-token sequences of the bundled SFT mix (the train split
+                                distill.py reads): calibration on other text than is scored
+    --calib_text=held_out_file  A: consecutive sequences of the held-out file from sequence held_out_seqs + 1 on
+                                (token-disjoint from the scored ones): calibration on the kind of text scored
 """
 import json
 import os
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, require  # noqa: E402
-from folders import check_rows_file, resolve_checkpoint  # noqa: E402
+from folders import check_rows_file, check_writable, resolve_checkpoint  # noqa: E402
 from data import PackedData, build_cache, calibration_ids  # noqa: E402
 from model import Transformer  # noqa: E402
 from svd_init import upcycle  # noqa: E402
@@ -43,20 +46,28 @@ sft_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruc
             "assets/data/sft/fastchat_dummy_conversation.json"]
 held_out = "assets/data/corpus/c4_demo.jsonl"
 held_out_seqs = 8
+calib_text = "sft"         # "sft": the SFT mix (calibration B); "held_out_file": other sequences of the held-out
+                           # file, from sequence held_out_seqs + 1 on (calibration A: the kind of text evaluated)
+rope_fold: int | None = None  # the whole init's fold (None: chosen under the budget; 1: no frequency folding)
 data_cache = "out/data_cache"
 seed = 0
 norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
-whole_only = False         # only the last row (the whole init) at each budget: the side-by-side column
+whole_only = False         # only the whole init (unfolded, folded) at each budget: the side-by-side columns
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 config = configure(globals())
 require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(1, None))
+if calib_text not in ("sft", "held_out_file"):
+    raise ValueError(f"calib_text={calib_text!r}: use 'sft' (the SFT mix) or 'held_out_file' (other sequences of "
+                     "the held-out file)")
 if any(not 0 < b <= 1 for b in budgets) or any(n < 1 for n in calib_sizes):
     raise ValueError(f"budgets={budgets} / calib_sizes={calib_sizes}: budgets are fractions of the cache in (0, 1], "
                      "calibration sizes token counts >= 1. Fix: e.g. --budgets=[0.5,0.25] --calib_sizes=[8192]")
 if write_calib and os.path.exists(write_calib):  # never over a file this script did not write
     raise ValueError(f"write_calib={write_calib} exists. Fix: remove it, or choose another path")
+if write_calib:
+    check_writable(write_calib)  # before the calibration is built, not after
 if out:
     check_rows_file(out, ["model", "kl"])  # appended to: it must be this script's own rows file
 
@@ -64,8 +75,25 @@ teacher = Transformer.from_pretrained(model).eval()
 cfg = teacher.config
 tok = Tokenizer.from_name("", model)
 quiet = lambda *a: None
-x, y = PackedData(build_cache([held_out], tok, data_cache, 10**9, log=quiet), "train", 512).get(range(held_out_seqs))
-calib = calibration_ids(sft_data, tok, data_cache, calib_tokens, calib_seq_len, seed, log=quiet)
+held = PackedData(build_cache([held_out], tok, data_cache, 10**9, log=quiet), "train", 512)
+x, y = held.get(range(held_out_seqs))
+
+
+def calibration(n_tokens):
+    """Calibration B: a seeded choice from the SFT mix; A: consecutive sequences of the held-out file after the
+    held-out ones, one sequence's gap between (token-disjoint from what is scored)."""
+    if calib_text == "sft":
+        return calibration_ids(sft_data, tok, data_cache, n_tokens, calib_seq_len, seed, log=quiet)
+    pack = PackedData(build_cache([held_out], tok, data_cache, 10**9, log=quiet), "train", calib_seq_len)
+    first = -(-(held_out_seqs + 1) * 512 // calib_seq_len)
+    n = -(-n_tokens // calib_seq_len)
+    if first + n > pack.n_seq:
+        raise ValueError(f"calib_text='held_out_file' needs {n} sequences of {calib_seq_len} tokens after the held-out "
+                         f"ones; {held_out} holds {pack.n_seq - first}. Fix: fewer calib_tokens")
+    return pack.get(range(first, first + n))[0]
+
+
+calib = calibration(calib_tokens)
 d_h, src = cfg.head_dim, 2 * cfg.n_kv_heads * cfg.head_dim
 cap = min(cfg.dim, src)
 
@@ -95,7 +123,8 @@ for folder in others:
         with open(out, "a") as sink:
             sink.write(json.dumps(dict(model=model, other=folder, kl=kl, ce=ce, cache_pct=pct)) + "\n")
 print(f"{model}: held-out {held_out_seqs} x 512 tokens of {held_out}; teacher CE {ce_t:.3f}; calibration "
-      f"{calib.numel()} tokens of the SFT mix (seed {seed}); {torch.get_num_threads()} threads")
+      f"{calib.numel()} tokens of " + ("the SFT mix (seed {seed})" if calib_text == "sft" else f"{held_out} after the "
+      "held-out sequences") + f"; {torch.get_num_threads()} threads")
 r_d = d_h // 2  # Algorithm 1's d_qk = d_r = d_h / 2, and the fixed-d_r rows
 rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd", kv_rank=min(b - r_d, cap))),
         ("+ RoRoPE shared key (d_qk = d_h), plain SVD", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
@@ -105,8 +134,11 @@ rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd"
                                                                      qk_rope_dim=r_d, weight_errors=False)),
         ("+ key/value errors weighted by their cost", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
                                                                       qk_rope_dim=r_d)),
-        ("+ budget: d_r and per-layer r_kv chosen (the whole)", lambda b: dict(init="rorope", kv_budget=None))]
-rows = rows[-1:] if whole_only else rows
+        ("+ budget: d_r and per-layer r_kv chosen, no folding", lambda b: dict(init="rorope", kv_budget=None,
+                                                                                 rope_fold=1)),
+        ("+ frequency folding, chosen under the budget (the whole)", lambda b: dict(init="rorope", kv_budget=None,
+                                                                                     rope_fold=rope_fold))]
+rows = rows[-2:] if whole_only else rows  # the whole init, unfolded and folded
 results = {}
 sink = open(out, "a") if out else None
 for frac in budgets:
@@ -123,7 +155,8 @@ for frac in budgets:
         kl, ce = measure(student)
         pct = 100 * student.kv_cache_elements_per_token() / teacher.kv_cache_elements_per_token()
         c = student.config
-        note = f"d_r {c.qk_rope_dim}, r_kv {min(c.kv_rank)}-{max(c.kv_rank)}" if "kv_budget" in kw else ""
+        note = (f"d_r {c.qk_rope_dim}, r_kv {min(c.kv_rank)}-{max(c.kv_rank)}, fold {c.rope_fold}" if "kv_budget" in kw
+                else "")
         results[name, frac] = f"{kl:.3f} / {ce:.2f}"
         print(f"  {frac:.3f} {name}: KL {kl:.3f} CE {ce:.3f} cache {pct:.1f}% {note} ({time.time() - t0:.0f} s)",
               flush=True)
@@ -139,7 +172,7 @@ if budgets:
 if calib_sizes:
     print("\n| calibration tokens (the whole init, 50% cache) | KL at init | CE at init |\n|---|---|---|")
     for n in calib_sizes:
-        ids = calibration_ids(sft_data, tok, data_cache, n, calib_seq_len, seed, log=quiet)
+        ids = calibration(n)
         kl, ce = measure(upcycle(teacher, calib=ids, init="rorope", kv_budget=0.5).eval())
         print(f"| {ids.numel()} | {kl:.3f} | {ce:.3f} |", flush=True)
 if norms:

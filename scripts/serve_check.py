@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from configurator import configure  # noqa: E402
 from deepseek import DS_TYPES  # noqa: E402
-from folders import read_config_json, resolve_checkpoint, write_results_file  # noqa: E402
+from folders import check_results_file, read_config_json, resolve_checkpoint, write_results_file  # noqa: E402
 from model import Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -236,6 +236,8 @@ if __name__ == "__main__":
     if engine == "llama.cpp" and not os.path.isfile(converter):
         raise ValueError(f"converter={converter!r} is not a file. Fix: --converter=PATH/convert_hf_to_gguf.py from "
                          "llama-cpp-python's source distribution (this script's docstring)")
+    out = out or f"out/serve_check_{engine.replace('.', '')}.json"
+    check_results_file(out)  # refused now, not after the engines ran
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_space_gib))
     torch.set_num_threads(threads)
     folders = {"student": resolve_checkpoint(model)} | ({"source": resolve_checkpoint(source)} if source else {})
@@ -284,7 +286,7 @@ if __name__ == "__main__":
         elif engine == "llama.cpp" and g["kv_buffer_mib"]:
             print(f"cache: the student's KV buffer is {100 * s['kv_buffer_mib'] / g['kv_buffer_mib']:.1f}% of the "
                   "source's at the same context")
-    write_results_file(out or f"out/serve_check_{engine.replace('.', '')}.json", results, "scripts/serve_check.py")
-    print(f"wrote {out or f'out/serve_check_{engine.replace(chr(46), str())}.json'}")
+    write_results_file(out, results, "scripts/serve_check.py")
+    print(f"wrote {out}")
     if not math.isfinite(results["models"]["student"]["max_abs_logprob_diff"]):
         sys.exit(1)

@@ -19,6 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import configure, require  # noqa: E402
+from folders import run_child  # noqa: E402
 
 ALG1 = ["--init=svd", "--q_rank=240", "--qk_nope_dim=16"]  # the paper's Algorithm 1 at the same cache
 ROWS = [
@@ -57,8 +58,8 @@ def main():
         out = os.path.join(ROOT, out_root, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         f"--nproc_per_node={nproc}"]
-        r = subprocess.run(launcher + ["distill.py", "config/tiny_kv8.py", f"--out_dir={out}", *extra], cwd=ROOT,
-                           capture_output=True, text=True)
+        r = run_child(launcher + ["distill.py", "config/tiny_kv8.py", f"--out_dir={out}", *extra], cwd=ROOT,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if r.returncode != 0:
             print(f"| {name} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} |")
             continue

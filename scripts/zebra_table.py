@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
-from folders import check_only, check_rows_file  # noqa: E402
+from folders import check_only, check_rows_file, run_child  # noqa: E402
 from model import Transformer  # noqa: E402
 
 init_from = "assets/models/tiny_teacher"
@@ -58,7 +58,7 @@ def run(args, n=1):
         return "", None  # that stage finished before (a rerun after an interruption)
     launcher = [PY] if n == 1 else [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
     t0 = time.time()
-    r = subprocess.run(launcher + args, env=env, capture_output=True, text=True)
+    r = run_child(launcher + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if r.returncode:
         sys.exit(f"failed: {' '.join(args)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r.stdout, time.time() - t0

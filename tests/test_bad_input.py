@@ -571,6 +571,15 @@ def test_an_evaluation_out_that_cannot_be_written_is_refused_before_scoring(tiny
     for out, msg in ((tmp_path / "a_file" / "r.json", "Not a directory"), ("/proc/nanomla/r.json", "written")):
         t0 = time.time()
         r = run(["evaluate.py", f"--model={tiny / 'teacher'}", "--tasks=piqa", f"--data_dir={data}", f"--out={out}"])
-        clean_error(r, "cannot be written", msg, "Fix: an --out on a writable disk")
+        clean_error(r, "cannot be written", msg, "Fix: a path on a writable disk")
         assert "piqa: acc" not in r.stdout and time.time() - t0 < 60
     assert (tmp_path / "a_file").read_text() == "mine" and os.listdir(tmp_path) == ["a_file"]
+
+
+@pytest.mark.parametrize("flag", ["--write_calib", "--out"])
+def test_init_ablation_outputs_that_cannot_be_written_are_refused_before_work(tiny, tmp_path, flag):
+    (tmp_path / "a_file").write_text("mine")
+    r = run(["scripts/init_ablation.py", f"--model={tiny / 'teacher'}", "--budgets=[]", "--calib_sizes=[]",
+             f"{flag}={tmp_path / 'a_file' / 'x.jsonl'}"])
+    clean_error(r, "cannot be written", "Not a directory")
+    assert "held-out" not in r.stdout and (tmp_path / "a_file").read_text() == "mine"

@@ -3,13 +3,14 @@ format cannot hold is refused, DeepSeek-format folders (ours, DeepSeek-V2/V3-sha
 transformers is the reference here only: the project itself never imports it."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, mla_kw, random_model, tiny_config
 from model import ModelConfig, Transformer
@@ -463,3 +464,27 @@ def test_check_runs_the_export_in_its_dtype_and_fails_on_a_fragile_one(tmp_path,
         else:
             assert r.returncode == 2 and kl > 0.05 and "the export in bfloat16 is not the model" in r.stderr, \
                 (kl, r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("no tensors", "hold no tensors"), ("odd layer index", "model.layers.<index>"),
+    ("odd attention name", "not a tensor of DeepSeek's MLA attention"), ("bad index", "not a safetensors index"),
+    ("missing shard", "names shards that are not in")])
+def test_damaged_deepseek_folders_are_named(damage, needle, tmp_path):
+    """A DeepSeek folder with no tensors, odd tensor names or a broken shard index: one error naming it and the fix."""
+    _, folder = _hf_deepseek(tmp_path, "hf")
+    st = folder / "model.safetensors"
+    sd = load_file(str(st))
+    k = next(k for k in sd if "kv_b_proj" in k)
+    if damage == "no tensors":
+        sd = {}
+    elif damage == "odd layer index":
+        sd[k.replace("layers.0.", "layers.x.")] = sd.pop(k)
+    elif damage == "odd attention name":
+        sd[k.replace("kv_b_proj", "kv_bb_proj")] = sd.pop(k)
+    save_file(sd, str(st))
+    if damage in ("bad index", "missing shard"):
+        json.dump({"weight_map": {k: "model-00001-of-00002.safetensors"}} if damage == "missing shard" else [1],
+                  open(folder / "model.safetensors.index.json", "w"))
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(needle)):
+        Transformer.from_pretrained(folder)

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from conftest import random_model, tiny_config
 from data import calibration_ids
 from model import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
-from rorope import _truncate, _weighted_svd, allocate_ranks, rope_pairs
+from rorope import _rorope_layer, _truncate, _weighted_svd, allocate_ranks, rope_groups, rope_pairs
 from svd_init import kl_per_token, teacher_text, upcycle
 from tokenizer import Tokenizer
 
@@ -111,7 +111,7 @@ def test_the_cache_never_exceeds_the_budget(budget):
 def test_recorded_rope_ladder_reloads_to_the_same_logits(tmp_path, ladder):
     src = random_model(tiny_config(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                      high_freq_factor=4.0, original_max_position_embeddings=16)))
-    student = upcycle(src, init="rorope", q_rank=64, kv_rank=16, qk_rope_dim=8, rope_ladder=ladder,
+    student = upcycle(src, init="rorope", q_rank=64, kv_rank=16, qk_rope_dim=8, rope_ladder=ladder, rope_fold=1,
                       calib=calib_for(src)).eval()
     pairs, _ = rope_pairs(16, 8, ladder)
     # the d_r-dim ladder computes exactly the source frequencies that were kept (llama3 scaling included)
@@ -160,20 +160,71 @@ def test_bad_input_is_named():
         (dict(kv_rank=8, kv_budget=0.5, calib=ok), "kv_budget or kv_rank"),
         (dict(kv_budget=1.5, calib=ok), "kv_budget=1.5"),
         (dict(kv_budget=5000, calib=ok), "kv_budget=5000"),
+        (dict(kv_rank=8, rope_fold=3, calib=ok), "rope_fold=3: use one of 1, 2, 4, 8"),
+        (dict(kv_rank=8, qk_rope_dim=4, rope_fold=2, calib=ok), r"c = d_h/d_r = 4.*rope_fold in \[1, 4, 8\]"),
+        (dict(kv_rank=8, qk_rope_dim=6, rope_fold=2, calib=ok), "c = d_h/d_r = 2.66667"),
+        (dict(kv_budget=15, rope_fold=2, calib=ok), r"d_r \[2\] fit this budget"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             upcycle(src, init="rorope", **kw)
+    with pytest.raises(ValueError, match="init='svd' has none"):
+        upcycle(src, init="svd", kv_rank=8, rope_fold=2)
 
 
-def test_rorope_beats_algorithm1_at_init_on_a_trained_checkpoint(stories):
-    """stories260K (trained weights: random ones have no structure to keep), half of its KV cache."""
-    c = stories.config
-    idx = teacher_text(stories, 8, 128, seed=0)
-    calib = teacher_text(stories, 16, 128, seed=1)
-    half = c.n_kv_heads * c.head_dim  # 50% of 2 n_kv d_h per layer
-    alg1 = upcycle(stories, kv_rank=half - c.head_dim // 2).eval()
-    ours = upcycle(stories, init="rorope", kv_budget=0.5, calib=calib).eval()
-    assert ours.kv_cache_elements_per_token() <= alg1.kv_cache_elements_per_token()
-    kl_alg1, kl_ours = kl_per_token(stories, alg1, idx)[0], kl_per_token(stories, ours, idx)[0]
-    assert kl_ours < 0.7 * kl_alg1, (kl_ours, kl_alg1)
+@pytest.mark.parametrize("d_r, fold", [(16, 1), (8, 1), (16, 2), (8, 2), (8, 4), (4, 8)])
+def test_folded_key_splits_every_key_exactly(d_r, fold):
+    """Each source key k_j,i (head j, frequency i) = sum_t A[j,i,t] k_r,t + its remainder, the remainder going to the
+    no-RoPE part: exact for any fold, so folding approximates only the rotation. A group's coefficients stay inside
+    the group; without folding each slot reads its own frequency alone."""
+    torch.manual_seed(0)
+    cfg = tiny_config()  # d 64, 8 heads, 4 KV heads, d_h 16
+    d, H, n_kv, d_h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    X = torch.randn(500, d, dtype=torch.float64) * torch.linspace(0.2, 3, d, dtype=torch.float64)
+    C, mean = X.T @ X / len(X), X.mean(0)
+    W_Q, W_K, W_V = (torch.randn(d, n, dtype=torch.float64) for n in (H * d_h, n_kv * d_h, n_kv * d_h))
+    W_O = torch.randn(H * d_h, d, dtype=torch.float64)
+    pairs = rope_pairs(d_h, d_r, "every" if fold > 1 else "highest")[0]
+    W_KR, A, W, _ = _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg, pairs, True, 1.0, fold)
+    half, k = d_h // 2, d_r // 2
+    K_res = W[:, :n_kv * d_h].view(d, n_kv, d_h)
+    rebuilt = K_res + torch.cat([torch.einsum("jit,dt->dji", A, W_KR[:, :k]),
+                                 torch.einsum("jit,dt->dji", A, W_KR[:, k:])], -1)
+    assert_close(rebuilt, W_K.view(d, n_kv, d_h), rtol=0, atol=1e-10 * W_K.abs().max().item())
+    assert torch.equal(W[:, n_kv * d_h:], W_V)  # the values are untouched
+    for freqs, slots in rope_groups(d_h, pairs, fold):
+        outside = torch.ones(half, dtype=torch.bool)
+        outside[freqs] = False
+        assert A[:, outside][..., slots].abs().sum() == 0 and A[:, freqs][..., slots].abs().max() > 0
+        if fold == 1:
+            assert freqs == [pairs[slots[0]]]
+    if fold > 1:  # a group's top components (plain PCA): at least the energy of any one head's kept pairs (Ky Fan)
+        energy = lambda cols: torch.einsum("dc,de,ec->", cols, C, cols).item()
+        heads = [energy(W_K.view(d, n_kv, d_h)[:, j, pairs + [i + half for i in pairs]]) for j in range(n_kv)]
+        assert energy(W_KR) >= max(heads) * (1 - 1e-12)
+
+
+def test_folding_is_chosen_recorded_and_exported(stories, tmp_path):
+    """On trained weights (stories260K) at a quarter of the cache: the calibration KL picks the fold, which is never
+    worse on held-out teacher text than no folding here; config.json records it; the DeepSeek-V3 export computes
+    the same function in transformers (folding changes no format: a standard rotary at the source's theta)."""
+    src = stories.double()
+    calib, held = teacher_text(src, 16, 128, 0), teacher_text(src, 8, 128, 1)
+    plain = upcycle(src, init="rorope", kv_budget=0.25, calib=calib, rope_fold=1).eval()
+    folded = upcycle(src, init="rorope", kv_budget=0.25, calib=calib).eval()
+    kl = lambda m: kl_per_token(src, m, held)[0]
+    assert folded.config.rope_fold in (1, 2, 4, 8)
+    assert kl(folded) <= kl(plain) * 1.05
+    forced = upcycle(stories, init="rorope", kv_budget=0.25, calib=calib, rope_fold=2, latent_norm="kv").eval()
+    assert forced.config.rope_fold == 2 and forced.config.qk_rope_theta == 0.0
+    forced.save_pretrained(str(tmp_path / "s"))
+    assert json.load(open(tmp_path / "s" / "config.json"))["qk_rope_fold"] == 2
+    back = Transformer.from_pretrained(str(tmp_path / "s")).eval()
+    with torch.no_grad():  # float32, as the export tests of test_deepseek.py
+        ours = forced(held)
+        scale = ours.abs().max().item()
+        assert back.config.rope_fold == 2 and (back(held) - ours).abs().max().item() <= 1e-5 * scale
+        transformers = pytest.importorskip("transformers")
+        forced.save_pretrained(str(tmp_path / "ds"), fmt="deepseek")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ds"), dtype=torch.float32).eval()
+        assert (ref(held).logits - ours).abs().max().item() <= 1e-5 * scale

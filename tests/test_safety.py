@@ -252,3 +252,24 @@ def test_folder_errors_name_the_file(tmp_path):
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])                    # truncated
     with pytest.raises(ValueError, match="model.safetensors cannot be read as safetensors"):
         Transformer.from_pretrained(tmp_path / "t")
+
+
+def test_a_script_stopped_by_sigterm_stops_its_child(tmp_path):
+    """scripts/tiny_ablation.py and zebra_table.py launch training runs through folders.run_child: a SIGTERM to the
+    script reaches the child's whole process group, so no run trains on, orphaned, holding its lock."""
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    parent = (f"import sys; sys.path.insert(0, {ROOT!r}); from folders import run_child; "
+              f"run_child([sys.executable, '-c', {child!r}])")
+    p = subprocess.Popen([sys.executable, "-c", parent], stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=30)[1]
+    assert p.returncode == 1 and "stopped by SIGTERM" in err
+    child_pid = int(pid_file.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
