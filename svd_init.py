@@ -284,7 +284,7 @@ def check_kv_balance(kv_balance):
 def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
             qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
             report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
-            weight_errors=True, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
+            weight_errors=None, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
             rope_fold=None, log=None) -> Transformer:
     """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
     every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
@@ -292,7 +292,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
 
     init: "svd" Algorithm 1 as the paper writes it; "random" its baseline; "rorope" the activation-aware init
     above, which needs `calib` (a LongTensor (N, T) of token ids) and has d_qk = d_h (whiten / weight_errors
-    switch its ingredients off, for ablations). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
+    switch its ingredients off, for ablations; weight_errors=None builds the chosen shape with and without the cost
+    weights and keeps the better). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
     delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
     layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
     {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
@@ -362,17 +363,41 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     if not candidates:  # a fold given, and a budget whose d_r it does not fit
         raise ValueError(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
                          f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
-    best = lp_t = None
-    for d_r_c, fold in candidates:
-        pairs, exponent = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")
-        theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
+    f64s = {i: [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "kvo"] for i in layers}
+
+    def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
+        pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
         parts = {}
         for i in layers:
-            p = f"model.layers.{i}.self_attn."
-            W_KR, A, W, G = _rorope_layer(q_svd[i][0], f64(p + "k_proj.weight"), f64(p + "v_proj.weight"),
-                                          f64(p + "o_proj.weight"), ridge[i], stats[i][1], cfg, pairs,
-                                          weight_errors, kv_balance, fold)
+            W_KR, A, W, G = _rorope_layer(q_svd[i][0], *f64s[i], ridge[i], stats[i][1], cfg, pairs, weights,
+                                          kv_balance, fold)
             parts[i] = dict(W_KR=W_KR, A=A, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
+        return pairs, parts
+
+    def build(d_r_c, fold, pairs, parts, r_kv):
+        exponent = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[1]
+        theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
+        student, rows = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
+                                      theta, whiten, latent_norm, copy, fold)
+        for row in rows:
+            row["rope_fold"] = fold
+        return student, rows
+
+    lp_t = None
+
+    def score(student, what):  # KL on the first 4 calibration sequences, latent norms bypassed (fitted to the best)
+        nonlocal lp_t, idx
+        if lp_t is None:
+            idx = calib[:4].to(model.lm_head.weight.device)
+            lp_t = model(idx).float().log_softmax(-1)
+        kl = _calib_kl(lp_t, student, idx, layers)
+        say(f"rorope: {what}: KL on the calibration tokens {kl:.4f}")
+        return kl
+
+    # 1. the shape: d_r, fold and per-layer r_kv, with the cost weights unless told otherwise
+    idx, best = None, None
+    for d_r_c, fold in candidates:
+        pairs, parts = split(d_r_c, fold, weight_errors is not False)
         if budget is not None:
             spare = budget - len(layers) * d_r_c
             cap = min(d, 2 * n_kv * d_h)
@@ -386,23 +411,20 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             allocs = {"fixed": {i: kv_rank if kv_rank is not None else energy_rank(parts[i]["usv"][1], kv_energy)
                                 for i in layers}}
         for how, r_kv in allocs.items():
-            built = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
-                                  theta, whiten, latent_norm, copy, fold)
-            for row in built[1]:
-                row["rope_fold"] = fold
-            scored = len(candidates) * len(allocs) > 1
-            if scored:
-                if lp_t is None:  # the candidates are scored on the first 4 calibration sequences
-                    idx = calib[:4].to(model.lm_head.weight.device)
-                    lp_t = model(idx).float().log_softmax(-1)
-                kl = _calib_kl(lp_t, built[0], idx, layers)  # scored without latent norms (fitted to the best)
-                say(f"rorope: d_r {d_r_c}, fold {fold}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f}): "
-                    f"KL on the calibration tokens {kl:.4f}")
-                if best is not None and kl >= best[0]:
-                    continue
-                best = (kl, *built)
-            else:
-                best = (None, *built)
+            student, rows = build(d_r_c, fold, pairs, parts, r_kv)
+            if len(candidates) * len(allocs) == 1 and weight_errors is not None:
+                best = (None, student, rows)
+                continue
+            kl = score(student, f"d_r {d_r_c}, fold {fold}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f})")
+            if best is None or kl < best[0]:
+                best = (kl, student, rows, d_r_c, fold, r_kv)
+    # 2. weight_errors=None: the same shape factorised without the cost weights (whitened only), where it scores
+    # better (it does where the latent is tiny: README, "Frequency folding")
+    if weight_errors is None:
+        kl, _, _, d_r_c, fold, r_kv = best
+        student, rows = build(d_r_c, fold, *split(d_r_c, fold, False), r_kv)
+        if score(student, f"d_r {d_r_c}, fold {fold}, without the cost weights") < kl:
+            best = (None, student, rows)
     if report is not None:
         report.extend(best[2])
     calibrate_latent_norms(best[1], calib, layers, latent_norm_init)
@@ -612,7 +634,8 @@ if __name__ == "__main__":
                                # calibration KL picks (1: exact rotation, no folding)
     rank_alloc = "auto"        # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
     whiten = True              # rorope ingredients (for ablations): activation-aware factorisation ...
-    weight_errors = True       # ... key / value errors weighted by their cost
+    weight_errors: bool | None = None  # ... key / value errors weighted by their cost (None: with and without,
+                               # the calibration KL picks)
     kv_balance = 1.0           # ... and the weight of key errors against value errors
     calib_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
                   "assets/data/sft/fastchat_dummy_conversation.json"]  # rorope's calibration text (the SFT mix)

@@ -53,7 +53,7 @@ data_cache = "out/data_cache"
 seed = 0
 norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
-whole_only = False         # only the whole init (unfolded, folded) at each budget: the side-by-side columns
+whole_only = False         # only the last row (the whole init) at each budget: the side-by-side column
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 config = configure(globals())
@@ -133,12 +133,14 @@ rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd"
         ("+ whitened SVD, C-weighted up-projection", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
                                                                      qk_rope_dim=r_d, weight_errors=False)),
         ("+ key/value errors weighted by their cost", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
-                                                                      qk_rope_dim=r_d)),
-        ("+ budget: d_r and per-layer r_kv chosen, no folding", lambda b: dict(init="rorope", kv_budget=None,
-                                                                                 rope_fold=1)),
-        ("+ frequency folding, chosen under the budget (the whole)", lambda b: dict(init="rorope", kv_budget=None,
-                                                                                     rope_fold=rope_fold))]
-rows = rows[-2:] if whole_only else rows  # the whole init, unfolded and folded
+                                                                      qk_rope_dim=r_d, weight_errors=True)),
+        ("+ budget: d_r and per-layer r_kv chosen", lambda b: dict(init="rorope", kv_budget=None, rope_fold=1,
+                                                                    weight_errors=True)),
+        ("+ frequency folding, chosen beside d_r", lambda b: dict(init="rorope", kv_budget=None, rope_fold=rope_fold,
+                                                                   weight_errors=True)),
+        ("+ with or without the cost weights, chosen (the whole)", lambda b: dict(init="rorope", kv_budget=None,
+                                                                                   rope_fold=rope_fold))]
+rows = rows[-1:] if whole_only else rows
 results = {}
 sink = open(out, "a") if out else None
 for frac in budgets:

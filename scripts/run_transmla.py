@@ -14,16 +14,50 @@ from the hub, unreachable here) returns the text file that `scripts/init_ablatio
         --qk-mqa-dim 64 --kv-lora-rank 128 --deepseek-style
     python scripts/init_ablation.py --model=DIR "--budgets=[]" "--calib_sizes=[]" "--others=['out/transmla-128']"
 
-Everything after `--` goes to TransMLA's converter as its own arguments (its README lists them). It runs in the
+Everything after `--` goes to TransMLA's converter as its own arguments (its README lists them). A --model-path that
+transformers 5 wrote (rope_theta inside rope_parameters, tokenizer_class TokenizersBackend) is handed to TransMLA's
+transformers 4.52 through a temporary folder of links with those two fields written the old way: otherwise 4.52
+silently rotates at theta 10000, or cannot load the tokenizer. It runs in the
 clone's transmla/ folder (its modify_config reads files relative to it): give it absolute paths.
 """
+import atexit
 import json
 import os
 import runpy
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402  (plain Python: it runs in TransMLA's venv too)
+
+def readable_by_transformers_4(folder, work):
+    """TransMLA pins transformers 4.52, which misreads a folder that transformers 5 wrote: its rope_theta sits in
+    "rope_parameters" (4.52 would silently use 10000), and tokenizer_class "TokenizersBackend" does not exist there.
+    -> `folder`, or a folder in `work` of links to its files with those two fields written the old way."""
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    tok_path = os.path.join(folder, "tokenizer_config.json")
+    tok = json.load(open(tok_path)) if os.path.exists(tok_path) else {}
+    rp = cfg.get("rope_parameters") or {}
+    if "rope_theta" in cfg and tok.get("tokenizer_class") != "TokenizersBackend":
+        return folder
+    if rp.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = rp
+    cfg["rope_theta"] = cfg.get("rope_theta", rp.get("rope_theta", 10000.0))
+    if tok.get("tokenizer_class") == "TokenizersBackend":
+        tok.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"])
+    out = os.path.join(work, "model")
+    os.makedirs(out)
+    for name in os.listdir(folder):
+        if name not in ("config.json", "tokenizer_config.json"):
+            os.symlink(os.path.join(os.path.abspath(folder), name), os.path.join(out, name))
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
+    if tok:
+        json.dump(tok, open(os.path.join(out, "tokenizer_config.json"), "w"), indent=2)
+    print(f"run_transmla: {folder} was written by transformers 5; TransMLA reads it through {out} (rope_theta "
+          f"{cfg['rope_theta']}, the tokenizer as PreTrainedTokenizerFast)")
+    return out
+
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
@@ -51,6 +85,11 @@ if __name__ == "__main__":
         return datasets.DatasetDict({"train": ds, "test": ds, "validation": ds})
 
     utils.get_dataset = get_dataset
+    work = tempfile.mkdtemp(prefix="run_transmla-")  # links only; removed at exit
+    atexit.register(shutil.rmtree, work, True)
+    if "--model-path" in theirs:
+        at = theirs.index("--model-path") + 1
+        theirs[at] = readable_by_transformers_4(os.path.abspath(theirs[at]), work)
     sys.argv = [os.path.join(src, "converter.py")] + theirs
     os.chdir(os.path.join(repo, "transmla"))  # its modify_config reads transmla/transformers/... from there
     runpy.run_path(sys.argv[0], run_name="__main__")

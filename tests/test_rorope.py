@@ -228,3 +228,16 @@ def test_folding_is_chosen_recorded_and_exported(stories, tmp_path):
         forced.save_pretrained(str(tmp_path / "ds"), fmt="deepseek")
         ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ds"), dtype=torch.float32).eval()
         assert (ref(held).logits - ours).abs().max().item() <= 1e-5 * scale
+
+
+def test_error_weights_unset_keep_the_better_of_with_and_without(stories):
+    """weight_errors=None builds the chosen shape with and without the cost weights and keeps the one with the lower
+    KL on the calibration's first 4 sequences: the result is one of the two forced students, the better one there."""
+    src = stories
+    calib = teacher_text(src, 8, 128, 0)
+    kw = dict(init="rorope", kv_rank=8, qk_rope_dim=4, rope_fold=1, calib=calib)
+    auto, cost, plain = (upcycle(src, weight_errors=w, **kw).eval() for w in (None, True, False))
+    kl = lambda m: kl_per_token(src, m, calib[:4])[0]
+    same = lambda a, b: all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert same(auto, cost) != same(auto, plain)
+    assert kl(auto) == min(kl(cost), kl(plain))
