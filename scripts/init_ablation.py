@@ -123,7 +123,7 @@ for folder in others:
         with open(out, "a") as sink:
             sink.write(json.dumps(dict(model=model, other=folder, kl=kl, ce=ce, cache_pct=pct)) + "\n")
 print(f"{model}: held-out {held_out_seqs} x 512 tokens of {held_out}; teacher CE {ce_t:.3f}; calibration "
-      f"{calib.numel()} tokens of " + ("the SFT mix (seed {seed})" if calib_text == "sft" else f"{held_out} after the "
+      f"{calib.numel()} tokens of " + (f"the SFT mix (seed {seed})" if calib_text == "sft" else f"{held_out} after the "
       "held-out sequences") + f"; {torch.get_num_threads()} threads")
 r_d = d_h // 2  # Algorithm 1's d_qk = d_r = d_h / 2, and the fixed-d_r rows
 rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd", kv_rank=min(b - r_d, cap))),
