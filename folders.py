@@ -112,18 +112,21 @@ def run_child(args, **kw):
     a SIGTERM or SIGINT to this script is passed on to that whole group (torchrun and its workers), which then stops
     as a run stops (a last checkpoint, the lock released); this script waits for it and exits. Without it, killing
     the script would leave its child training, holding the run's lock."""
-    got = []
+    got, proc = [], None
 
     def forward(signum, frame):
         got.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        if proc is not None:  # a signal before the child exists: none is started (checked below)
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         proc = subprocess.Popen(args, start_new_session=True, **kw)
+        if got:
+            os.killpg(proc.pid, got[0])
         out, err = proc.communicate()
     finally:
         for s, h in old.items():

@@ -363,14 +363,14 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     if not candidates:  # a fold given, and a budget whose d_r it does not fit
         raise ValueError(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
                          f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
-    f64s = {i: [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "kvo"] for i in layers}
-
     def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
         pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
         parts = {}
         for i in layers:
-            W_KR, A, W, G = _rorope_layer(q_svd[i][0], *f64s[i], ridge[i], stats[i][1], cfg, pairs, weights,
-                                          kv_balance, fold)
+            # converted per use: no float64 copy of every layer held across the candidates
+            kvo = [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "kvo"]
+            W_KR, A, W, G = _rorope_layer(q_svd[i][0], *kvo, ridge[i], stats[i][1], cfg, pairs, weights, kv_balance,
+                                          fold)
             parts[i] = dict(W_KR=W_KR, A=A, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
         return pairs, parts
 
