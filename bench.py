@@ -262,8 +262,18 @@ if __name__ == "__main__":
     if _decode:
         sys.argv = sys.argv[:1] + sys.argv[2:]
     configure(globals())
+
+    def _sizes(name, text):  # "1,4" (or a list) -> [1, 4]; anything else named before any work
+        vals = [v.strip() for v in str(text).strip("[]()").split(",")]
+        if not all(v.isdigit() and int(v) >= 1 for v in vals):
+            raise ValueError(f"{name}={text!r}: give positive integers, comma-separated (e.g. --batches=1,8,64 "
+                             "--contexts=1024,8192)")
+        return [int(v) for v in vals]
+
+    if repeats < 1 or budget_gib <= 0:
+        raise ValueError(f"repeats={repeats}, budget_gib={budget_gib}: need repeats >= 1 and budget_gib > 0")
     if _decode:
-        _bench_decode([int(v) for v in str(batches).split(",")], [int(v) for v in str(contexts).split(",")],
-                      budget_gib=budget_gib, repeats=repeats)
+        _bench_decode(_sizes("batches", batches), _sizes("contexts", contexts), budget_gib=budget_gib,
+                      repeats=repeats)
     else:
         _bench()

@@ -12,7 +12,8 @@ import shutil
 import torch
 
 import deepseek
-from folders import check_replaceable, read_config_json, safetensors_files, write_folder, write_json
+from folders import (check_crc, check_replaceable, file_crcs, read_config_json, safetensors_files, save_tensors,
+                     write_folder, write_json)
 
 
 def config_fields(hf: dict) -> dict:
@@ -111,17 +112,23 @@ def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> d
             raise ValueError(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
                              "truncated or corrupt. Fix: copy or download it again") from None
         with handle as f:
+            crcs = file_crcs(f)  # ours carry a checksum per tensor; files from elsewhere have none
             for name in f.keys():
                 if reader is not None and reader.skip(name):
                     continue
-                pairs = [(name, None)] if reader is None else reader.tensors(name, f.get_tensor(name))
+                if reader is not None:
+                    raw = f.get_tensor(name)
+                    check_crc(raw, name, crcs, os.path.join(path, fname))
+                pairs = [(name, None)] if reader is None else reader.tensors(name, raw)
                 for k, t in pairs:
                     if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and tied):
                         continue  # derived buffers of old checkpoints; a tied head duplicates the embedding
                     if k not in expected:
                         unexpected.append(k)
                         continue
-                    t = f.get_tensor(k) if t is None else t
+                    if t is None:
+                        t = f.get_tensor(k)
+                        check_crc(t, k, crcs, os.path.join(path, fname))
                     if tuple(t.shape) != tuple(expected[k]):
                         mis_shaped.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k])}")
                         continue
@@ -147,7 +154,6 @@ def save_state(path, config, state_dict, fmt="llama", run_config=None, max_shard
     temporary folder beside it, which then replaces `path`; folders.write_folder). fmt "deepseek": DeepSeek-V3
     (deepseek.py; a model it cannot hold exactly is refused before anything is written; `export` goes to its
     export_config). run_config.json, the tokenizer's files and extra_files are written beside the weights."""
-    from safetensors.torch import save_file
     if fmt not in ("llama", "deepseek"):
         raise ValueError(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
     if export and fmt != "deepseek":
@@ -172,12 +178,12 @@ def save_state(path, config, state_dict, fmt="llama", run_config=None, max_shard
         shards.append(cur)
         meta = {"format": "pt"}
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
+            save_tensors(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata=meta)
+                save_tensors(shard, os.path.join(tmp, name), metadata=meta)
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in sd.values())
             write_json(os.path.join(tmp, "model.safetensors.index.json"),

@@ -108,7 +108,7 @@ require(config, micro_batch=(1, None), seq_len=(1, None), tokens_per_step=(1, No
         epochs=(0, None), lr=(0, None), min_lr_ratio=(0, 1), warmup_frac=(0, 1), weight_decay=(0, None),
         grad_clip=(0, None), log_every=(1, None), eval_every=(1, None), eval_batches=(1, None), ckpt_every=(1, None),
         keep_ckpts=(1, None), kl_chunk=(1, None), val_every=(2, None), calib_tokens=(1, None),
-        calib_seq_len=(0, None), kl_weight=(0, None), ce_weight=(0, None))
+        calib_seq_len=(0, None), kl_weight=(0, None), ce_weight=(0, None), seed=(0, None))
 # -----------------------------------------------------------------------------
 
 # settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
@@ -158,13 +158,13 @@ check_apart(out_dir, "out_dir", {**{f"{k} folder": v for k, v in folders.items()
 check_apart(data_cache, "data_cache", {f"{k} folder": v for k, v in folders.items()})
 configs = {k: read_model_config(v) for k, v in folders.items()}
 calibrating = converting and (init == "rorope" or latent_norm != "none")
+stu_cfg = configs.get("student") or ModelConfig(**model_config)
+if seq_len > stu_cfg.max_seq_len:  # before the conversion's checks, which would name calib_seq_len
+    raise ValueError(f"seq_len={seq_len} is beyond the model's {stu_cfg.max_seq_len} positions "
+                     "(max_position_embeddings). Fix: a seq_len <= that")
 if converting:
     check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens if calibrating else None,
                    calib_seq_len=calib_seq_len or seq_len, latent_norm=latent_norm, latent_norm_init=latent_norm_init)
-stu_cfg = configs.get("student") or ModelConfig(**model_config)
-if seq_len > stu_cfg.max_seq_len:
-    raise ValueError(f"seq_len={seq_len} is beyond the model's {stu_cfg.max_seq_len} positions "
-                     "(max_position_embeddings). Fix: a seq_len <= that")
 if ild and "student" in configs and not converting:  # the layers ILD trains; converting: known after upcycling
     converted_layers(configs["student"], configs["teacher"])
 if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:

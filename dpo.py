@@ -35,12 +35,12 @@ if __name__ == "__main__":
     import json
 
     import torch.distributed as dist
-    from safetensors.torch import load_file, save_file
+    from safetensors import SafetensorError
 
     from configurator import configure, require
     from data import batch_indices, check_sources, collate_pairs, load_pairs
     from ops import linear_logprobs
-    from folders import check_apart, resolve_checkpoint
+    from folders import check_apart, load_tensors, resolve_checkpoint, save_tensors
     from model import Transformer, read_model_config, resolve_dtype
     from tokenizer import Tokenizer, check_tokenizer_for
     from trainer import (RunLog, check_resume_config, check_train_settings, checkpoint_bytes, eval_chunks,
@@ -93,7 +93,13 @@ if __name__ == "__main__":
             logp_chunk=(1, None), pairs_per_step=(1, None), micro_batch=(1, None), max_steps=(-1, None),
             epochs=(0, None), lr=(0, None), min_lr_ratio=(0, 1), warmup_frac=(0, 1), weight_decay=(0, None),
             grad_clip=(0, None), log_every=(1, None), eval_every=(1, None), eval_pairs=(1, None),
-            ckpt_every=(1, None), keep_ckpts=(1, None))
+            ckpt_every=(1, None), keep_ckpts=(1, None), seed=(0, None))
+    if beta == 0:  # -log sigmoid(0) for every pair: a constant loss with zero gradient
+        raise ValueError("beta=0: the DPO loss is then log 2 for every pair and nothing trains. Fix: beta > 0 (the "
+                         "paper's 0.01; config/tiny_dpo.py uses 0.1)")
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length={max_prompt_length} >= max_length={max_length}: a prompt could fill the "
+                         "whole sequence and leave no reply to score. Fix: max_prompt_length < max_length (e.g. half)")
     if long_prompts not in ("truncate", "drop"):
         raise ValueError(f"long_prompts={long_prompts!r}: use 'truncate' or 'drop'")
     export_torch_dtype = check_train_settings(betas, export_dtype)
@@ -173,9 +179,12 @@ if __name__ == "__main__":
         key = hashlib.sha256(json.dumps([ref_from or init_from, pref_data, val_data, val_every, tok.fingerprint(), max_length,
                                          max_prompt_length, long_prompts, len(pairs)]).encode()).hexdigest()[:12]
         path = os.path.join(out_dir, f"ref_logps-{key}.safetensors")
-        if os.path.exists(path):
-            ref_cache = load_file(path)["logps"].to(d.device)
-        else:
+        if os.path.exists(path):  # every rank reads the same file, so every rank decides alike
+            try:
+                ref_cache = load_tensors(path)["logps"].to(d.device)
+            except (OSError, ValueError, KeyError, SafetensorError) as e:
+                log.print(f"WARNING: {path} cannot be used ({type(e).__name__}: {e}); computing it again")
+        if ref_cache is None:
             local = torch.zeros(len(pairs), 2, device=d.device)
             with torch.no_grad():  # the same number of forwards on every rank (the reference is sharded)
                 for ids, real in eval_chunks(len(pairs), micro_batch, d):
@@ -186,7 +195,7 @@ if __name__ == "__main__":
             dist.all_reduce(local)   # each pair was computed by exactly one rank
             ref_cache = local
             if d.master:  # written beside and renamed: a crash never leaves a half file that a resume would read
-                save_file({"logps": local.cpu()}, path + ".tmp")
+                save_tensors({"logps": local.cpu()}, path + ".tmp")
                 os.replace(path + ".tmp", path)
         log.print(f"reference log-probs of {len(pairs)} pairs cached in {path}")
 

@@ -178,7 +178,13 @@ def load_docs(task, data_dir=None, limit=None, split=None):
         import datasets
         hub_id, config, hub_split = HUB[task]
         # EleutherAI/race holds one row per article already, its questions in a `problems` field
-        docs = list(datasets.load_dataset(hub_id, config, split=split or hub_split))
+        try:
+            docs = list(datasets.load_dataset(hub_id, config, split=split or hub_split))
+        except (ConnectionError, FileNotFoundError, OSError) as e:  # offline, no cache, or a dataset gone
+            raise ValueError(f"task {task}: the hub dataset {hub_id} ({config or 'default'}) cannot be read here "
+                             f"({type(e).__name__}: {str(e)[:120]}). Fix: connect to the hub once (the datasets "
+                             "cache keeps it), or --data_dir=DIR of local <task>.jsonl (tests/fixtures/eval holds "
+                             "slices; --convert_from makes the full sets from raw files)") from None
         where = [f"{hub_id} {split or hub_split} row {i}" for i in range(len(docs))]
     at = {id(d): w for d, w in zip(docs, where)}
     docs = limit_docs(task, docs, limit)
@@ -535,6 +541,7 @@ if __name__ == "__main__":
                              "data_dir": data_dir})
     # pre-flight: task names, their data, the tokenizer against the model, before anything is scored
     names = check_tasks(tasks)
+    folder = resolve_checkpoint(model)  # the model is found before any task data is read
     if num_fewshot and any(t != "mmlu" for t in names):
         raise ValueError(f"num_fewshot={num_fewshot}: few-shot is implemented for MMLU only (the harness's first_n "
                          "examples of its dev split); run the other tasks zero-shot in a separate call")
@@ -556,7 +563,6 @@ if __name__ == "__main__":
     for other in (teacher, source):  # the models read after the tasks: found now, not after scoring
         if other:
             resolve_checkpoint(other)
-    folder = resolve_checkpoint(model)
     tok = Tokenizer.from_name(tokenizer, folder)
     check_tokenizer_for(tok, folder)
     for role, other in (("teacher", teacher), ("source", source)):  # a KL across tokenizers is a number of nothing

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from folders import checkpoints, claim_out_dir, latest_checkpoint, write_failed
+from folders import checkpoints, claim_out_dir, latest_checkpoint, load_tensors, save_tensors, write_failed
 
 
 # -----------------------------------------------------------------------------
@@ -237,13 +237,12 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
 
 
 def _write_checkpoint_files(tmp, msd, osd, meta, step, d: Dist):
-    from safetensors.torch import save_file
-    save_file(_rng_state(), os.path.join(tmp, f"rng-rank{d.rank}.safetensors"))
+    save_tensors(_rng_state(), os.path.join(tmp, f"rng-rank{d.rank}.safetensors"))
     if d.master:
-        save_file({k: v.contiguous() for k, v in _untie(msd).items()}, os.path.join(tmp, "model.safetensors"))
+        save_tensors({k: v.contiguous() for k, v in _untie(msd).items()}, os.path.join(tmp, "model.safetensors"))
         flat = {f"{fqn}::{k}": v.reshape(-1) if v.dim() == 0 else v for fqn, st in osd["state"].items()
                 for k, v in st.items()}
-        save_file(flat, os.path.join(tmp, "optimizer.safetensors"))
+        save_tensors(flat, os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({**meta, "step": step, "world": d.world, "param_groups": osd["param_groups"]}, f, indent=2)
 
@@ -310,17 +309,16 @@ def check_resume_config(path, config, model_keys, schedule_keys, log):
 
 def load_checkpoint(path, model, optimizer, d: Dist):
     """Restore model, optimizer and this rank's RNG from `path` (rank 0 reads, then broadcasts). Returns meta."""
-    from safetensors.torch import load_file
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     msd, osd = {}, {}
     if d.master:
-        msd = load_file(os.path.join(path, "model.safetensors"))
+        msd = load_tensors(os.path.join(path, "model.safetensors"))
         if getattr(model.config, "tie_embeddings", False):
             msd.setdefault("lm_head.weight", msd.get("model.embed_tokens.weight"))
             msd.setdefault("model.embed_tokens.weight", msd.get("lm_head.weight"))
         state = {}
-        for key, v in load_file(os.path.join(path, "optimizer.safetensors")).items():
+        for key, v in load_tensors(os.path.join(path, "optimizer.safetensors")).items():
             fqn, k = key.split("::")
             state.setdefault(fqn, {})[k] = v.reshape(()) if k == "step" else v
         osd = {"state": state, "param_groups": meta["param_groups"]}
@@ -328,7 +326,7 @@ def load_checkpoint(path, model, optimizer, d: Dist):
     set_model_state_dict(model, msd, options=opts)
     set_optimizer_state_dict(model, optimizer, osd, options=opts)
     rng_file = os.path.join(path, f"rng-rank{d.rank}.safetensors")  # a rank the writer did not have: rank 0's
-    rng = load_file(rng_file if os.path.exists(rng_file) else os.path.join(path, "rng-rank0.safetensors"))
+    rng = load_tensors(rng_file if os.path.exists(rng_file) else os.path.join(path, "rng-rank0.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -364,15 +362,15 @@ def resumable_checkpoint(out_dir, log=None):
 
 
 def checkpoint_problem(path):
-    """Why the checkpoint at `path` cannot be resumed from (its meta.json or a safetensors file unreadable, truncated
-    or missing), or None. Headers only: a flipped byte inside a tensor is not seen."""
-    from safetensors import SafetensorError, safe_open
+    """Why the checkpoint at `path` cannot be resumed from (its meta.json or a safetensors file unreadable, truncated,
+    missing, or a tensor's bytes not those written: the CRC-32 each file carries), or None. Reads every byte, so a
+    resume reads its checkpoint twice: the price of falling back to the one before instead of failing mid-load."""
+    from safetensors import SafetensorError
     try:
         with open(os.path.join(path, "meta.json")) as f:
             json.load(f)["step"]
         for name in ("model.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as g:
-                g.keys()
+            load_tensors(os.path.join(path, name))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         return f"{type(e).__name__}: {e}"
     return None

@@ -306,7 +306,7 @@ if __name__ == "__main__":
     from folders import check_apart
     from svd_init import check_settings, kl_per_token
     from tokenizer import Tokenizer, check_tokenizer_for
-    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), n_mla=(0, None))
+    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), n_mla=(0, None), seed=(0, None))
     chosen = [k for k in ("mla_layers", "n_mla", "mla_fraction") if config[k] is not None]
     if len(chosen) > 1 or (mla_fraction is not None and cache_budget is not None):
         both = chosen + (["cache_budget"] if cache_budget is not None else [])

@@ -290,7 +290,8 @@ def check_dpo(e):
         d = os.path.join(e.scratch, "dpo", dev.replace(" ", "_"))
         rc = run([sys.executable, "dpo.py", "config/tiny_dpo.py", "--max_steps=5", "--log_every=1", "--ckpt_every=5",
                   "--eval_every=1000", "--eval_pairs=8", "--dtype=float32", f"--device={dev.split()[0]}",
-                  f"--out_dir={d}"] + (["--pairs_per_step=8", "--max_length=128"] if e.dry else []), 60 * time_scale)
+                  f"--out_dir={d}"] + (["--pairs_per_step=8", "--max_length=128", "--max_prompt_length=64"]
+                                       if e.dry else []), 60 * time_scale)
         if rc != 0:
             raise RuntimeError(f"dpo.py on {dev} failed (exit {rc}); its output is above")
         losses[dev] = [r["loss"] for r in records(d, "dpo")]

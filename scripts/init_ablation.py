@@ -57,7 +57,7 @@ whole_only = False         # only the last row (the whole init) at each budget: 
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 config = configure(globals())
-require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(1, None))
+require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(1, None), seed=(0, None))
 if calib_text not in ("sft", "held_out_file"):
     raise ValueError(f"calib_text={calib_text!r}: use 'sft' (the SFT mix) or 'held_out_file' (other sequences of "
                      "the held-out file)")

@@ -442,12 +442,24 @@ def test_grad_clip_zero_means_no_clipping(tiny, tmp_path):
     ("dpo.py", ["--export_dtype=int8"], "export_dtype='int8'"),
     ("dpo.py", ["--betas=('a', 'b')"], "AdamW takes two decay rates"),
     ("svd_init.py", ["--init=rorope", "--kv_balance=-1"], "kv_balance=-1.0: the weight of key errors"),
-    ("svd_init.py", ["--init=rorope", "--kv_balance=0"], "kv_balance=0.0: the weight of key errors")])
+    ("svd_init.py", ["--init=rorope", "--kv_balance=0"], "kv_balance=0.0: the weight of key errors"),
+    ("distill.py", ["--seed=-3"], "seed=-3: must be >= 0"),  # was numpy's "expected non-negative integer"
+    ("zebra.py", ["--seed=-1"], "seed=-1: must be >= 0"),
+    ("distill.py", ["config/tiny_kv8.py", "--seq_len=100000"], "seq_len=100000 is beyond"),  # named calib_seq_len
+    ("dpo.py", ["--beta=0"], "beta=0: the DPO loss is then log 2"),  # trained 25 steps of a constant loss
+    ("dpo.py", ["--max_prompt_length=2000"], "max_prompt_length=2000 >= max_length=1024")])
 def test_settings_that_cannot_work_are_refused_before_work(tiny, tmp_path, script, flags, msg):
     t0 = time.time()
     r = run([script, *flags, f"--out_dir={tmp_path / 'o'}"])
     clean_error(r, msg)
     assert not os.path.exists(tmp_path / "o") and time.time() - t0 < 60
+
+
+def test_bench_sizes_and_evaluate_model_are_checked_first():
+    clean_error(run(["bench.py", "decode", "--batches=0"]), "batches='0': give positive integers")  # int() traceback
+    clean_error(run(["bench.py", "decode", "--contexts=a"]), "contexts='a': give positive integers")
+    # the model before the hub datasets: was the datasets' ConnectionError traceback after 40 s of retries, offline
+    clean_error(run(["evaluate.py", "--model=/nonexistent"], timeout=30), "'/nonexistent' is not a model folder")
 
 
 def test_upcycle_refuses_a_kv_balance_that_is_not_a_weight():
@@ -533,16 +545,18 @@ def test_evaluation_rows_that_cannot_be_scored_are_named_with_file_and_line(tiny
 
 
 def test_resume_skips_an_unreadable_newest_checkpoint(tiny, tmp_path):
-    """A truncated newest checkpoint (a disk that lied, a copy cut short) was a traceback on resume; now the run names
-    it, resumes from the one before it and ends."""
+    """A damaged newest checkpoint (a disk that lied, a copy cut short) was a traceback on resume, and a byte flipped
+    inside a tensor was resumed from without a word; now the run names it, resumes from the one before and ends."""
     cfg, out = distill_cfg(tiny, "corrupt", out_dir=str(tmp_path / "run"), data_cache=str(tmp_path / "cache"),
                            max_steps=4, ckpt_every=2)
     run_script("distill.py", cfg)
-    newest = os.path.join(out, "ckpt-0000004", "model.safetensors")
-    data = open(newest, "rb").read()
-    open(newest, "wb").write(data[:len(data) // 2])
+    newest = os.path.join(out, "ckpt-0000004", "optimizer.safetensors")
+    data = bytearray(open(newest, "rb").read())
+    data[-5] ^= 0x10                            # one bit of the last tensor's bytes: the header still reads
+    open(newest, "wb").write(bytes(data))
     r = run_script("distill.py", cfg, extra=["--resume=True", "--max_steps=6"])
-    assert "ckpt-0000004 cannot be read" in r.stdout and "resume: " in r.stdout and "(step 2)" in r.stdout, r.stdout
+    assert "ckpt-0000004 cannot be read" in r.stdout and "differ from the checksum" in r.stdout, r.stdout
+    assert "resume: " in r.stdout and "(step 2)" in r.stdout, r.stdout
     assert os.path.exists(os.path.join(out, "final"))
     kept = [n for n in os.listdir(out) if n.startswith("ckpt-")]
     assert kept                                 # the run went on saving, keep_ckpts of them

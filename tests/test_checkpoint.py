@@ -99,6 +99,25 @@ def _copy_stories(tmp_path):
     return d, load_file(d / "model.safetensors")
 
 
+def test_a_flipped_byte_inside_a_tensor_is_named(tmp_path):
+    """safetensors' header has no checksum; ours carry a CRC-32 per tensor, so a damaged byte is named at load, in
+    this project's folders and in its DeepSeek-V3 exports. Files without them (from elsewhere) load as before."""
+    student = random_model(tiny_config(**mla_kw(range(4), latent_norm="kv")))
+    student.save_pretrained(tmp_path / "ours")
+    student.save_pretrained(tmp_path / "ds", fmt="deepseek")
+    for folder in ("ours", "ds"):
+        Transformer.from_pretrained(tmp_path / folder)  # intact: loads
+        p = tmp_path / folder / "model.safetensors"
+        data = bytearray(p.read_bytes())
+        data[-3] ^= 0x01
+        p.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=r"model.safetensors: the bytes of tensor \S+ differ from the checksum"):
+            Transformer.from_pretrained(tmp_path / folder)
+    sd = load_file(tmp_path / "ours" / "model.safetensors")
+    save_file(sd, tmp_path / "ours" / "model.safetensors")  # no checksums: read as it is, as a hub download
+    Transformer.from_pretrained(tmp_path / "ours")
+
+
 def test_missing_tensor_is_named(tmp_path):
     d, sd = _copy_stories(tmp_path)
     sd.pop("model.layers.2.mlp.up_proj.weight")
