@@ -5,6 +5,9 @@ file because it imports both ops.py and model.py, which imports ops.py: beside t
     python bench.py          # peak memory and time of the chunked KL vs the naive formula (CPU/GPU)
     python bench.py decode --batches=1,4 --contexts=1024,4096        # decode step: GQA vs MLA naive vs latent
     python bench.py decode --batches=1,8,64 --contexts=1024,8192,32768 --budget_gib=60   # the full grid (GPU)
+    python bench.py sweep        # KL(teacher||student) at init on stories260K: ranks, svd vs random, dynamic
+    python bench.py conversion   # time + peak memory of converting a random Llama-3.2-1B-shaped model
+    python bench.py conversion --init=rorope --calib_tokens=2048   # the same, calibrated on random ids
     python bench.py --help
 """
 import resource
@@ -176,8 +179,8 @@ def _bench_decode(batches, contexts, ranks=(512, 128, 64), budget_gib=40.0, repe
 
 
 # -----------------------------------------------------------------------------
-# svd_init.py's: the stories260K sweep (README table) and the Llama-3.2-1B-shaped conversion benchmark
-# (python svd_init.py --run_sweep=True / --run_bench=True)
+# The conversion: the stories260K sweep (docs/init.md) and the Llama-3.2-1B-shaped conversion time
+# (python bench.py sweep / python bench.py conversion)
 
 
 def init_sweep(teacher, n_seq, seq_len, seed, n_random=5):
@@ -258,8 +261,21 @@ if __name__ == "__main__":
     contexts = "1024,4096"     # decode: filled cache lengths, comma-separated
     budget_gib = 40.0          # decode: memory for the largest-batch table
     repeats = 5                # decode: timed calls per measurement (the median is reported, the spread checked)
-    _decode = sys.argv[1:2] == ["decode"]
-    if _decode:
+    model = "tests/fixtures/stories260K"  # sweep: the teacher
+    sweep_seqs = 16            # sweep: held-out sequences sampled from the teacher ...
+    sweep_len = 256            # ... and their length
+    seed = 0
+    device = "cpu"             # conversion: where the conversion runs
+    init = "svd"               # conversion: "svd" (Algorithm 1) or "rorope" (calibrated on random ids)
+    q_rank = 1424              # conversion: the ranks of the converted Llama-3.2-1B shape
+    kv_rank = 64
+    qk_nope_dim = 32
+    qk_rope_dim = 32
+    calib_tokens = 2048        # conversion, init="rorope"
+    calib_seq_len = 512
+    modes = ("loss", "decode", "sweep", "conversion")
+    mode = sys.argv[1] if sys.argv[1:2] and sys.argv[1] in modes else "loss"
+    if mode != "loss":
         sys.argv = sys.argv[:1] + sys.argv[2:]
     configure(globals())
 
@@ -270,10 +286,16 @@ if __name__ == "__main__":
                              "--contexts=1024,8192)")
         return [int(v) for v in vals]
 
-    if repeats < 1 or budget_gib <= 0:
-        raise ValueError(f"repeats={repeats}, budget_gib={budget_gib}: need repeats >= 1 and budget_gib > 0")
-    if _decode:
+    if repeats < 1 or budget_gib <= 0 or sweep_seqs < 1 or sweep_len < 2 or calib_tokens < 1 or calib_seq_len < 1:
+        raise ValueError(f"repeats={repeats}, budget_gib={budget_gib}, sweep_seqs={sweep_seqs}, sweep_len={sweep_len}, "
+                         f"calib_tokens={calib_tokens}, calib_seq_len={calib_seq_len}: need positive numbers "
+                         "(sweep_len >= 2)")
+    if mode == "decode":
         _bench_decode(_sizes("batches", batches), _sizes("contexts", contexts), budget_gib=budget_gib,
                       repeats=repeats)
+    elif mode == "sweep":
+        init_sweep(Transformer.from_pretrained(model).eval(), sweep_seqs, sweep_len, seed)
+    elif mode == "conversion":
+        conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init, calib_tokens, calib_seq_len)
     else:
         _bench()

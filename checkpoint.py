@@ -12,8 +12,8 @@ import shutil
 import torch
 
 import deepseek
-from folders import (check_crc, check_replaceable, file_crcs, read_config_json, safetensors_files, save_tensors,
-                     write_folder, write_json)
+from folders import (check_crc, check_replaceable, file_crcs, read_config_json, rope_of, safetensors_files,
+                     save_tensors, write_folder, write_json)
 
 
 def config_fields(hf: dict) -> dict:
@@ -29,10 +29,7 @@ def config_fields(hf: dict) -> dict:
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("attention_bias / mlp_bias checkpoints are not supported (no Llama 3 model has them)")
-    # transformers >= 5 may write rope_theta and rope_scaling together as "rope_parameters"
-    rp = dict(hf.get("rope_parameters") or {})
-    theta = hf.get("rope_theta", rp.pop("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    theta, scaling = rope_of(hf)
     eos = hf.get("eos_token_id")
     n_heads = hf["num_attention_heads"]
     return dict(

@@ -20,7 +20,7 @@ a key no script has is an error. On the command line every key must be this scri
 Values after `=` are Python literals (`--lr=3e-4`, `--mla_layers=[1,3,5]`, `--init_from=None`); anything that is not
 a literal is taken as a string (`--out_dir=out/run1`); a string starting with `~/` is expanded to the home folder.
 A script may name positional settings (`configure(globals(), positional=("init_from", "out_dir"))`, as
-`python deepseek.py IN OUT` does): bare arguments fill them in order wherever they stand, and only bare arguments
+`python export.py IN OUT` does): bare arguments fill them in order wherever they stand, and only bare arguments
 ending in .py are config files.
 
 Errors: a bad setting is one line ("error: ..."), exit code 2. configure() also installs an exception hook for the

@@ -48,6 +48,9 @@ HUB_SETS = {
     "orca_dpo_pairs": ("HuggingFaceH4/orca_dpo_pairs", None, ["train_prefs"]),
     "llama3_ultrafeedback_armorm": ("JunxiongWang/llama3-ultrafeedback-armorm", None, ["train"]),
 }
+# the bundled SFT mix (assets/data/PROVENANCE.md): the default training and calibration text of every script
+BUNDLED_SFT = ("assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
+               "assets/data/sft/fastchat_dummy_conversation.json")
 CACHE_VERSION = 3  # bump when tokenisation or packing changes: old caches are then rebuilt, never reused
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system"}

@@ -4,9 +4,9 @@ as DeepseekV3ForCausalLM with no custom code (the engines then serve it with the
 cache), and such folders read back by Transformer.from_pretrained.
 
     python svd_init.py --init=rorope --kv_budget=0.5 --latent_norm=kv --out_dir=out/s   # a student to export
-    python deepseek.py out/s out/s-deepseek                  # export (CPU)
-    python deepseek.py out/s out/s-deepseek --check=True     # + transformers' DeepseekV3 on it; its dtype vs fp32
-    python deepseek.py out/s out/s-deepseek --dtype=bfloat16 # halve the folder for serving
+    python export.py out/s out/s-deepseek                    # export (CPU): export.py, the command of this format
+    python export.py out/s out/s-deepseek --check=True       # + transformers' DeepseekV3 on it; its dtype vs fp32
+    python export.py out/s out/s-deepseek --dtype=bfloat16   # halve the folder for serving
     vllm serve out/s-deepseek                                # on a GPU machine: README "Serving it"
     python evaluate.py --model=out/s-deepseek ...            # any script reads it back
 
@@ -31,13 +31,16 @@ norm eps other than 1e-6 and RoPE scalings the format cannot state are refused. 
 source's head_dim, KV heads and tying, each layer's own ranks) goes into config.json under "mla_upcycle", which the
 engines ignore and the import reads, so ours -> DeepSeek -> ours gives the same model back.
 
-This file is the format alone (config dicts and tensors, no model); model.py calls it, its command line uses model.py.
+This file is the format alone (config dicts and tensors, no model); model.py calls it, and its command line is
+export.py, which sits above the model it loads.
 """
 import math
 import os
 import warnings
 
 import torch
+
+from folders import rope_of
 
 DS_TYPES = ("deepseek_v3", "deepseek_v2")
 # Head sizes (kv_lora_rank + qk_rope_head_dim) that vLLM's MLA code serves (MLACommonBackend: 320, 512, 576; its CPU
@@ -149,7 +152,7 @@ def export_config(cfg, head_size=0) -> dict:
         raise ValueError("this model has no RMSNorm on c_kv, and every engine builds one (kv_a_layernorm): an RMSNorm "
                          "is not an identity, so the export would compute something else (what makes TransMLA's "
                          "exports emit nonsense in stock engines, fxmeng/TransMLA#24). Fix: upcycle with "
-                         "latent_norm=kv (its calibrated init keeps the model close, README 'Serving it') and distil")
+                         "latent_norm=kv (its calibrated init keeps the model close, docs/serving.md) and distil")
     if cfg.latent_norm_eps != HF_LATENT_EPS:
         raise ValueError(f"the latent norms use eps {cfg.latent_norm_eps}; transformers' DeepseekV3 computes them "
                          f"with {HF_LATENT_EPS}. Fix: a model upcycled by this version (latent_norm_eps "
@@ -296,9 +299,7 @@ class Reader:
                                               for i in range(L)):
             bad.append(f"MoE layers (n_routed_experts {hf['n_routed_experts']}, first_k_dense_replace "
                        f"{hf.get('first_k_dense_replace', 0)} < {L} layers)")
-        rp = dict(hf.get("rope_parameters") or {})
-        theta = hf.get("rope_theta", rp.pop("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        theta, scaling = rope_of(hf)
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if kind not in ("default", "llama3"):
             bad.append(f"rope_scaling {kind!r} (model.py's rotary has none or Llama 3's; DeepSeek's YaRN is not "
@@ -431,81 +432,6 @@ def compare_with_transformers(model, folder, n_tokens=64, device="cpu"):
     return (ref(ids).logits - ours).abs().max().item(), ours.abs().max().item()
 
 
-if __name__ == "__main__":
-    from configurator import configure
-    from folders import check_apart, check_not_in_a_live_run, check_replaceable, resolve_checkpoint
-    from model import Transformer, resolve_dtype
-    from tokenizer import Tokenizer
-    init_from = ""             # our MLA model folder (or hub id) to export
-    out_dir = ""               # the DeepSeek-V3 folder to write (new or empty, or one this project wrote)
-    dtype = ""                 # "" keeps the checkpoint's; "bfloat16" halves the folder (engines serve bf16)
-    check = False              # then run the export as an engine would, in its dtype, against the float32 model
-    check_max_kl = 0.05        # --check fails above this KL(float32 model || export) per token (bf16: ~1e-3)
-    head_size = 0              # 0: the model's own r_kv + d_r; 320 / 512 / 576: zero-padded to a shape vLLM serves
-    config = configure(globals(), positional=("init_from", "out_dir"))  # python deepseek.py MODEL_DIR OUT_DIR
-    if not init_from or not out_dir:
-        raise ValueError("deepseek.py needs a model folder and an output folder. Fix: python deepseek.py MODEL_DIR "
-                         "OUT_DIR [--dtype=bfloat16] [--check=True] [--head_size=576]")
-    folder = resolve_checkpoint(init_from)
-    check_apart(out_dir, "out_dir", {"init_from": folder})  # never over its own source (an MLA folder we wrote)
-    check_replaceable(os.path.abspath(os.path.expanduser(out_dir)))
-    check_not_in_a_live_run(out_dir)
-    model = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, "cpu") if dtype else None).eval()
-    try:
-        export_config(model.config, head_size)  # the refusals, before anything is written
-    except ValueError as e:
-        raise ValueError(f"{folder} cannot be exported exactly: {e}") from None
-    try:
-        tok = Tokenizer.from_name("", folder)
-    except (FileNotFoundError, ValueError):
-        tok = None
-    model.save_pretrained(out_dir, run_config={**config, "format": "deepseek_v3"}, tokenizer=tok, fmt="deepseek",
-                          head_size=head_size)
-    c = model.config
-    R, D = engine_shape(c, head_size)
-    print(f"wrote {out_dir}: DeepseekV3ForCausalLM, {c.n_layers} MLA layers, kv_lora_rank {R}, qk_rope_head_dim {D}, "
-          f"q_lora_rank {max(c.q_rank) if c.latent_norm == 'both' else 'null (query fused)'}")
-    print("  " + cache_line(c, head_size))
-    if check:
-        low = model.lm_head.weight.dtype  # the export's own dtype (compare_with_transformers casts the model)
-        # 1. the format: transformers computes, from the folder, exactly what we compute from the same (rounded) weights
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            transformers = None
-            print("--check: transformers is not installed, so the export is read back by this project's reader only")
-        if transformers is not None:
-            err, top = compare_with_transformers(model, out_dir)
-            print(f"transformers' DeepseekV3ForCausalLM vs ours, float32, 64 random ids: max |logit difference| "
-                  f"{err:.2e} (largest logit {top:.1f})")
-            if not err <= 1e-4 * max(top, 1.0):
-                raise ValueError(f"{out_dir}: transformers computes other logits from the export than this project "
-                                 f"does ({err:.2e} apart, largest logit {top:.1f}): the export is not the model. "
-                                 "Please report it, with the source folder's config.json")
-        # 2. the numbers: the export in its own dtype, as it is served, against the source model in float32, on
-        # text the source writes itself (a low-precision copy of an ill-conditioned model passes step 1 and fails here)
-        from ops import kl_and_agreement
-        # the model as read, in float32 (compare_with_transformers cast it); re-read only where --dtype rounded it
-        src = Transformer.from_pretrained(folder, dtype=torch.float32).eval() if dtype else model.float()
-        start = torch.full((4, 1), src.config.bos_id or 0, dtype=torch.long)
-        torch.manual_seed(0)
-        ids = src.generate(start, min(127, src.config.max_seq_len - 1), temperature=1.0)
-        if transformers is not None:
-            eng = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=low).eval()
-            out = eng(ids).logits
-            who = "transformers' DeepseekV3ForCausalLM"
-        else:
-            eng = Transformer.from_pretrained(out_dir, dtype=low).eval()
-            out = eng(ids)
-            who = "this project's reader"
-        with torch.no_grad():
-            kl, agree = kl_and_agreement(src(ids), out)
-        name = str(low).replace("torch.", "")
-        print(f"the export in {name} ({who}) vs the model in float32, {ids.numel()} tokens the model wrote: "
-              f"KL {kl:.2e} nats/token, top-1 agreement {100 * agree:.1f}%")
-        if not kl <= check_max_kl:
-            raise ValueError(f"the export in {name} is not the model: KL {kl:.3f} nats/token (> check_max_kl "
-                             f"{check_max_kl}), top-1 agreement {100 * agree:.1f}%; it works in float32 only. The "
-                             f"folder {out_dir} is written; do not serve it in {name}. Fix: export with "
-                             "--dtype=float32, or re-convert with this version's svd_init.py (its latent scales are "
-                             "bounded)")
+if __name__ == "__main__":  # the command moved above the model it loads (this file is below model.py)
+    raise SystemExit("the export command is export.py: python export.py MODEL_DIR OUT_DIR [--dtype=bfloat16] "
+                     "[--check=True] [--head_size=576]")

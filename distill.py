@@ -17,12 +17,13 @@ The same script pre-trains the tiny CPU teacher with CE only (config/tiny_teache
 kl_weight=0, ce_weight=1). Settings below; a config file, then --key=value, overrides them (configurator.py).
 """
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
 from configurator import configure, require
-from data import PackedData, build_cache, check_sources
+from data import BUNDLED_SFT, PackedData, build_cache, check_sources
 from deepseek import engine_ranks
 from folders import check_apart, resolve_checkpoint
 from ops import linear_kl
@@ -30,9 +31,10 @@ from model import ModelConfig, Transformer, read_model_config, resolve_dtype
 from svd_init import check_settings, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
 from zebra import converted_layers, ild_errors
-from trainer import (RunLog, barrier, check_resume_config, check_train_settings, checkpoint_bytes, eval_chunks,
-                     export_model, finish, fit, host_sum, init_distributed, lr_at, make_optimizer, prepare_out_dir,
-                     resumable_checkpoint, resume_step, shard)
+from trainer import (RunLog, StopRequest, barrier, check_finite, check_resume_config, check_train_settings,
+                     checkpoint_bytes, debug_kill, eval_chunks, export_model, finish, host_sum, init_distributed, lr_at,
+                     make_optimizer, peak_memory_gib, prepare_out_dir, resumable_checkpoint, resume_step,
+                     save_checkpoint, shard, step_line)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -49,7 +51,7 @@ qk_nope_dim: int | None = None
 qk_rope_dim: int | None = None
 init = "svd"               # "svd" (Algorithm 1), "random", or "rorope" (calibrated on this run's own train data)
 kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers per token
-head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for deepseek.py
+head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for export.py
 rope_ladder = "highest"    # rorope settings as in svd_init.py
 rope_fold: int | None = None
 rank_alloc = "auto"
@@ -68,8 +70,7 @@ kl_chunk = 1024            # tokens per chunk of the chunked loss (ops.linear_kl
 loss_on = "all"            # "all" tokens (the paper) or "assistant" tokens only
 ild = False                # intermediate-layer distillation (zebra.py) instead of the KL; teacher = the source
 # data
-sft_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
-            "assets/data/sft/fastchat_dummy_conversation.json"]
+sft_data = list(BUNDLED_SFT)  # files or hub ids (data.py); the bundled mix
 tokenizer = ""             # "" = the model folder's own; or "llama3", "bytes", a folder, a tokenizer.model path
 data_cache = "out/data_cache"
 val_every = 50             # every 50th document is held out
@@ -317,24 +318,11 @@ def fmt(ev):
             + f"KL {ev['kl']:.4f}  student loss {ev['student_ce']:.4f}  teacher loss {ev['teacher_ce']:.4f}")
 
 
-def micro_batches(step):
-    """This rank's micro-batches of `step`, each as a closure computing its loss. The loss is normalised by the
-    step's global number of target tokens, x world because FSDP averages gradients over ranks."""
-    batches = [train_data.get(train_data.batch_indices(step, m, d.rank, d.world, micro_batch, accum, seed))
-               for m in range(accum)]
-    n_tok = host_sum(sum(int((y != -100).sum()) for _, y in batches))  # CPU tensors, gloo: no GPU sync
-    if n_tok == 0:  # loss_on="assistant" and no reply in this step: skipped (trainer.fit logs it)
-        return []
-    if ild:
-        return [lambda x=x, y=y: ild_on_batch(x, y, (y != -100).float() * (d.world / n_tok)) for x, y in batches]
-    return [lambda x=x, y=y: loss_on_batch(x, y, (y != -100).float() * (d.world / n_tok), kl_weight > 0)
-            for x, y in batches]
-
-
 flops_per_token = 6 * n_params + (2 * sum(p.numel() for p in tmodel.parameters()) if kl_weight > 0 else 0)
 
 
 def report(stats, seconds, steps):
+    """The text and numbers of an interval: stats summed over ranks and its steps ({} when none had a target)."""
     kl, ce, _, ntok, ild_err = stats.tolist()
     if ntok == 0:  # every step of the interval was skipped (no target token): nothing to report
         return "", {}
@@ -350,19 +338,65 @@ def report(stats, seconds, steps):
     return text, dict(loss=(kl_weight * kl + ce_weight * ce) / ntok, kl=kl / ntok, ce=ce / ntok, tokens_per_s=tok_s)
 
 
-def evaluate_and_format():
-    ev = evaluate()
-    return fmt(ev), ev
-
-
 ev0 = evaluate()
 log.print(f"held-out at step {start_step}: {fmt(ev0)}")
 log.record("eval", step=start_step, **ev0)
-fit(student, optimizer, d, log, micro_batches, report, evaluate_and_format,
-    start_step=start_step, max_steps=max_steps, lr_fn=lambda s: lr_at(s, lr, max_steps, warmup, lr * min_lr_ratio),
-    grad_clip=grad_clip, n_stats=5, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every,
-    out_dir=out_dir, keep_ckpts=keep_ckpts, meta={"config": config}, debug_kill_at_step=debug_kill_at_step,
-    debug_kill_in_save=debug_kill_in_save)
+
+# --- the loop. Per step: the learning rate, accum micro-batches per rank (their gradients reduce-scattered once, on
+# the last), clipping, the update. Per interval: one host sync to log, a held-out evaluation, an atomic checkpoint.
+# Non-finite numbers stop the run before anything is saved, so the last checkpoint is always a good one.
+stats = torch.zeros(5, device=d.device)  # [KL, CE, teacher CE, target tokens, ILD error], summed until logged
+loss = grad_norm = torch.zeros((), device=d.device)
+t_last, since = time.time(), 0
+stop = StopRequest()  # SIGINT / SIGTERM: stop after this step, with a checkpoint
+for step in range(start_step, max_steps):
+    lr_now = lr_at(step, lr, max_steps, warmup, lr * min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_now
+    batches = [train_data.get(train_data.batch_indices(step, m, d.rank, d.world, micro_batch, accum, seed))
+               for m in range(accum)]  # this rank's micro-batches: (x, y) of (micro_batch, seq_len) each
+    n_tok = host_sum(sum(int((y != -100).sum()) for _, y in batches))  # the step's targets (CPU tensors: no GPU sync)
+    if n_tok == 0:  # loss_on="assistant" and no reply in the whole step (long prompts): nothing to learn
+        log.print(f"step {step + 1}/{max_steps}: no target token in this step's batches; skipped (no update)")
+        log.record("skipped", step=step + 1)
+    else:
+        for m, (x, y) in enumerate(batches):
+            student.set_requires_gradient_sync(m == accum - 1)  # FSDP: reduce-scatter once per step, not per micro
+            weight = (y != -100).float() * (d.world / n_tok)  # the step's mean (x world: FSDP averages over ranks)
+            loss, s = ild_on_batch(x, y, weight) if ild else loss_on_batch(x, y, weight, kl_weight > 0)
+            loss.backward()
+            stats += s
+        # grad_clip 0: no clipping, as in nanoGPT (the norm is still measured and logged)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    since, done = since + 1, step + 1
+    if done == debug_kill_at_step:  # tests: a crash right after an update, before its checkpoint
+        debug_kill()
+    if done % log_every == 0 or done == max_steps:
+        dist.all_reduce(stats)
+        dt = time.time() - t_last
+        text, numbers = report(stats, dt, since)  # the one host sync per interval happens in here
+        if numbers:  # {}: every step of the interval was skipped, nothing to report
+            numbers.update(lr=lr_now, grad_norm=grad_norm.item(), peak_mem_gib=peak_memory_gib(d.device))
+            check_finite(done, numbers, out_dir, log)
+            log.print(step_line(done, max_steps, text, numbers, dt, since))
+            log.record("train", step=done, **numbers)
+        stats.zero_()
+        t_last, since = time.time(), 0
+    if done % eval_every == 0 and done != max_steps:
+        ev = evaluate()
+        log.print(f"held-out at step {done}: {fmt(ev)}")
+        log.record("eval", step=done, **ev)
+    stopping = stop.agreed(d) and done != max_steps
+    if done % ckpt_every == 0 or done == max_steps or stopping:
+        check_finite(done, {"loss": loss.item(), "grad_norm": grad_norm.item()}, out_dir, log)
+        path = save_checkpoint(out_dir, done, student, optimizer, {"config": config}, d, keep_ckpts,
+                               debug_kill if done == debug_kill_in_save else None)
+        log.print(f"checkpoint {path}")
+    if stopping:
+        stop.exit(d, done, max_steps, log)  # the command that resumes, then exit 128 + the signal
+stop.restore()
 
 # --- the end: held-out numbers beside the start's, and the exported model
 ev = evaluate()

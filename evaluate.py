@@ -200,7 +200,8 @@ def check_doc(task, doc, where):
         _, conts, gold, _ = build_requests(task, doc)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, SyntaxError) as e:
         raise ValueError(f"{where}: a {task} row this scorer cannot read ({type(e).__name__}: {e}). Fix: the hub's "
-                         "field names (README 'Evaluation'), or re-convert with --convert_from=RAW_DIR") from None
+                         "field names (docs/training.md, 'Evaluation'), or re-convert with --convert_from=RAW_DIR"
+                         ) from None
     if not (isinstance(gold, int) and 0 <= gold < len(conts)):
         raise ValueError(f"{where}: gold answer {gold!r} is not one of the row's {len(conts)} choices. Fix: the row's "
                          "label")

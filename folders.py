@@ -3,9 +3,9 @@ Folders in and out: the bottom layer the rest of the project stands on. A model 
 config.json read, its safetensors listed (never pickle); a folder written atomically with the record of what was
 written into it; and the rules for what a script may replace or delete.
 
-The rule (README, "What a run may touch"): the project replaces or deletes only what it wrote, recognised by name
-and kind, never by a prefix:
-  - a model folder (svd_init.py, zebra.py, deepseek.py, a run's `final`) is replaced only when it is empty or holds
+The rule (docs/safety.md, "What the project writes"): the project replaces or deletes only what it wrote,
+recognised by name and kind, never by a prefix:
+  - a model folder (svd_init.py, zebra.py, export.py, a run's `final`) is replaced only when it is empty or holds
     exactly the files its WRITTEN_BY.json lists; anything else there, a symbolic link included, is refused;
   - a training run's out_dir holds the names in RUN_NAMES (`ckpt-0000200`, `final`, `distill.txt`, ...); any other
     entry, or a link, makes the whole folder refused before any work;
@@ -87,6 +87,14 @@ def read_config_json(path):
         raise ValueError(f"{os.path.join(path, 'config.json')} holds a JSON {type(hf).__name__}, not the object a "
                          "config.json is. Fix: restore it from the model's source")
     return hf
+
+
+def rope_of(hf: dict):
+    """(rope_theta, rope_scaling or None) of a config.json: transformers >= 5 may write both together as
+    "rope_parameters"."""
+    rp = dict(hf.get("rope_parameters") or {})
+    theta = hf.get("rope_theta", rp.pop("rope_theta", 10000.0))
+    return theta, hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
 
 
 def safetensors_files(path):
@@ -434,7 +442,7 @@ def lock_holder(path):
 
 
 def check_not_in_a_live_run(path):
-    """Raise if `path` lies in the out_dir of a training run that holds its lock (svd_init.py, deepseek.py or
+    """Raise if `path` lies in the out_dir of a training run that holds its lock (svd_init.py, export.py or
     zebra.py told to write OUT/final while distill.py is writing it)."""
     d = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
     lock = os.path.join(d, ".lock")

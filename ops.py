@@ -46,7 +46,7 @@ class _LinearKL(torch.autograd.Function):
             kl = torch.zeros_like(ce)
             if h_t is not None:
                 lp_t = _acc(h_t[a:b] @ W_t.T).log_softmax(-1)
-                kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)
+                kl = token_kl(lp_t, lp_s)
                 stats[2] += (-lp_t.gather(1, y[:, None])[:, 0] * (targets[a:b] >= 0) * valid).sum()
             loss += (weight[a:b] * (kl_weight * kl + ce_weight * ce)).sum()
             stats[0] += (kl * valid).sum()
@@ -101,12 +101,18 @@ def naive_linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weigh
     return (_acc(weight) * (kl_weight * kl + ce_weight * ce)).sum()
 
 
+def token_kl(lp_ref, lp):
+    """KL(p_ref || p) in nats at each position, from log-probabilities (..., V) -> (...). The one formula every KL
+    of the project uses (the loss, the calibration's scores, the reports)."""
+    return (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+
+
 def kl_and_agreement(logits_ref, logits):
     """Two models' logits (..., V) on the same tokens -> (mean KL(p_ref || p) per token in nats, the fraction of
     tokens whose top-1 token agrees). The measure of how far one model (a student, a low-precision copy, an export)
     is from another."""
     lp_r, lp = _acc(logits_ref).log_softmax(-1), _acc(logits).log_softmax(-1)
-    kl = (lp_r.exp() * (lp_r - lp)).sum(-1).mean()
+    kl = token_kl(lp_r, lp).mean()
     return kl.item(), (logits_ref.argmax(-1) == logits.argmax(-1)).float().mean().item()
 
 
@@ -144,6 +150,19 @@ def linear_logprobs(h, W, targets, chunk=1024):
     """h (N, d), W (V, d), targets (N,) -> (N,) fp32 log-probabilities of the targets (0 where target is -100),
     without materialising the (N, V) logits."""
     return _LinearLogprobs.apply(h, W, targets, int(chunk))
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO loss per pair, and the implicit rewards beta (log pi - log pi_ref) of both replies.
+    Inputs: (B,) summed log-probabilities of each reply under the policy and the reference."""
+    chosen_reward = beta * (pi_chosen - ref_chosen)
+    rejected_reward = beta * (pi_rejected - ref_rejected)
+    return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
+
+
+def reply_logps(token_logps, targets):
+    """(N,) per-token log-probs of a (S, T) batch -> (S,) sums over the reply tokens (targets != -100)."""
+    return (token_logps.view(targets.shape) * (targets != -100)).sum(-1)
 
 
 def latent_attention(q, kv, r_kv, scale, mask=None):

@@ -16,7 +16,7 @@ are linear in x, so their second moments are Wᵀ C W. In the paper's orientatio
           heads (n_kv f components per group); the top f/c of them (c = d_h / d_r) rotate at the group's kept
           frequencies (every c-th: a standard rotary at the source's theta). A component that mixes frequencies
           rotates at one of them, a second approximation, but far more of the keys' energy rotates. The group's PCA is
-          plain (a query-weighted one measured worse: README). The calibration KL picks f beside d_r.
+          plain (a query-weighted one measured worse: docs/init.md). The calibration KL picks f beside d_r.
   Factorisation  [K_res | V] (d, 2 n_kv d_h) ≈ W_DKV B with the cost E||x (W - W_DKV B) G||², x the calibration
           activations (whitening, C) and G per column block: key errors through the queries that read them
           (E[q qᵀ] of the group, times the spread of the values they mix), value errors through W_O
@@ -33,6 +33,7 @@ import contextlib
 import torch
 
 from model import ModelConfig, RMSNorm, Transformer
+from ops import token_kl
 
 
 @torch.no_grad()
@@ -300,7 +301,7 @@ def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_e
             M = X1.T @ C @ X1 + X2.T @ C @ X2
             s = torch.ones(n_kv, len(freqs), dtype=C.dtype, device=C.device)
         # the top principal mixes, descending: the t-th rotates at the group's t-th kept frequency (as TransMLA's; an
-        # order by each component's own mean frequency measured worse, README)
+        # order by each component's own mean frequency measured worse, docs/init.md)
         U = torch.linalg.eigh(M)[1][:, -len(slots):].flip(1)
         U = U * torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))           # fixed signs: reproducible
         for t, slot in enumerate(slots):
@@ -346,4 +347,4 @@ def _calib_kl(lp_t, student, idx, layers):
     the latent norms of `layers` bypassed (they are fitted after the choice)."""
     with _bypassed(student, layers):
         lp_s = student(idx).float().log_softmax(-1)  # no dropout here: train and eval mode compute the same
-    return (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
+    return token_kl(lp_t, lp_s).mean().item()

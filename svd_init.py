@@ -9,9 +9,6 @@ key, activation-aware factorisation, ranks under a cache budget; its pieces are 
     python svd_init.py config/smollm2_135m_rorope50.py --init_from=DIR --out_dir=out/rorope50   # a real model
     python svd_init.py config/llama1b_kv64.py --init_from=meta-llama/Llama-3.2-1B-Instruct --out_dir=out/kv64
     python svd_init.py config/llama1b_kv64.py --init_from=DIR --device=cuda      # SVDs on the GPU
-    python svd_init.py --run_sweep=True  # KL(teacher||student) at init on stories260K: ranks, svd vs random, dynamic
-    python svd_init.py --run_bench=True  # time + peak memory of converting a random Llama-3.2-1B-shaped model
-    python svd_init.py --run_bench=True --init=rorope --calib_tokens=2048  # the same, calibrated on random ids
 
 It writes a checkpoint folder that Transformer.from_pretrained loads and prints a per-layer table (ranks, energy
 kept, parameters, KV cache per token and as a percentage of the source's).
@@ -43,7 +40,6 @@ Choices where the paper is silent or ambiguous (each said again where it is made
 """
 import math
 import os
-import sys
 import time
 import warnings
 
@@ -51,6 +47,7 @@ import torch
 
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
+from ops import token_kl
 from rorope import (FOLDS, NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calibrate,
                     calibrate_latent_norms, fold_problem, rope_pairs)
 
@@ -59,13 +56,12 @@ from rorope import (FOLDS, NORM_INITS, _calib_kl, _rorope_layer, _truncate, _wei
 # are), whatever directions a calibration set happens to excite. With 1e-6 a direction the calibration barely saw was
 # scaled up ~1e3 (and ~1e6 after the latent norm's fit): rows of W_DKV whose products cancel, a student that worked in
 # float32 and was another model in bfloat16 (issue 33). 1e-2 costs nothing measurable where the calibration is rich
-# (README "Latent norms").
+# (docs/init.md, "Latent norms").
 RIDGE = 1e-2
 
 
 # -----------------------------------------------------------------------------
-# The factorisation
-
+# Algorithm 1, as the paper writes it (init="svd", and its baseline init="random")
 
 def energy_rank(s, delta):
     """Smallest R with sum_{j<=R} s_j^2 >= delta * sum_j s_j^2 (eq. 14). s: singular values, descending."""
@@ -83,6 +79,303 @@ def _svd(W):
     U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
     return U, S, Vh
 
+
+def _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm, seed, report,
+                copy):
+    """init "svd" (Algorithm 1) and "random" (its baseline)."""
+    cfg = model.config
+    d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
+    g = H // n_kv
+    src = model.state_dict()
+    new_sd, ranks = {}, {}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for i in sorted(layers):
+        p = f"model.layers.{i}.self_attn."
+        W_Q = src[p + "q_proj.weight"].T            # (d, H d_h)  paper orientation
+        W_K = src[p + "k_proj.weight"].T            # (d, n_kv d_h)
+        W_V = src[p + "v_proj.weight"].T            # (d, n_kv d_h)
+        out_dtype = W_Q.dtype
+        U_q, S_q, Vh_q = _svd(W_Q)                               # (d, m), (m,), (m, H d_h)
+        # un-repeated: (d, m'), (m',), (m', 2 n_kv d_h). The repeated matrix has the same U and singular values
+        # sqrt(g) S_kv: no energy fraction changes, and its S V^T is this S V^T with each head's columns repeated
+        U_kv, S_kv, Vh_kv = _svd(torch.cat([W_K, W_V], dim=1))
+        r_q = q_rank if q_rank is not None else energy_rank(S_q, q_energy)
+        r_kv = kv_rank if kv_rank is not None else energy_rank(S_kv, kv_energy)
+        ranks[i] = (r_q, r_kv)
+        W_DQ = U_q[:, :r_q]                                             # (d, r_q)
+        W_UQR = (S_q[:r_q, None] * Vh_q[:r_q]).view(r_q, H, d_h)        # (r_q, H, d_h)
+        W_UQ = W_UQR[:, :, :d_qk].reshape(r_q, H * d_qk)
+        W_QR = W_UQR[:, :, d_h - d_r:].reshape(r_q, H * d_r)            # the LAST d_r dims, literally (eq. 9)
+        W_DKV = U_kv[:, :r_kv]                                          # (d, r_kv)
+        W_UKV = S_kv[:r_kv, None] * Vh_kv[:r_kv]                        # (r_kv, 2 n_kv d_h), heads not yet repeated
+        W_UK = W_UKV[:, :n_kv * d_h].view(r_kv, n_kv, 1, d_h).expand(r_kv, n_kv, g, d_h)  # KV head j -> heads j*g..
+        W_UK = W_UK.reshape(r_kv, H, d_h)[:, :, :d_qk].reshape(r_kv, H * d_qk)           # first d_qk dims (eq. 11)
+        W_UV = W_UKV[:, n_kv * d_h:].view(r_kv, n_kv, 1, d_h).expand(r_kv, n_kv, g, d_h).reshape(r_kv, H * d_h)
+        W_KR = W_K.float().view(d, n_kv, d_h).mean(1)[:, d_h - d_r:]   # (d, d_r); mean over H repeated = over n_kv
+        weights = dict(W_DQ=W_DQ, W_UQ=W_UQ, W_QR=W_QR, W_DKV=W_DKV, W_KR=W_KR, W_UK=W_UK, W_UV=W_UV)
+        for name, W in weights.items():
+            if init == "random":  # same shape and RMS as the SVD factor it replaces: only the structure differs
+                W = torch.randn(W.shape, generator=gen).to(W.device) * W.float().pow(2).mean().sqrt()
+            new_sd[p + name + ".weight"] = W.T.contiguous().to(out_dtype)  # nn.Linear holds (out, in)
+        new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
+        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv, out_dtype, W_Q.device))
+        if report is not None:
+            n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
+            report.append(dict(layer=i, r_q=r_q, r_kv=r_kv, q_energy=energy_kept(S_q, r_q),
+                               kv_energy=energy_kept(S_kv, r_kv), params=n_attn,
+                               src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
+                               cache=r_kv + d_r, src_cache=2 * n_kv * d_h))
+    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_qk, d_r, latent_norm), copy)
+
+
+# -----------------------------------------------------------------------------
+# The student every init assembles: the converted layers' config, the latent-norm placeholders, the model
+
+def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_rope_theta=0.0,
+               rope_fold=1) -> ModelConfig:
+    """The config of the upcycled model: `cfg` with layers {layer: (r_q, r_kv)} made MLA (added to the source's own
+    MLA layers, if any, which keep their ranks). Each layer keeps its own ranks: nothing is shared between layers."""
+    if cfg.mla_layers and latent_norm != cfg.latent_norm:
+        raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm}; new layers must match")
+    if cfg.mla_layers and (qk_rope_theta or cfg.rope_theta) != (cfg.qk_rope_theta or cfg.rope_theta):
+        raise ValueError(f"the source's MLA layers rotate at theta {cfg.qk_rope_theta or cfg.rope_theta}; new layers "
+                         f"would use {qk_rope_theta or cfg.rope_theta}: use the same qk_rope_dim and rope_ladder")
+    ranks = dict(ranks)
+    for j, i in enumerate(cfg.mla_layers):
+        ranks[i] = (cfg.q_rank[j], cfg.kv_rank[j])
+    order = sorted(ranks)
+    return ModelConfig(**{**vars(cfg), "mla_layers": tuple(order), "q_rank": tuple(ranks[i][0] for i in order),
+                          "kv_rank": tuple(ranks[i][1] for i in order), "qk_nope_dim": d_qk, "qk_rope_dim": d_r,
+                          "latent_norm": latent_norm, "qk_rope_theta": qk_rope_theta, "rope_fold": rope_fold})
+
+
+def _norm_placeholders(prefix, latent_norm, r_q, r_kv, dtype, device):
+    """Latent-norm weights at 1 (calibrate_latent_norms then sets them)."""
+    out = {}
+    if latent_norm != "none":
+        out[prefix + "kv_norm.weight"] = torch.ones(r_kv, dtype=dtype, device=device)
+    if latent_norm == "both":
+        out[prefix + "q_norm.weight"] = torch.ones(r_q, dtype=dtype, device=device)
+    return out
+
+
+def _assemble(model, layers, new_sd, new_cfg, copy):
+    """The student Transformer: new_sd for the converted attentions, everything else from `model`."""
+    cfg = model.config
+    src = model.state_dict()
+    with torch.device("meta"):
+        student = Transformer(new_cfg)
+    converted = tuple(f"model.layers.{i}.self_attn." for i in layers)
+    for k, v in src.items():                  # everything that is not a converted attention is copied as is
+        if not k.startswith(converted) and not (k == "lm_head.weight" and cfg.tie_embeddings):
+            new_sd[k] = v.clone() if copy else v
+    student.load_state_dict(new_sd, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        student.lm_head.weight = student.model.embed_tokens.weight
+    student._init_rope(model.lm_head.weight.device)
+    for name in ("inv_freq_gqa", "inv_freq_mla"):  # a source moved to float64 has float64 rotary buffers: match it
+        setattr(student, name, getattr(student, name).to(model.inv_freq_gqa.dtype))
+    return student.train(model.training)
+
+
+# -----------------------------------------------------------------------------
+# upcycle(): every init behind one call; init="rorope" is built here from rorope.py's pieces
+
+@torch.no_grad()
+def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
+            qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
+            report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
+            weight_errors=None, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
+            rope_fold=None, log=None) -> Transformer:
+    """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
+    every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
+    `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
+
+    init: "svd" Algorithm 1 as the paper writes it; "random" its baseline; "rorope" the activation-aware init
+    above, which needs `calib` (a LongTensor (N, T) of token ids) and has d_qk = d_h (whiten / weight_errors
+    switch its ingredients off, for ablations; weight_errors=None builds the chosen shape with and without the cost
+    weights and keeps the better). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
+    delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
+    layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
+    {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
+    q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd". rope_fold (rorope): fold 1, 2, 4 or 8 adjacent
+    frequencies into the shared key (rorope.py); None: the calibration KL picks it beside d_r.
+    latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q and c_kv (serving engines need them: deepseek.py),
+    set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
+    If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
+    cfg = model.config
+    latent_norm = latent_norm_kind(latent_norm)  # True / False as "both" / "none"
+    if latent_norm != "none" and latent_norm_init != "ones" and calib is None:
+        raise ValueError(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
+                         "(N, T)), or latent_norm_init='ones'")
+    if latent_norm == "both" and latent_norm_init in ("calibrated", "diagonal"):
+        warnings.warn("latent_norm='both' with a calibrated basis for c_q starts close to the no-norm model but "
+                      "trained badly in the tiny ablation of docs/init.md (KL 1.73 -> 1.39, against 0.19 for "
+                      "latent_norm='kv'). "
+                      "Prefer 'kv' (a full-rank query is exported without a norm anyway), or "
+                      "latent_norm_init='ones' for 'both'", UserWarning, stacklevel=3)
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+               None)
+    if bad is not None:  # else a LinAlgError deep inside an SVD, or a NaN student
+        raise ValueError(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
+                         "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
+    check_kv_balance(kv_balance)
+    layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
+    d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
+    if q_rank is None and q_energy is None:
+        q_rank = min(d, H * d_h)
+    d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
+    _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
+                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init, rope_fold)
+    budget = None
+    if kv_budget is not None:
+        budget = kv_budget_numbers(kv_budget, len(layers) * 2 * n_kv * d_h)
+        if init != "rorope":  # Algorithm 1 / random under a budget: the same r_kv in every layer
+            kv_rank = min(budget // len(layers) - d_r, min(d, 2 * n_kv * d_h))
+    if init != "rorope":
+        student = _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm,
+                              seed, report, copy)
+        calibrate_latent_norms(student, calib, layers, latent_norm_init)
+        return student
+    say = log or (lambda *a: None)
+    stats, n_tok = calibrate(model, calib, layers)
+    _check_calib_size(n_tok, q_rank, kv_rank, cfg)
+    src = model.state_dict()
+    f64 = lambda k: src[k].double().T  # paper orientation, float64
+    ridge = {i: C + RIDGE * C.diagonal().mean() * torch.eye(d, dtype=C.dtype, device=C.device)
+             for i, (C, _) in stats.items()}
+    q_svd = {}
+    for i in layers:  # the query's factorisation does not depend on d_r
+        W_Q = f64(f"model.layers.{i}.self_attn.q_proj.weight")
+        full = q_rank is not None and q_rank == min(d, H * d_h)  # nothing to truncate: no SVD (exact, and fast)
+        q_svd[i] = (W_Q, None if full else _weighted_svd(W_Q, ridge[i], None, whiten))
+    if d_r is not None:
+        candidates = [d_r]
+    else:  # budget, no d_r given: the largest ones that leave every layer some latent; the calibration KL decides
+        candidates = [r for r in (d_h, d_h // 2, d_h // 4) if r >= 2 and r % 2 == 0 and budget >= len(layers) * (r + 1)
+                      and (rope_ladder == "highest" or (d_h // 2) % (r // 2) == 0)]
+        if not candidates:  # a tight budget: the largest d_r that still leaves every layer r_kv >= 1
+            r = min(d_h, (budget // len(layers) - 1) // 2 * 2)
+            while rope_ladder == "every" and (d_h // 2) % (r // 2):
+                r -= 2
+            candidates = [r]
+    # with the fold: unset, the calibration KL picks it among the valid ones
+    d_rs, candidates = candidates, [(r, f) for r in candidates for f in ([rope_fold] if rope_fold is not None else
+                                                                         FOLDS) if not fold_problem(d_h, r, f)]
+    if not candidates:  # a fold given, and a budget whose d_r it does not fit
+        raise ValueError(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
+                         f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
+    def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
+        pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
+        parts = {}
+        for i in layers:
+            # converted per use: no float64 copy of every layer held across the candidates
+            kvo = [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "kvo"]
+            W_KR, A, W, G = _rorope_layer(q_svd[i][0], *kvo, ridge[i], stats[i][1], cfg, pairs, weights, kv_balance,
+                                          fold)
+            parts[i] = dict(W_KR=W_KR, A=A, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
+        return pairs, parts
+
+    def build(d_r_c, fold, pairs, parts, r_kv):
+        exponent = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[1]
+        theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
+        student, rows = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
+                                      theta, whiten, latent_norm, copy, fold)
+        for row in rows:
+            row["rope_fold"] = fold
+        return student, rows
+
+    lp_t = None
+
+    def score(student, what):  # KL on the first 4 calibration sequences, latent norms bypassed (fitted to the best)
+        nonlocal lp_t, idx
+        if lp_t is None:
+            idx = calib[:4].to(model.lm_head.weight.device)
+            lp_t = model(idx).float().log_softmax(-1)
+        kl = _calib_kl(lp_t, student, idx, layers)
+        say(f"rorope: {what}: KL on the calibration tokens {kl:.4f}")
+        return kl
+
+    # 1. the shape: d_r, fold and per-layer r_kv, with the cost weights unless told otherwise
+    idx, best = None, None
+    for d_r_c, fold in candidates:
+        pairs, parts = split(d_r_c, fold, weight_errors is not False)
+        if budget is not None:
+            spare = budget - len(layers) * d_r_c
+            cap = min(d, 2 * n_kv * d_h)
+            allocs = {"uniform": {i: min(spare // len(layers), cap) for i in layers}}
+            if rank_alloc != "uniform":  # relative error per layer: raw spectra are not comparable across layers
+                spectra = {i: parts[i]["usv"][1] for i in layers}
+                allocs["waterfill"] = allocate_ranks({i: S / S.norm() for i, S in spectra.items()}, spare)
+            if rank_alloc == "waterfill":
+                del allocs["uniform"]
+        else:
+            allocs = {"fixed": {i: kv_rank if kv_rank is not None else energy_rank(parts[i]["usv"][1], kv_energy)
+                                for i in layers}}
+        for how, r_kv in allocs.items():
+            student, rows = build(d_r_c, fold, pairs, parts, r_kv)
+            if len(candidates) * len(allocs) == 1 and weight_errors is not None:
+                best = (None, student, rows)
+                continue
+            kl = score(student, f"d_r {d_r_c}, fold {fold}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f})")
+            if best is None or kl < best[0]:
+                best = (kl, student, rows, d_r_c, fold, r_kv)
+    # 2. weight_errors=None: the same shape factorised without the cost weights (whitened only), where it scores
+    # better (it does where the latent is tiny: docs/init.md, "Frequency folding")
+    if weight_errors is None:
+        kl, _, _, d_r_c, fold, r_kv = best
+        student, rows = build(d_r_c, fold, *split(d_r_c, fold, False), r_kv)
+        if score(student, f"d_r {d_r_c}, fold {fold}, without the cost weights") < kl:
+            best = (None, student, rows)
+    if report is not None:
+        report.extend(best[2])
+    calibrate_latent_norms(best[1], calib, layers, latent_norm_init)
+    return best[1]
+
+
+def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c, theta, whiten,
+                  latent_norm, copy, fold=1):
+    """The rorope student for one choice of d_r and per-layer r_kv. -> (student, report rows)."""
+    cfg = model.config
+    d_h, H, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    new_sd, ranks, rep = {}, {}, []
+    for i in layers:
+        p = f"model.layers.{i}.self_attn."
+        W_KR, A, W, G, usv = (parts[i][k] for k in ("W_KR", "A", "W", "G", "usv"))
+        W_Q, q_usv = q_svd[i]
+        r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
+        ranks[i] = (r_q, r_kv[i])
+        if q_usv is None:  # full r_q: the identity on whichever side is smaller
+            eye = torch.eye(r_q, dtype=W_Q.dtype, device=W_Q.device)
+            W_DQ, B_q = (eye, W_Q) if r_q == W_Q.shape[0] else (W_Q, eye)
+        else:
+            W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)     # (d, r_q), (r_q, H d_h)
+        W_DKV, B_kv = _truncate(W, ridge[i], G, usv, r_kv[i], whiten)           # (d, r_kv), (r_kv, 2 n_kv d_h)
+        c = math.sqrt((d_h + d_r_c) / d_h)  # MLA divides scores by √(d_qk + d_r) = √(d_h + d_r), Llama by √d_h
+        Bq = B_q.view(r_q, H, d_h)
+        A_h = A[torch.arange(H) // (H // n_kv)]                                 # (H, d_h/2, d_r/2): each head's group
+        cBq = c * Bq
+        W_QR = torch.cat([torch.einsum("rhi,hit->rht", cBq[:, :, half], A_h) for half in (slice(0, d_h // 2),
+                                                                                        slice(d_h // 2, d_h))], -1)
+        rep_heads = lambda B: B.view(-1, n_kv, 1, d_h).expand(-1, n_kv, H // n_kv, d_h).reshape(-1, H * d_h)
+        weights = dict(W_DQ=W_DQ, W_UQ=c * B_q, W_QR=W_QR.reshape(r_q, H * d_r_c),
+                       W_DKV=W_DKV, W_KR=W_KR, W_UK=rep_heads(B_kv[:, :n_kv * d_h]),
+                       W_UV=rep_heads(B_kv[:, n_kv * d_h:]))
+        dt = src[p + "q_proj.weight"].dtype
+        for name, Wt in weights.items():
+            new_sd[p + name + ".weight"] = Wt.T.contiguous().to(dt)
+        new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
+        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv[i], dt, W_Q.device))
+        n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
+        rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=energy_kept(q_usv[1], r_q) if q_usv else 1.0,
+                        kv_energy=energy_kept(usv[1], r_kv[i]), params=n_attn,
+                        src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
+                        cache=r_kv[i] + d_r_c, src_cache=2 * n_kv * d_h))
+    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_h, d_r_c, latent_norm, theta, fold), copy), rep
+
+
+# -----------------------------------------------------------------------------
+# Settings, checked before any weight is read
 
 INITS = ("svd", "random", "rorope")
 LADDERS = ("highest", "every")
@@ -222,7 +515,13 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
             fit = int(calib_tokens * 0.8 * free / need)
             raise ValueError(f"calib_tokens={calib_tokens} would hold about {need / 2**30:.1f} GiB during calibration, "
                              f"more than this machine's {free / 2**30:.1f} GiB available per process. Fix: "
-                             f"calib_tokens <= {fit} (8192-32768 is plenty: see the README's calibration sizes)")
+                             f"calib_tokens <= {fit} (8192-32768 is plenty: see docs/init.md, calibration sizes)")
+
+
+def check_kv_balance(kv_balance):
+    if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
+        raise ValueError(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
+                         "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
 
 
 def calib_bytes(cfg: ModelConfig, n_tokens, n_layers, latent_norm="none", latent_norm_init="calibrated",
@@ -254,306 +553,8 @@ def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
                          f"(calib_tokens; a few x d = {cfg.dim} is the least useful, 8192+ recommended)")
 
 
-def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_rope_theta=0.0,
-               rope_fold=1) -> ModelConfig:
-    """The config of the upcycled model: `cfg` with layers {layer: (r_q, r_kv)} made MLA (added to the source's own
-    MLA layers, if any, which keep their ranks). Each layer keeps its own ranks: nothing is shared between layers."""
-    if cfg.mla_layers and latent_norm != cfg.latent_norm:
-        raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm}; new layers must match")
-    if cfg.mla_layers and (qk_rope_theta or cfg.rope_theta) != (cfg.qk_rope_theta or cfg.rope_theta):
-        raise ValueError(f"the source's MLA layers rotate at theta {cfg.qk_rope_theta or cfg.rope_theta}; new layers "
-                         f"would use {qk_rope_theta or cfg.rope_theta}: use the same qk_rope_dim and rope_ladder")
-    ranks = dict(ranks)
-    for j, i in enumerate(cfg.mla_layers):
-        ranks[i] = (cfg.q_rank[j], cfg.kv_rank[j])
-    order = sorted(ranks)
-    return ModelConfig(**{**vars(cfg), "mla_layers": tuple(order), "q_rank": tuple(ranks[i][0] for i in order),
-                          "kv_rank": tuple(ranks[i][1] for i in order), "qk_nope_dim": d_qk, "qk_rope_dim": d_r,
-                          "latent_norm": latent_norm, "qk_rope_theta": qk_rope_theta, "rope_fold": rope_fold})
-
-
-
-
-@torch.no_grad()
-def check_kv_balance(kv_balance):
-    if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
-        raise ValueError(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
-                         "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
-
-
-def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-            qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
-            report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
-            weight_errors=None, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
-            rope_fold=None, log=None) -> Transformer:
-    """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
-    every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
-    `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
-
-    init: "svd" Algorithm 1 as the paper writes it; "random" its baseline; "rorope" the activation-aware init
-    above, which needs `calib` (a LongTensor (N, T) of token ids) and has d_qk = d_h (whiten / weight_errors
-    switch its ingredients off, for ablations; weight_errors=None builds the chosen shape with and without the cost
-    weights and keeps the better). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
-    delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
-    layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
-    {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
-    q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd". rope_fold (rorope): fold 1, 2, 4 or 8 adjacent
-    frequencies into the shared key (rorope.py); None: the calibration KL picks it beside d_r.
-    latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q and c_kv (serving engines need them: deepseek.py),
-    set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
-    If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
-    cfg = model.config
-    latent_norm = latent_norm_kind(latent_norm)  # True / False as "both" / "none"
-    if latent_norm != "none" and latent_norm_init != "ones" and calib is None:
-        raise ValueError(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
-                         "(N, T)), or latent_norm_init='ones'")
-    if latent_norm == "both" and latent_norm_init in ("calibrated", "diagonal"):
-        warnings.warn("latent_norm='both' with a calibrated basis for c_q starts close to the no-norm model but trained "
-                      "badly in the README's tiny ablation (KL 1.73 -> 1.39, against 0.19 for latent_norm='kv'). "
-                      "Prefer 'kv' (a full-rank query is exported without a norm anyway), or "
-                      "latent_norm_init='ones' for 'both'", UserWarning, stacklevel=3)
-    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
-               None)
-    if bad is not None:  # else a LinAlgError deep inside an SVD, or a NaN student
-        raise ValueError(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
-                         "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
-    check_kv_balance(kv_balance)
-    layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
-    d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
-    if q_rank is None and q_energy is None:
-        q_rank = min(d, H * d_h)
-    d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
-    _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init, rope_fold)
-    budget = None
-    if kv_budget is not None:
-        budget = kv_budget_numbers(kv_budget, len(layers) * 2 * n_kv * d_h)
-        if init != "rorope":  # Algorithm 1 / random under a budget: the same r_kv in every layer
-            kv_rank = min(budget // len(layers) - d_r, min(d, 2 * n_kv * d_h))
-    if init != "rorope":
-        student = _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm,
-                              seed, report, copy)
-        calibrate_latent_norms(student, calib, layers, latent_norm_init)
-        return student
-    say = log or (lambda *a: None)
-    stats, n_tok = calibrate(model, calib, layers)
-    _check_calib_size(n_tok, q_rank, kv_rank, cfg)
-    src = model.state_dict()
-    f64 = lambda k: src[k].double().T  # paper orientation, float64
-    ridge = {i: C + RIDGE * C.diagonal().mean() * torch.eye(d, dtype=C.dtype, device=C.device)
-             for i, (C, _) in stats.items()}
-    q_svd = {}
-    for i in layers:  # the query's factorisation does not depend on d_r
-        W_Q = f64(f"model.layers.{i}.self_attn.q_proj.weight")
-        full = q_rank is not None and q_rank == min(d, H * d_h)  # nothing to truncate: no SVD (exact, and fast)
-        q_svd[i] = (W_Q, None if full else _weighted_svd(W_Q, ridge[i], None, whiten))
-    if d_r is not None:
-        candidates = [d_r]
-    else:  # budget, no d_r given: the largest ones that leave every layer some latent; the calibration KL decides
-        candidates = [r for r in (d_h, d_h // 2, d_h // 4) if r >= 2 and r % 2 == 0 and budget >= len(layers) * (r + 1)
-                      and (rope_ladder == "highest" or (d_h // 2) % (r // 2) == 0)]
-        if not candidates:  # a tight budget: the largest d_r that still leaves every layer r_kv >= 1
-            r = min(d_h, (budget // len(layers) - 1) // 2 * 2)
-            while rope_ladder == "every" and (d_h // 2) % (r // 2):
-                r -= 2
-            candidates = [r]
-    # with the fold: unset, the calibration KL picks it among the valid ones
-    d_rs, candidates = candidates, [(r, f) for r in candidates for f in ([rope_fold] if rope_fold is not None else
-                                                                         FOLDS) if not fold_problem(d_h, r, f)]
-    if not candidates:  # a fold given, and a budget whose d_r it does not fit
-        raise ValueError(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
-                         f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
-    def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
-        pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
-        parts = {}
-        for i in layers:
-            # converted per use: no float64 copy of every layer held across the candidates
-            kvo = [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "kvo"]
-            W_KR, A, W, G = _rorope_layer(q_svd[i][0], *kvo, ridge[i], stats[i][1], cfg, pairs, weights, kv_balance,
-                                          fold)
-            parts[i] = dict(W_KR=W_KR, A=A, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
-        return pairs, parts
-
-    def build(d_r_c, fold, pairs, parts, r_kv):
-        exponent = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[1]
-        theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
-        student, rows = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
-                                      theta, whiten, latent_norm, copy, fold)
-        for row in rows:
-            row["rope_fold"] = fold
-        return student, rows
-
-    lp_t = None
-
-    def score(student, what):  # KL on the first 4 calibration sequences, latent norms bypassed (fitted to the best)
-        nonlocal lp_t, idx
-        if lp_t is None:
-            idx = calib[:4].to(model.lm_head.weight.device)
-            lp_t = model(idx).float().log_softmax(-1)
-        kl = _calib_kl(lp_t, student, idx, layers)
-        say(f"rorope: {what}: KL on the calibration tokens {kl:.4f}")
-        return kl
-
-    # 1. the shape: d_r, fold and per-layer r_kv, with the cost weights unless told otherwise
-    idx, best = None, None
-    for d_r_c, fold in candidates:
-        pairs, parts = split(d_r_c, fold, weight_errors is not False)
-        if budget is not None:
-            spare = budget - len(layers) * d_r_c
-            cap = min(d, 2 * n_kv * d_h)
-            allocs = {"uniform": {i: min(spare // len(layers), cap) for i in layers}}
-            if rank_alloc != "uniform":  # relative error per layer: raw spectra are not comparable across layers
-                spectra = {i: parts[i]["usv"][1] for i in layers}
-                allocs["waterfill"] = allocate_ranks({i: S / S.norm() for i, S in spectra.items()}, spare)
-            if rank_alloc == "waterfill":
-                del allocs["uniform"]
-        else:
-            allocs = {"fixed": {i: kv_rank if kv_rank is not None else energy_rank(parts[i]["usv"][1], kv_energy)
-                                for i in layers}}
-        for how, r_kv in allocs.items():
-            student, rows = build(d_r_c, fold, pairs, parts, r_kv)
-            if len(candidates) * len(allocs) == 1 and weight_errors is not None:
-                best = (None, student, rows)
-                continue
-            kl = score(student, f"d_r {d_r_c}, fold {fold}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f})")
-            if best is None or kl < best[0]:
-                best = (kl, student, rows, d_r_c, fold, r_kv)
-    # 2. weight_errors=None: the same shape factorised without the cost weights (whitened only), where it scores
-    # better (it does where the latent is tiny: README, "Frequency folding")
-    if weight_errors is None:
-        kl, _, _, d_r_c, fold, r_kv = best
-        student, rows = build(d_r_c, fold, *split(d_r_c, fold, False), r_kv)
-        if score(student, f"d_r {d_r_c}, fold {fold}, without the cost weights") < kl:
-            best = (None, student, rows)
-    if report is not None:
-        report.extend(best[2])
-    calibrate_latent_norms(best[1], calib, layers, latent_norm_init)
-    return best[1]
-
-
-def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c, theta, whiten,
-                  latent_norm, copy, fold=1):
-    """The rorope student for one choice of d_r and per-layer r_kv. -> (student, report rows)."""
-    cfg = model.config
-    d_h, H, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    new_sd, ranks, rep = {}, {}, []
-    for i in layers:
-        p = f"model.layers.{i}.self_attn."
-        W_KR, A, W, G, usv = (parts[i][k] for k in ("W_KR", "A", "W", "G", "usv"))
-        W_Q, q_usv = q_svd[i]
-        r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
-        ranks[i] = (r_q, r_kv[i])
-        if q_usv is None:  # full r_q: the identity on whichever side is smaller
-            eye = torch.eye(r_q, dtype=W_Q.dtype, device=W_Q.device)
-            W_DQ, B_q = (eye, W_Q) if r_q == W_Q.shape[0] else (W_Q, eye)
-        else:
-            W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)     # (d, r_q), (r_q, H d_h)
-        W_DKV, B_kv = _truncate(W, ridge[i], G, usv, r_kv[i], whiten)           # (d, r_kv), (r_kv, 2 n_kv d_h)
-        c = math.sqrt((d_h + d_r_c) / d_h)  # MLA divides scores by √(d_qk + d_r) = √(d_h + d_r), Llama by √d_h
-        Bq = B_q.view(r_q, H, d_h)
-        A_h = A[torch.arange(H) // (H // n_kv)]                                 # (H, d_h/2, d_r/2): each head's group
-        cBq = c * Bq
-        W_QR = torch.cat([torch.einsum("rhi,hit->rht", cBq[:, :, half], A_h) for half in (slice(0, d_h // 2),
-                                                                                        slice(d_h // 2, d_h))], -1)
-        rep_heads = lambda B: B.view(-1, n_kv, 1, d_h).expand(-1, n_kv, H // n_kv, d_h).reshape(-1, H * d_h)
-        weights = dict(W_DQ=W_DQ, W_UQ=c * B_q, W_QR=W_QR.reshape(r_q, H * d_r_c),
-                       W_DKV=W_DKV, W_KR=W_KR, W_UK=rep_heads(B_kv[:, :n_kv * d_h]),
-                       W_UV=rep_heads(B_kv[:, n_kv * d_h:]))
-        dt = src[p + "q_proj.weight"].dtype
-        for name, Wt in weights.items():
-            new_sd[p + name + ".weight"] = Wt.T.contiguous().to(dt)
-        new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
-        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv[i], dt, W_Q.device))
-        n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
-        rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=energy_kept(q_usv[1], r_q) if q_usv else 1.0,
-                        kv_energy=energy_kept(usv[1], r_kv[i]), params=n_attn,
-                        src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
-                        cache=r_kv[i] + d_r_c, src_cache=2 * n_kv * d_h))
-    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_h, d_r_c, latent_norm, theta, fold), copy), rep
-
-
-def _norm_placeholders(prefix, latent_norm, r_q, r_kv, dtype, device):
-    """Latent-norm weights at 1 (calibrate_latent_norms then sets them)."""
-    out = {}
-    if latent_norm != "none":
-        out[prefix + "kv_norm.weight"] = torch.ones(r_kv, dtype=dtype, device=device)
-    if latent_norm == "both":
-        out[prefix + "q_norm.weight"] = torch.ones(r_q, dtype=dtype, device=device)
-    return out
-
-
-
-
-def _assemble(model, layers, new_sd, new_cfg, copy):
-    """The student Transformer: new_sd for the converted attentions, everything else from `model`."""
-    cfg = model.config
-    src = model.state_dict()
-    with torch.device("meta"):
-        student = Transformer(new_cfg)
-    converted = tuple(f"model.layers.{i}.self_attn." for i in layers)
-    for k, v in src.items():                  # everything that is not a converted attention is copied as is
-        if not k.startswith(converted) and not (k == "lm_head.weight" and cfg.tie_embeddings):
-            new_sd[k] = v.clone() if copy else v
-    student.load_state_dict(new_sd, strict=not cfg.tie_embeddings, assign=True)
-    if cfg.tie_embeddings:
-        student.lm_head.weight = student.model.embed_tokens.weight
-    student._init_rope(model.lm_head.weight.device)
-    for name in ("inv_freq_gqa", "inv_freq_mla"):  # a source moved to float64 has float64 rotary buffers: match it
-        setattr(student, name, getattr(student, name).to(model.inv_freq_gqa.dtype))
-    return student.train(model.training)
-
-
-def _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm, seed, report,
-                copy):
-    """init "svd" (Algorithm 1) and "random" (its baseline)."""
-    cfg = model.config
-    d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
-    g = H // n_kv
-    src = model.state_dict()
-    new_sd, ranks = {}, {}
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for i in sorted(layers):
-        p = f"model.layers.{i}.self_attn."
-        W_Q = src[p + "q_proj.weight"].T            # (d, H d_h)  paper orientation
-        W_K = src[p + "k_proj.weight"].T            # (d, n_kv d_h)
-        W_V = src[p + "v_proj.weight"].T            # (d, n_kv d_h)
-        out_dtype = W_Q.dtype
-        U_q, S_q, Vh_q = _svd(W_Q)                               # (d, m), (m,), (m, H d_h)
-        # un-repeated: (d, m'), (m',), (m', 2 n_kv d_h). The repeated matrix has the same U and singular values
-        # sqrt(g) S_kv: no energy fraction changes, and its S V^T is this S V^T with each head's columns repeated
-        U_kv, S_kv, Vh_kv = _svd(torch.cat([W_K, W_V], dim=1))
-        r_q = q_rank if q_rank is not None else energy_rank(S_q, q_energy)
-        r_kv = kv_rank if kv_rank is not None else energy_rank(S_kv, kv_energy)
-        ranks[i] = (r_q, r_kv)
-        W_DQ = U_q[:, :r_q]                                             # (d, r_q)
-        W_UQR = (S_q[:r_q, None] * Vh_q[:r_q]).view(r_q, H, d_h)        # (r_q, H, d_h)
-        W_UQ = W_UQR[:, :, :d_qk].reshape(r_q, H * d_qk)
-        W_QR = W_UQR[:, :, d_h - d_r:].reshape(r_q, H * d_r)            # the LAST d_r dims, literally (eq. 9)
-        W_DKV = U_kv[:, :r_kv]                                          # (d, r_kv)
-        W_UKV = S_kv[:r_kv, None] * Vh_kv[:r_kv]                        # (r_kv, 2 n_kv d_h), heads not yet repeated
-        W_UK = W_UKV[:, :n_kv * d_h].view(r_kv, n_kv, 1, d_h).expand(r_kv, n_kv, g, d_h)  # KV head j -> heads j*g..
-        W_UK = W_UK.reshape(r_kv, H, d_h)[:, :, :d_qk].reshape(r_kv, H * d_qk)           # first d_qk dims (eq. 11)
-        W_UV = W_UKV[:, n_kv * d_h:].view(r_kv, n_kv, 1, d_h).expand(r_kv, n_kv, g, d_h).reshape(r_kv, H * d_h)
-        W_KR = W_K.float().view(d, n_kv, d_h).mean(1)[:, d_h - d_r:]   # (d, d_r); mean over H repeated = over n_kv
-        weights = dict(W_DQ=W_DQ, W_UQ=W_UQ, W_QR=W_QR, W_DKV=W_DKV, W_KR=W_KR, W_UK=W_UK, W_UV=W_UV)
-        for name, W in weights.items():
-            if init == "random":  # same shape and RMS as the SVD factor it replaces: only the structure differs
-                W = torch.randn(W.shape, generator=gen).to(W.device) * W.float().pow(2).mean().sqrt()
-            new_sd[p + name + ".weight"] = W.T.contiguous().to(out_dtype)  # nn.Linear holds (out, in)
-        new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
-        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv, out_dtype, W_Q.device))
-        if report is not None:
-            n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
-            report.append(dict(layer=i, r_q=r_q, r_kv=r_kv, q_energy=energy_kept(S_q, r_q),
-                               kv_energy=energy_kept(S_kv, r_kv), params=n_attn,
-                               src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
-                               cache=r_kv + d_r, src_cache=2 * n_kv * d_h))
-    return _assemble(model, layers, new_sd, mla_config(cfg, ranks, d_qk, d_r, latent_norm), copy)
-
-
 # -----------------------------------------------------------------------------
 # Measuring an initialisation: KL(teacher || student) per token on text the teacher writes
-
 
 @torch.no_grad()
 def teacher_text(teacher, n_seq, seq_len, seed=0, temperature=1.0):
@@ -573,10 +574,7 @@ def kl_per_token(teacher, student, idx):
     """Mean over tokens of KL(p_teacher || p_student) in nats, and the teacher's mean entropy."""
     lp_t = teacher(idx).float().log_softmax(-1)
     lp_s = student(idx).float().log_softmax(-1)
-    p_t = lp_t.exp()
-    kl = (p_t * (lp_t - lp_s)).sum(-1).mean().item()
-    ent = -(p_t * lp_t).sum(-1).mean().item()
-    return kl, ent
+    return token_kl(lp_t, lp_s).mean().item(), -(lp_t.exp() * lp_t).sum(-1).mean().item()
 
 
 FRAGILE_KL = 0.05  # KL(float32 || bfloat16) per token above which a model is called fragile (healthy: ~1e-3)
@@ -609,10 +607,9 @@ def print_table(report, model_cfg, student):
           f"{100 * tot / tot_src:.2f}% ({tot_src / tot:.1f}x smaller); parameters {n_params:,}")
 
 
-
-
 if __name__ == "__main__":
     from configurator import configure, require
+    from data import BUNDLED_SFT, calibration_ids, check_sources
     from folders import check_apart
     # -----------------------------------------------------------------------------
     # settings (a config file, then --key=value)
@@ -628,7 +625,7 @@ if __name__ == "__main__":
     qk_rope_dim: int | None = None  # d_r (None: d_h / 2)
     init = "svd"               # "svd" (Algorithm 1), "random" (its baseline) or "rorope" (needs calibration)
     kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers/token
-    head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for deepseek.py
+    head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for export.py
     rope_ladder = "highest"    # rorope, d_r < d_h, no folding: keep the d_r/2 "highest" frequencies, or every c-th
     rope_fold: int | None = None  # rorope: fold 1, 2, 4 or 8 adjacent frequencies into the shared key; None: the
                                # calibration KL picks (1: exact rotation, no folding)
@@ -637,8 +634,7 @@ if __name__ == "__main__":
     weight_errors: bool | None = None  # ... key / value errors weighted by their cost (None: with and without,
                                # the calibration KL picks)
     kv_balance = 1.0           # ... and the weight of key errors against value errors
-    calib_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
-                  "assets/data/sft/fastchat_dummy_conversation.json"]  # rorope's calibration text (the SFT mix)
+    calib_data = list(BUNDLED_SFT)  # rorope's calibration text: the bundled SFT mix
     calib_tokens = 8192        # calibration tokens (seeded choice of whole sequences; `seed`)
     calib_seq_len = 512
     data_cache = "out/data_cache"
@@ -648,61 +644,46 @@ if __name__ == "__main__":
     device = "cpu"
     dtype = "float32"          # the dtype the model is loaded and saved in (the SVD itself is always float32)
     seed = 0
-    sweep_seqs = 16            # --run_sweep: held-out sequences sampled from the teacher ...
-    sweep_len = 256            # ... and their length
-    run_sweep = False          # print the stories260K KL-at-init table
-    run_bench = False          # time a random Llama-3.2-1B-shaped conversion
     config = configure(globals())
     # -----------------------------------------------------------------------------
-    if run_bench:
-        from bench import conversion_bench
-        conversion_bench(device, q_rank or 1424, kv_rank or 64, qk_nope_dim or 32, qk_rope_dim or 32, init, calib_tokens,
-              calib_seq_len)
-        sys.exit(0)
-    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), sweep_seqs=(1, None), sweep_len=(2, None))
+    require(config, calib_tokens=(1, None), calib_seq_len=(1, None), seed=(0, None))
     check_kv_balance(kv_balance)
     folder = resolve_checkpoint(init_from)
     calibrating = init == "rorope" or latent_norm != "none"
-    if not run_sweep:  # pre-flight: output folder, settings and tokenizer, before the weights are read
-        check_apart(out_dir, "out_dir", {"init_from": folder, **{f"calib_data[{i}]": c for i, c in
-                                                                 enumerate(calib_data)}}, {"data_cache": data_cache})
-        check_replaceable(os.path.abspath(out_dir))
-        check_not_in_a_live_run(out_dir)
-        src_cfg = read_model_config(folder)
-        if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks)
-            from deepseek import engine_ranks
-            kv_rank, qk_rope_dim = engine_ranks(src_cfg, head_size, mla_layers, latent_norm, kv_rank=kv_rank,
-                                                qk_rope_dim=qk_rope_dim, kv_budget=kv_budget, kv_energy=kv_energy)
-            print(f"head_size {head_size}: r_kv {kv_rank} + d_r {qk_rope_dim} in every layer")
-        check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
-                       allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, rope_fold=rope_fold,
-                       calib_tokens=calib_tokens if calibrating else None,
-                       calib_seq_len=calib_seq_len if calibrating else None,
-                       latent_norm=latent_norm, latent_norm_init=latent_norm_init)
-        if calibrating:
-            from data import check_sources
-            check_sources(calib_data)
-        from tokenizer import Tokenizer, check_tokenizer_for
-        try:
-            tok = Tokenizer.from_name(tokenizer, folder)
-        except (FileNotFoundError, ValueError) as e:
-            if tokenizer:
-                raise
-            tok = None  # stories260K: llama2.c's decode table only; it is carried over below
-            print(f"note: no tokenizer recorded in {out_dir}: {str(e).split('. Fix')[0]}")
-        if tok is not None:
-            check_tokenizer_for(tok, folder, "source")
+    # pre-flight: output folder, settings and tokenizer, before the weights are read
+    check_apart(out_dir, "out_dir", {"init_from": folder, **{f"calib_data[{i}]": c for i, c in
+                                                             enumerate(calib_data)}}, {"data_cache": data_cache})
+    check_replaceable(os.path.abspath(out_dir))
+    check_not_in_a_live_run(out_dir)
+    src_cfg = read_model_config(folder)
+    if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks)
+        from deepseek import engine_ranks
+        kv_rank, qk_rope_dim = engine_ranks(src_cfg, head_size, mla_layers, latent_norm, kv_rank=kv_rank,
+                                            qk_rope_dim=qk_rope_dim, kv_budget=kv_budget, kv_energy=kv_energy)
+        print(f"head_size {head_size}: r_kv {kv_rank} + d_r {qk_rope_dim} in every layer")
+    check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
+                   allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, rope_fold=rope_fold,
+                   calib_tokens=calib_tokens if calibrating else None,
+                   calib_seq_len=calib_seq_len if calibrating else None,
+                   latent_norm=latent_norm, latent_norm_init=latent_norm_init)
+    if calibrating:
+        check_sources(calib_data)
+    from tokenizer import Tokenizer, check_tokenizer_for
+    try:
+        tok = Tokenizer.from_name(tokenizer, folder)
+    except (FileNotFoundError, ValueError) as e:
+        if tokenizer:
+            raise
+        tok = None  # stories260K: llama2.c's decode table only; it is carried over below
+        print(f"note: no tokenizer recorded in {out_dir}: {str(e).split('. Fix')[0]}")
+    if tok is not None:
+        check_tokenizer_for(tok, folder, "source")
     calib = None
-    if calibrating and not run_sweep and tok is not None:  # before the weights: too little data fails here
-        from data import calibration_ids
+    if calibrating and tok is not None:  # before the weights: too little data fails here
         calib = calibration_ids(calib_data, tok, data_cache, calib_tokens, calib_seq_len, seed)
         where = calib_data
     teacher = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type),
                                           device=device).eval()
-    if run_sweep:
-        from bench import init_sweep
-        init_sweep(teacher, sweep_seqs, sweep_len, seed)
-        sys.exit(0)
     if kv_rank is None and kv_energy is None and kv_budget is None:  # nothing chosen: keep the full rank
         kv_rank = min(teacher.config.dim, 2 * teacher.config.n_kv_heads * teacher.config.head_dim)
     if calibrating and calib is None:  # no tokenizer to read text with (stories260K): text the source writes itself

@@ -30,7 +30,7 @@ import shutil
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from folders import read_config_json, read_json, resolve_checkpoint
+from folders import read_config_json, read_json, resolve_checkpoint, write_json
 
 LLAMA3_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer", "llama3",
                                 "tokenizer.model")
@@ -201,7 +201,7 @@ class Tokenizer:
         """Record this tokenizer in a model folder so that from_pretrained(folder) gives it back."""
         os.makedirs(folder, exist_ok=True)
         if self.name == "llama3_bytes":
-            _write_json(os.path.join(folder, BYTES_FILE), {"tokenizer": "llama3_bytes", "vocab_size": self.vocab_size,
+            write_json(os.path.join(folder, BYTES_FILE), {"tokenizer": "llama3_bytes", "vocab_size": self.vocab_size,
                                                            "note": "256 byte ids + Llama 3's 256 special tokens"})
         else:
             os.makedirs(os.path.join(folder, "original"), exist_ok=True)
@@ -266,12 +266,6 @@ def check_messages(messages):
             raise ValueError(f"chat message needs string 'role' and 'content', got {m!r}")
         if m["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"chat message with unknown role {m['role']!r} (roles: system, user, assistant): {m!r}")
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 # -----------------------------------------------------------------------------

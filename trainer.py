@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from folders import checkpoints, claim_out_dir, latest_checkpoint, load_tensors, save_tensors, write_failed
+from folders import (checkpoints, claim_out_dir, latest_checkpoint, load_tensors, save_tensors, write_failed,
+                     write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -71,7 +72,8 @@ _CPU_GROUP = None
 
 def _term_when_parent_dies():
     """A torchrun worker whose launcher is killed (kill -9 leaves no chance to forward a signal) would train on as
-    an orphan: ask Linux to send it SIGTERM when its parent dies; fit() then stops at the next step with a checkpoint."""
+    an orphan: ask Linux to send it SIGTERM when its parent dies; the loop then stops at the next step with a
+    checkpoint."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -243,8 +245,8 @@ def _write_checkpoint_files(tmp, msd, osd, meta, step, d: Dist):
         flat = {f"{fqn}::{k}": v.reshape(-1) if v.dim() == 0 else v for fqn, st in osd["state"].items()
                 for k, v in st.items()}
         save_tensors(flat, os.path.join(tmp, "optimizer.safetensors"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**meta, "step": step, "world": d.world, "param_groups": osd["param_groups"]}, f, indent=2)
+        write_json(os.path.join(tmp, "meta.json"), {**meta, "step": step, "world": d.world,
+                                                    "param_groups": osd["param_groups"]})
 
 
 def _untie(sd):
@@ -397,80 +399,28 @@ def export_model(model, path, d: Dist, run_config=None, dtype=None, tokenizer=No
 # The loop
 
 
-def fit(model, optimizer, d: Dist, log, micro_batches, report, evaluate, *, start_step, max_steps, lr_fn,
-        grad_clip, n_stats, log_every, eval_every, ckpt_every, out_dir, keep_ckpts, meta,
-        debug_kill_at_step=-1, debug_kill_in_save=-1):
-    """The optimisation loop of distill.py and dpo.py; what differs between them comes in as functions:
-        micro_batches(step) -> list of closures, one per micro-batch of this rank; each returns (loss, stats)
-                               with the loss already normalised for the whole step and stats a (n_stats,) tensor;
-                               [] on every rank skips the step (no target token in it)
-        report(stats, seconds, steps) -> (text, numbers): stats summed over ranks and steps since the last report
-                               (numbers {} when those steps had no target token)
-        evaluate() -> (text, numbers) on held-out data
-    Per step: set the LR, accumulate gradients (reduce-scattered once, on the last micro-batch), clip, update.
-    Per interval: one host sync to log, a held-out evaluation, an atomic checkpoint. Non-finite numbers stop the
-    run before anything is saved, so the last checkpoint is always a good one."""
-    stats = torch.zeros(n_stats, device=d.device)
-    grad_norm = loss = torch.zeros((), device=d.device)
-    t_last, since = time.time(), 0
-    stop = StopRequest()
+# -----------------------------------------------------------------------------
+# What the loops of distill.py and dpo.py share (each script holds its own loop, top to bottom)
 
-    def stop_if_not_finite(step, numbers):
-        if not all(math.isfinite(v) for v in numbers.values() if isinstance(v, float)):
-            log.print(f"step {step}: non-finite loss or gradient norm {numbers}; stopping. The last good "
-                      f"checkpoint is {latest_checkpoint(out_dir)} (resume from it with a lower lr, or check the data)")
-            raise SystemExit(1)
 
-    for step in range(start_step, max_steps):
-        lr = lr_fn(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        closures = micro_batches(step)
-        if not closures:  # no target token in the whole step (loss_on="assistant", long prompts): nothing to learn
-            log.print(f"step {step + 1}/{max_steps}: no target token in this step's batches; skipped (no update)")
-            log.record("skipped", step=step + 1)
-        for m, micro in enumerate(closures):
-            model.set_requires_gradient_sync(m == len(closures) - 1)  # reduce-scatter once per step
-            loss, s = micro()
-            loss.backward()
-            stats += s
-        if closures:
-            # grad_clip 0: no clipping, as in nanoGPT (the norm is still measured and logged)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        since += 1
-        done = step + 1
-        if done == debug_kill_at_step:  # tests: a crash right after an update, before its checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-        if done % log_every == 0 or done == max_steps:
-            dist.all_reduce(stats)
-            dt = time.time() - t_last
-            text, numbers = report(stats, dt, since)  # the one host sync per interval happens in here
-            if numbers:  # {}: every step of the interval was skipped, nothing to report
-                numbers.update(lr=lr, grad_norm=grad_norm.item(), peak_mem_gib=peak_memory_gib(d.device))
-                stop_if_not_finite(done, numbers)
-                log.print(f"step {done}/{max_steps}  {text}  lr {lr:.2e}  grad norm {numbers['grad_norm']:.3f}  peak "
-                          f"mem {numbers['peak_mem_gib']:.2f} GiB  ETA {(max_steps - done) * dt / since / 60:.1f} min")
-                log.record("train", step=done, **numbers)
-            stats.zero_()
-            t_last, since = time.time(), 0
-        if done % eval_every == 0 and done != max_steps:
-            text, numbers = evaluate()
-            log.print(f"held-out at step {done}: {text}")
-            log.record("eval", step=done, **numbers)
-        stopping = stop.agreed(d) and done != max_steps
-        if done % ckpt_every == 0 or done == max_steps or stopping:
-            stop_if_not_finite(done, {"loss": loss.item(), "grad_norm": grad_norm.item()})
-            kill = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if done == debug_kill_in_save else None
-            log.print(f"checkpoint {save_checkpoint(out_dir, done, model, optimizer, meta, d, keep_ckpts, kill)}")
-        if stopping:
-            launcher = f"torchrun --nproc_per_node={d.world}" if d.world > 1 else "python"
-            cmd = " ".join([launcher] + [a for a in sys.argv if not a.startswith("--resume")] + ["--resume=True"])
-            log.print(f"stopped by {stop.name} at step {done}/{max_steps}; resume with: {cmd}")
-            stop.restore()
-            raise SystemExit(128 + stop.signum)
-    stop.restore()
+def check_finite(step, numbers, out_dir, log):
+    """Stop the run (exit 1) when a logged number is NaN or Inf: before any checkpoint is written, so the last
+    checkpoint is always a good one."""
+    if not all(math.isfinite(v) for v in numbers.values() if isinstance(v, float)):
+        log.print(f"step {step}: non-finite loss or gradient norm {numbers}; stopping. The last good checkpoint is "
+                  f"{latest_checkpoint(out_dir)} (resume from it with a lower lr, or check the data)")
+        raise SystemExit(1)
+
+
+def step_line(done, max_steps, text, numbers, seconds, steps):
+    """The log line of an interval of `steps` steps that took `seconds`."""
+    return (f"step {done}/{max_steps}  {text}  lr {numbers['lr']:.2e}  grad norm {numbers['grad_norm']:.3f}  peak mem "
+            f"{numbers['peak_mem_gib']:.2f} GiB  ETA {(max_steps - done) * seconds / steps / 60:.1f} min")
+
+
+def debug_kill():
+    """Tests only: SIGKILL this process (a crash after an update, or mid-way through a checkpoint save)."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StopRequest:
@@ -503,6 +453,14 @@ class StopRequest:
     def restore(self):
         for sig, old in self.old.items():
             signal.signal(sig, old)
+
+    def exit(self, d: Dist, done, max_steps, log):
+        """After the checkpoint of the step at which the ranks agreed to stop: the command that resumes, then exit."""
+        launcher = f"torchrun --nproc_per_node={d.world}" if d.world > 1 else "python"
+        cmd = " ".join([launcher] + [a for a in sys.argv if not a.startswith("--resume")] + ["--resume=True"])
+        log.print(f"stopped by {self.name} at step {done}/{max_steps}; resume with: {cmd}")
+        self.restore()
+        raise SystemExit(128 + self.signum)
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ x <- W_V, B <- W_K, C <- W_Q (x and B keep the n_kv heads and are repeated to th
 out_proj <- W_O; nheads = H, headdim = d_state = d_h. With no decay (A = 0), dt = 1 and an identity conv the scan
 is then causal linear attention of SiLU(q) and SiLU(k) over SiLU(v): the attention without its softmax or RoPE.
 z, dt and dt_bias (log-uniform in [1e-3, 0.1]), A_log (log of U[1, 16]), D = 1 and the conv are fresh; the MLP
-and norms are copied. Two choices of ours (the README measures both against the published ones):
+and norms are copied. Two choices of ours (docs/zebra.md measures both against the published ones):
   ssm_gain="calibrated"  the per-head RMSNorm's weights fitted by least squares to the attention output they
                          replace (fit_gains), instead of 1: a Mamba2 layer at weight 1 can move the residual stream
                          further than removing the attention would (SmolLM2, 15 Mamba2 layers: KL at init 8.4,
@@ -41,6 +41,7 @@ import torch
 from mamba2 import ssm_init
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, read_model_config, resolve_dtype
+from ops import token_kl
 from svd_init import _assemble, kv_budget_numbers, upcycle
 
 CONV_INITS = ("identity", "random")
@@ -211,7 +212,7 @@ def layer_sensitivity(model: Transformer, calib, conv_init="identity", seed=0, b
         one = mamba_from_attention(model, [i], conv_init, seed, copy=False,
                                    gains=None if gains is None else {i: gains[i]}).eval()
         lp_s = torch.cat([one(ids[j:j + batch_size]).float().log_softmax(-1) for j in range(0, len(ids), batch_size)])
-        out[i] = (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean().item()
+        out[i] = token_kl(lp_t, lp_s).mean().item()
     return out
 
 
@@ -273,6 +274,7 @@ def cache_table(model: Transformer, source: Transformer, contexts=(1024, 8192, 3
 
 if __name__ == "__main__":
     from configurator import configure
+    from data import BUNDLED_SFT, PackedData, build_cache, calibration_ids, check_sources
     # -----------------------------------------------------------------------------
     # settings (a config file, then --key=value)
     init_from = "assets/models/tiny_teacher"  # HF Llama folder or hub id
@@ -290,8 +292,7 @@ if __name__ == "__main__":
     kv_rank: int | None = 16
     qk_rope_dim: int | None = 16
     latent_norm = "none"
-    calib_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
-                  "assets/data/sft/fastchat_dummy_conversation.json"]
+    calib_data = list(BUNDLED_SFT)
     calib_tokens = 8192
     calib_seq_len = 256
     data_cache = "out/data_cache"
@@ -302,7 +303,6 @@ if __name__ == "__main__":
     config = configure(globals())
     # -----------------------------------------------------------------------------
     from configurator import require
-    from data import PackedData, build_cache, calibration_ids, check_sources
     from folders import check_apart
     from svd_init import check_settings, kl_per_token
     from tokenizer import Tokenizer, check_tokenizer_for

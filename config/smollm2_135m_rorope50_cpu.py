@@ -1,4 +1,4 @@
-# The CPU comparison of the README: config/smollm2_135m_rorope50.py distilled exactly as
+# The CPU comparison of docs/init.md: config/smollm2_135m_rorope50.py distilled exactly as
 # config/smollm2_135m_kv160_cpu.py distils Algorithm 1's student (same data, schedule and held-out set):
 #   torchrun --standalone --nproc_per_node=2 distill.py config/smollm2_135m_rorope50_cpu.py --init_from=DIR
 from config.smollm2_135m_kv160_cpu import *  # noqa: F401,F403

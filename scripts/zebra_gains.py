@@ -1,6 +1,6 @@
 """
-The README's norm-gain check: KL(source || source with `layers` as Mamba2) at init with the published norm weights
-(1), with the attention removed (0), and with zebra.fit_gains' fitted gains. No MLA layers: the Mamba2 init alone.
+The norm-gain check of docs/zebra.md: KL(source || source with `layers` as Mamba2) at init with the published norm
+weights (1), with the attention removed (0), and with zebra.fit_gains' fitted gains. No MLA layers: the Mamba2 init alone.
 
     python scripts/zebra_gains.py                                   # the tiny teacher
     python scripts/zebra_gains.py --init_from=DIR --tokenizer= --layers=[13,15,16,17,19,20,21,22,23,24,25,26,27,28,29]
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from configurator import configure  # noqa: E402
-from data import PackedData, build_cache, calibration_ids  # noqa: E402
+from data import BUNDLED_SFT, PackedData, build_cache, calibration_ids  # noqa: E402
 from model import Transformer  # noqa: E402
 from svd_init import kl_per_token  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -21,8 +21,7 @@ from zebra import fit_gains, mamba_from_attention  # noqa: E402
 init_from = "assets/models/tiny_teacher"
 tokenizer = "bytes"        # "" = the model folder's own
 layers = [1, 3, 4, 5]      # the layers made Mamba2
-data = ["assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
-        "assets/data/sft/fastchat_dummy_conversation.json"]
+data = list(BUNDLED_SFT)
 data_cache = "out/data_cache"
 calib_tokens = 8192
 seq_len = 256

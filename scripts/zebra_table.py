@@ -1,5 +1,5 @@
 """
-The README's Zebra-Llama table: hybrids of MLA and Mamba2 layers composed from one model (zebra.py), each taken
+The Zebra-Llama table of docs/zebra.md: hybrids of MLA and Mamba2 layers composed from one model (zebra.py), each taken
 through ILD and then the end-to-end KL with distill.py on the same token budget, against an all-MLA student.
 Prints KL(teacher || student) per token on distill.py's held-out set at init, after ILD and after the KL, and the
 cache each keeps (per token, plus the fixed Mamba2 state, in bytes at 1K / 8K / 32K tokens).

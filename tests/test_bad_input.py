@@ -59,7 +59,7 @@ SCRIPTS = pipeline_scripts() + sorted(os.path.join("scripts", f) for f in os.lis
 
 
 def test_every_script_is_found():
-    assert {"distill.py", "dpo.py", "svd_init.py", "zebra.py", "deepseek.py", "evaluate.py",
+    assert {"distill.py", "dpo.py", "svd_init.py", "zebra.py", "export.py", "evaluate.py",
             os.path.join("scripts", "tiny_ablation.py")} <= set(SCRIPTS)
 
 
@@ -107,8 +107,8 @@ def test_conversions_refuse_to_write_over_their_source(tiny, tmp_path):
              "--qk_rope_dim=8", "--init=svd", f"--out_dir={src}"])
     assert r.returncode == 0, r.stderr[-2000:]
     before = snapshot(src)
-    for args in (["deepseek.py", str(src), str(src), "--dtype=bfloat16"],
-                 ["deepseek.py", "--dtype=bfloat16", str(src), str(src / "ds")],      # a flag before the paths
+    for args in (["export.py", str(src), str(src), "--dtype=bfloat16"],
+                 ["export.py", "--dtype=bfloat16", str(src), str(src / "ds")],      # a flag before the paths
                  ["svd_init.py", f"--init_from={src}", "--mla_layers=[2,3]", f"--out_dir={src}"],
                  ["zebra.py", f"--init_from={src}", f"--out_dir={src}"],
                  ["evaluate.py", f"--model={src}", f"--out={src / 'results.json'}"]):
@@ -300,10 +300,10 @@ def test_did_you_mean():
 
 
 def test_flags_may_come_before_the_paths(tiny, tmp_path):
-    r = run(["deepseek.py", "--dtype=bfloat16", str(tiny / "teacher"), str(tmp_path / "ds")])
+    r = run(["export.py", "--dtype=bfloat16", str(tiny / "teacher"), str(tmp_path / "ds")])
     assert "config file" not in r.stderr and "SyntaxError" not in r.stderr, r.stderr[-2000:]
     clean_error(r, "cannot be exported exactly", "Fix:")                     # a GQA folder: nothing to export
-    r = run(["deepseek.py", str(tiny / "teacher"), str(tmp_path / "ds"), str(tmp_path / "third")])
+    r = run(["export.py", str(tiny / "teacher"), str(tmp_path / "ds"), str(tmp_path / "third")])
     clean_error(r, "third")
 
 
@@ -383,7 +383,7 @@ def test_calibration_beyond_memory_is_refused(monkeypatch):
 def test_a_shared_config_is_accepted_by_every_script(tmp_path):
     shared = write_config(tmp_path / "pipeline.py", mla_fraction=0.25, dtype="bfloat16", lr=1e-4, beta=0.1,
                           tasks="arc_easy", kv_budget=64)
-    for script in ("svd_init.py", "distill.py", "dpo.py", "evaluate.py", "zebra.py", "deepseek.py"):
+    for script in ("svd_init.py", "distill.py", "dpo.py", "evaluate.py", "zebra.py", "export.py"):
         r = run([script, shared, "--help"], timeout=60)                    # --help: the file read, nothing run
         assert r.returncode == 0 and "unknown setting" not in r.stderr, (script, r.stderr[-2000:])
     r = run(["zebra.py", shared, "--help"], timeout=60)
@@ -517,7 +517,7 @@ def test_an_empty_lock_blocks_only_while_it_is_new(tmp_path):
     release_lock(str(tmp_path))
 
 
-@pytest.mark.parametrize("script", ["svd_init.py", "deepseek.py"])
+@pytest.mark.parametrize("script", ["svd_init.py", "export.py"])
 def test_a_converter_does_not_write_into_a_live_runs_out_dir(tiny, tmp_path, script):
     import socket
     run_dir = tmp_path / "run"

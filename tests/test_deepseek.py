@@ -348,12 +348,12 @@ def test_import_refusals(tmp_path):
 
 
 def test_command_line(tmp_path):
-    """python deepseek.py MODEL OUT --check=True exports and prints the transformers comparison; a model the format
+    """python export.py MODEL OUT --check=True exports and prints the transformers comparison; a model the format
     cannot hold is refused with the reason, and nothing is written."""
     good = random_model(CASES["kv_norm_fused_query"])
     good.save_pretrained(tmp_path / "good")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "deepseek.py", str(tmp_path / "good"), str(tmp_path / "out"), "--check=True"],
+    r = subprocess.run([sys.executable, "export.py", str(tmp_path / "good"), str(tmp_path / "out"), "--check=True"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "DeepseekV3ForCausalLM" in r.stdout and "max |logit difference|" in r.stdout
@@ -361,7 +361,7 @@ def test_command_line(tmp_path):
     assert err < 1e-3
     assert json.load(open(tmp_path / "out" / "config.json"))["model_type"] == "deepseek_v3"
     random_model(tiny_config(**mla_kw(range(4)))).save_pretrained(tmp_path / "bare")
-    r = subprocess.run([sys.executable, "deepseek.py", str(tmp_path / "bare"), str(tmp_path / "out2")], cwd=ROOT,
+    r = subprocess.run([sys.executable, "export.py", str(tmp_path / "bare"), str(tmp_path / "out2")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no RMSNorm on c_kv" in r.stderr and not os.path.exists(tmp_path / "out2")
 
@@ -397,7 +397,7 @@ def test_engine_ranks_aim_a_conversion_at_a_served_shape():
 
 
 def test_command_line_head_size(tmp_path):
-    """svd_init.py --head_size=320 then deepseek.py --head_size=320 on the tiny teacher (d_h 32): the folder has the
+    """svd_init.py --head_size=320 then export.py --head_size=320 on the tiny teacher (d_h 32): the folder has the
     served shape, the latent unpadded (r_kv = 256), d_r 32 padded to 64, and transformers computes our logits; both
     say the cache is more than the source's (this teacher caches 256 numbers per layer)."""
     out, ds = tmp_path / "s", tmp_path / "ds"
@@ -406,7 +406,7 @@ def test_command_line_head_size(tmp_path):
                         f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "head_size 320: r_kv 256 + d_r 32" in r.stdout and "more than the source's own cache" in r.stderr
-    r = subprocess.run([sys.executable, "deepseek.py", str(out), str(ds), "--head_size=320", "--check=True"],
+    r = subprocess.run([sys.executable, "export.py", str(out), str(ds), "--head_size=320", "--check=True"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     hf = json.load(open(ds / "config.json"))
@@ -454,7 +454,7 @@ def test_check_runs_the_export_in_its_dtype_and_fails_on_a_fragile_one(tmp_path,
                           latent_norm="kv").eval()
         src, out = tmp_path / f"s{ridge:g}", tmp_path / f"ds{ridge:g}"
         student.save_pretrained(src, tokenizer=tok)
-        r = subprocess.run([sys.executable, "deepseek.py", str(src), str(out), "--dtype=bfloat16", "--check=True"],
+        r = subprocess.run([sys.executable, "export.py", str(src), str(out), "--dtype=bfloat16", "--check=True"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert "the export in bfloat16 (transformers' DeepseekV3ForCausalLM) vs the model in float32" in r.stdout, \
             r.stdout[-2000:] + r.stderr[-2000:]

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from conftest import random_model, read_log, run_script, tiny_config, write_config
 from data import collate_pairs, to_pair, tokenize_pair
-from dpo import dpo_loss, reply_logps
+from ops import dpo_loss, reply_logps
 from ops import linear_logprobs
 from tokenizer import Tokenizer
 from trainer import latest_checkpoint

@@ -55,7 +55,7 @@ def trained():
 @pytest.mark.parametrize("init", ["svd", "rorope"])
 def test_calibrated_norms_stay_close_to_the_no_norm_model(init, trained):
     """On trained stories260K: a norm at 1 changes the model a lot; the per-dimension gain less; the steady basis
-    plus gain least (README: 0.45 / 0.07 nats for rorope at half the cache when this was written)."""
+    plus gain least (docs/init.md: 0.45 / 0.07 nats for rorope at half the cache when this was written)."""
     teacher, calib, held = trained
     kw = dict(q_rank=64, kv_rank=32) if init == "svd" else dict(kv_budget=0.5)
     base = upcycle(teacher, init=init, calib=calib, **kw).eval()
@@ -115,7 +115,7 @@ def test_norm_settings_and_refusals(trained, tmp_path):
 
 def test_command_line_upcycle_then_export(tmp_path):
     """The serving path end to end on stories260K: svd_init.py with a calibrated c_kv norm (calibration text sampled
-    from the tokenizer-less source), then deepseek.py exports it and transformers' DeepseekV3 agrees."""
+    from the tokenizer-less source), then export.py exports it and transformers' DeepseekV3 agrees."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=env, capture_output=True, text=True,
                                     timeout=300)
@@ -124,7 +124,7 @@ def test_command_line_upcycle_then_export(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     saved = json.load(open(tmp_path / "student" / "run_config.json"))
     assert saved["latent_norm"] == "kv" and saved["latent_norm_init"] == "calibrated"
-    r = run("deepseek.py", str(tmp_path / "student"), str(tmp_path / "ds"), "--check=True")
+    r = run("export.py", str(tmp_path / "student"), str(tmp_path / "ds"), "--check=True")
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.split("max |logit difference|")[1].split()[0]) < 1e-4
     r = run("svd_init.py", "--latent_norm=True", f"--out_dir={tmp_path / 'x'}")

@@ -1,6 +1,7 @@
 """The project's layout: no top-level module shadows an installed package (scripts run from the project root, so
 its folder comes first on sys.path: a `kernels.py` here once broke transformers, which imports the `kernels`
-package); imports point one way (an ast read of every module, lazy imports included, fails on a circle)."""
+package); imports point one way (an ast read of every module, lazy imports and command blocks included, fails on a
+circle)."""
 import ast
 import importlib.metadata
 import os
@@ -20,17 +21,12 @@ def test_no_module_shadows_an_installed_package():
     assert not shadowed, f"project modules shadow installed packages (rename them): {shadowed}"
 
 
-def _is_main_block(node):
-    return isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and \
-        isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
-
-
 def module_imports(path, names):
-    """The project modules a file imports as a module: every import statement, at the top or inside functions
-    (lazy ones count), except in its `if __name__ == "__main__":` block, which is the script, not the module:
-    nothing imports it, so it cannot close a circle."""
+    """The project modules a file imports: every import statement, at the top, inside functions (lazy ones) and in
+    its `if __name__ == "__main__":` block. Nothing imports a command block, so it cannot close a circle at run time;
+    it counts anyway, because a reader following the imports from the command down must never come back up."""
     tree = ast.parse(open(path).read())
-    body = [n for n in tree.body if not _is_main_block(n)]
+    body = list(tree.body)
     found = set()
     for node in (n for top in body for n in ast.walk(top)):
         if isinstance(node, ast.Import):
@@ -77,11 +73,14 @@ def test_imports_point_one_way():
 def test_the_cycle_check_finds_a_lazy_circle(tmp_path):
     (tmp_path / "a.py").write_text("import b\n")
     (tmp_path / "b.py").write_text("def f():\n    from c import x\n")           # lazy: it counts
-    (tmp_path / "c.py").write_text("import a\nif __name__ == '__main__':\n    import b\n")
+    (tmp_path / "c.py").write_text("import a\n")
     names = ["a", "b", "c"]
     graph = {n: module_imports(str(tmp_path / f"{n}.py"), names) for n in names}
     assert graph == {"a": ["b"], "b": ["c"], "c": ["a"]}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
-    (tmp_path / "c.py").write_text("if __name__ == '__main__':\n    import a\n")   # the script part: no circle
+    (tmp_path / "c.py").write_text("if __name__ == '__main__':\n    import a\n")   # a command block: it counts too
+    graph["c"] = module_imports(str(tmp_path / "c.py"), names)
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    (tmp_path / "c.py").write_text("import os\n")
     graph["c"] = module_imports(str(tmp_path / "c.py"), names)
     assert find_cycle(graph) is None

@@ -1,5 +1,5 @@
 """scripts/serve_check.py, the engines' side of the serving table: the comparison it reports, its refusals, and (only
-where vLLM is importable: its own venv, README "Serving it") a real vLLM run of a padded tiny student."""
+where vLLM is importable: its own venv, docs/serving.md) a real vLLM run of a padded tiny student."""
 import importlib.util
 import json
 import os
@@ -46,7 +46,7 @@ def test_an_engine_that_is_not_installed_is_named_with_the_fix(engine, module, t
 def test_vllm_serves_a_padded_tiny_student(tmp_path):
     """The tiny teacher's student (r_kv 8 + d_r 16) zero-padded to 512 + 64, served by vLLM beside the teacher:
     greedy replies equal ours on all 8 prompts, and vLLM reports a cache for both."""
-    pytest.importorskip("vllm", reason="vLLM lives in its own venv (README 'Serving it'); run this file with it")
+    pytest.importorskip("vllm", reason="vLLM lives in its own venv (docs/serving.md); run this file with it")
     from svd_init import upcycle, teacher_text
     from model import Transformer
     teacher = Transformer.from_pretrained(os.path.join(ROOT, "assets/models/tiny_teacher")).eval()

@@ -119,7 +119,7 @@ def test_hybrid_changes_only_listed_layers(stories):
 
 def test_svd_init_beats_random_and_full_rank_beats_rank_8(stories):
     """At r_kv 64 and 32 the SVD init is over a nat closer to the teacher than random draws (mean of 3); at r_kv
-    16 and 8 the two are within noise of each other on this model (README: the literal RoPE split costs that)."""
+    16 and 8 the two are within noise of each other on this model (docs/init.md: the literal RoPE split costs that)."""
     idx = teacher_text(stories, 8, 128, seed=0)
     kl = lambda r_kv, init, seed=0: kl_per_token(
         stories, upcycle(stories, q_rank=64, kv_rank=r_kv, init=init, seed=seed).eval(), idx)[0]
@@ -127,7 +127,7 @@ def test_svd_init_beats_random_and_full_rank_beats_rank_8(stories):
         random_mean = sum(kl(r_kv, "random", k) for k in range(3)) / 3
         assert kl(r_kv, "svd") < random_mean - 0.5, (r_kv, kl(r_kv, "svd"), random_mean)
     assert kl(64, "svd") < kl(8, "svd")
-    # the literal paper split loses positional information: several nats even at full rank (a finding, see README)
+    # the literal paper split loses positional information: several nats even at full rank (a finding, see docs/init.md)
     assert 2.0 < kl(64, "svd") < 6.0
 
 
