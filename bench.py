@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure
+from errors import BadInput
 from mamba2 import Mamba2, ssd_sequential
 from model import Attention, KVCache, MLAttention, ModelConfig, Transformer, rope_cos_sin, rope_inv_freq
 from ops import latent_attention, linear_kl, naive_linear_kl
@@ -282,12 +283,12 @@ if __name__ == "__main__":
     def _sizes(name, text):  # "1,4" (or a list) -> [1, 4]; anything else named before any work
         vals = [v.strip() for v in str(text).strip("[]()").split(",")]
         if not all(v.isdigit() and int(v) >= 1 for v in vals):
-            raise ValueError(f"{name}={text!r}: give positive integers, comma-separated (e.g. --batches=1,8,64 "
+            raise BadInput(f"{name}={text!r}: give positive integers, comma-separated (e.g. --batches=1,8,64 "
                              "--contexts=1024,8192)")
         return [int(v) for v in vals]
 
     if repeats < 1 or budget_gib <= 0 or sweep_seqs < 1 or sweep_len < 2 or calib_tokens < 1 or calib_seq_len < 1:
-        raise ValueError(f"repeats={repeats}, budget_gib={budget_gib}, sweep_seqs={sweep_seqs}, sweep_len={sweep_len}, "
+        raise BadInput(f"repeats={repeats}, budget_gib={budget_gib}, sweep_seqs={sweep_seqs}, sweep_len={sweep_len}, "
                          f"calib_tokens={calib_tokens}, calib_seq_len={calib_seq_len}: need positive numbers "
                          "(sweep_len >= 2)")
     if mode == "decode":

@@ -12,6 +12,7 @@ import shutil
 import torch
 
 import deepseek
+from errors import BadInput
 from folders import (check_crc, check_replaceable, file_crcs, read_config_json, rope_of, safetensors_files,
                      save_tensors, write_folder, write_json)
 
@@ -22,13 +23,13 @@ def config_fields(hf: dict) -> dict:
     if mt in deepseek.DS_TYPES:  # a DeepSeek-format MLA folder: read as its llama_mla equivalent
         hf, mt = deepseek.Reader(hf).config, "llama_mla"
     if mt not in ("llama", "llama_mla", "llama_hybrid"):
-        raise ValueError(f"model_type {mt!r} is not a Llama; this project reads 'llama', 'llama_mla' and "
+        raise BadInput(f"model_type {mt!r} is not a Llama; this project reads 'llama', 'llama_mla' and "
                          "'llama_hybrid' folders and DeepSeek-V2/V3-format MLA folders "
                          f"({', '.join(deepseek.DS_TYPES)})")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
+        raise BadInput(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("attention_bias / mlp_bias checkpoints are not supported (no Llama 3 model has them)")
+        raise BadInput("attention_bias / mlp_bias checkpoints are not supported (no Llama 3 model has them)")
     theta, scaling = rope_of(hf)
     eos = hf.get("eos_token_id")
     n_heads = hf["num_attention_heads"]
@@ -106,7 +107,7 @@ def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> d
         try:
             handle = safe_open(os.path.join(path, fname), framework="pt", device=str(device))
         except Exception as e:  # truncated or not a safetensors file: name it
-            raise ValueError(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
+            raise BadInput(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
                              "truncated or corrupt. Fix: copy or download it again") from None
         with handle as f:
             crcs = file_crcs(f)  # ours carry a checksum per tensor; files from elsewhere have none
@@ -131,13 +132,13 @@ def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> d
                         continue
                     sd[k] = t.to(dtype) if dtype is not None else t
     if not sd and not unexpected and not mis_shaped:
-        raise ValueError(f"{path}: its safetensors hold no tensors this model reads. Fix: copy the weights again "
+        raise BadInput(f"{path}: its safetensors hold no tensors this model reads. Fix: copy the weights again "
                          "from where the model came from")
     if reader is not None:
         sd.update(reader.generated(next(iter(sd.values())).dtype, device))
     missing = sorted(set(expected) - set(sd) - {m.split(':')[0] for m in mis_shaped})
     if missing or unexpected or mis_shaped:
-        raise ValueError(f"checkpoint {path} does not match its config.json:\n"
+        raise BadInput(f"checkpoint {path} does not match its config.json:\n"
                          + (f"  missing tensors: {missing}\n" if missing else "")
                          + (f"  unexpected tensors: {sorted(unexpected)}\n" if unexpected else "")
                          + (f"  wrong shapes: {mis_shaped}\n" if mis_shaped else "")
@@ -152,9 +153,9 @@ def save_state(path, config, state_dict, fmt="llama", run_config=None, max_shard
     (deepseek.py; a model it cannot hold exactly is refused before anything is written; `export` goes to its
     export_config). run_config.json, the tokenizer's files and extra_files are written beside the weights."""
     if fmt not in ("llama", "deepseek"):
-        raise ValueError(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
+        raise BadInput(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
     if export and fmt != "deepseek":
-        raise ValueError(f"{', '.join(export)} shape a DeepSeek-V3 export; this project's format has no such setting. "
+        raise BadInput(f"{', '.join(export)} shape a DeepSeek-V3 export; this project's format has no such setting. "
                          "Fix: fmt='deepseek'")
     hf = config_json(config) if fmt == "llama" else deepseek.export_config(config, **export)
     check_replaceable(os.path.abspath(os.path.expanduser(str(path))))  # before any copy of the weights
@@ -204,7 +205,7 @@ def read_config(path, make, hf=None):
     try:
         return make(**config_fields(hf))
     except KeyError as e:
-        raise ValueError(f"{os.path.join(path, 'config.json')} lacks the field {e.args[0]!r} that a Llama config.json "
+        raise BadInput(f"{os.path.join(path, 'config.json')} lacks the field {e.args[0]!r} that a Llama config.json "
                          "has. Fix: restore it from the model's source") from None
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
+        raise BadInput(f"{os.path.join(path, 'config.json')}: {e}") from None

@@ -33,6 +33,7 @@ import time
 import numpy as np
 import torch
 
+from errors import BadInput, NotFound
 from tokenizer import Tokenizer
 
 # The paper's SFT mix on the hub: name -> (dataset id, config, splits)
@@ -78,7 +79,7 @@ def located_rows(source):
         hub_id, config, splits = HUB_SETS[source]
     else:
         if source.count("/") != 1 and ":" not in source and "@" not in source:
-            raise FileNotFoundError(f"data source {source!r} is neither a file, a known set "
+            raise NotFound(f"data source {source!r} is neither a file, a known set "
                                     f"({', '.join(HUB_SETS)}) nor a hub id 'org/name[:config][@split]'")
         hub_id, _, split = source.partition("@")
         hub_id, _, config = hub_id.partition(":")
@@ -98,19 +99,19 @@ class Malformed:
 def check_sources(sources):
     """Fail before any work on a data source that is neither a file nor a hub name/id."""
     if isinstance(sources, str):
-        raise ValueError(f"data sources are a list of paths or hub ids, got the string {sources!r}; write [{sources!r}]")
+        raise BadInput(f"data sources are a list of paths or hub ids, got the string {sources!r}; write [{sources!r}]")
     for src in sources:
         if not os.path.exists(src) and src not in HUB_SETS and src.count("/") != 1 and ":" not in src and "@" not in src:
-            raise FileNotFoundError(f"data source {src!r} is neither a file, a known set ({', '.join(HUB_SETS)}) "
+            raise NotFound(f"data source {src!r} is neither a file, a known set ({', '.join(HUB_SETS)}) "
                                     "nor a hub id 'org/name[:config][@split]'")
         if not os.path.exists(src) and src.count("/") == 1 and os.path.isdir(src.split("/")[0]):
-            raise FileNotFoundError(f"data source {src!r} does not exist ({src.split('/')[0]}/ is a local folder, so "
+            raise NotFound(f"data source {src!r} does not exist ({src.split('/')[0]}/ is a local folder, so "
                                     "it is not a hub id)")
         base = src[:-3] if src.endswith(".gz") else src
         if not os.path.exists(src) and base.endswith((".json", ".jsonl", ".txt", ".parquet")):
-            raise FileNotFoundError(f"data file {src!r} not found")
+            raise NotFound(f"data file {src!r} not found")
         if os.path.exists(src) and not base.endswith((".json", ".jsonl", ".txt", ".parquet")):
-            raise ValueError(f"{src}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
+            raise BadInput(f"{src}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
 
 
 def _iter_file(path):
@@ -150,13 +151,13 @@ def _iter_file(path):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json source is one JSON list of rows "
+            raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json source is one JSON list of rows "
                              "(use .jsonl for one row per line, where a broken line is skipped)") from None
         if isinstance(obj, dict):  # {"data": [...]} style, or a single row
             lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
             obj = lists[0] if len(lists) == 1 else [obj]
         if not isinstance(obj, list):
-            raise ValueError(f"{path}: a .json source must hold a list of rows (or an object with one list of rows), "
+            raise BadInput(f"{path}: a .json source must hold a list of rows (or an object with one list of rows), "
                              f"got a {type(obj).__name__}")
         for i, row in enumerate(obj):
             where = f"{path}: row {i}"
@@ -166,7 +167,7 @@ def _iter_file(path):
         for i, row in enumerate(datasets.load_dataset("parquet", data_files=path, split="train")):
             yield f"{path}: row {i}", row
     else:
-        raise ValueError(f"{path}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
+        raise BadInput(f"{path}: unknown file type (use .json, .jsonl, .txt, .parquet, optionally .gz)")
 
 
 def _cut_line(line, max_chars):
@@ -366,7 +367,7 @@ def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
         firsts.extend(skipped.first[:2])
         log(f"data: {src}: {good} documents ({n_tok:,} tokens), {skipped.text()}")
     if n_docs == 0:
-        raise ValueError(f"no usable documents in {sources} ({n_rows} rows read, {n_bad} skipped"
+        raise BadInput(f"no usable documents in {sources} ({n_rows} rows read, {n_bad} skipped"
                          + (f"; first: {'; '.join(firsts[:3])}" if firsts else "") + "): check the paths and the row "
                          "format (see data.py's docstring for the shapes understood)")
     os.makedirs(cache_dir, exist_ok=True)
@@ -404,11 +405,11 @@ class PackedData:
         self.tokens = np.memmap(os.path.join(cache, f"{split}.bin"), dtype=dtype, mode="r", shape=(n,)) if n else None
         self.mask = np.memmap(os.path.join(cache, f"{split}_mask.bin"), dtype=np.uint8, mode="r", shape=(n,)) if n else None
         if loss_on not in ("all", "assistant"):
-            raise ValueError(f"loss_on={loss_on!r}: use 'all' (every token, as the paper) or 'assistant'")
+            raise BadInput(f"loss_on={loss_on!r}: use 'all' (every token, as the paper) or 'assistant'")
         self.seq_len, self.loss_on = seq_len, loss_on
         self.n_seq = max(0, (n - 1) // seq_len)
         if self.n_seq == 0:
-            raise ValueError(f"the {split} split has {n} tokens: not one sequence of seq_len {seq_len} + 1. "
+            raise BadInput(f"the {split} split has {n} tokens: not one sequence of seq_len {seq_len} + 1. "
                              "Add data, lower seq_len, or (for val) lower val_every")
 
     def get(self, indices):
@@ -432,7 +433,7 @@ class PackedData:
         """The number of sequences sample(n_tokens) takes, or a ValueError when the split holds fewer."""
         n = -(-n_tokens // self.seq_len)
         if n > self.n_seq:
-            raise ValueError(f"calibration needs {n} sequences of {self.seq_len} tokens ({n_tokens} tokens) but "
+            raise BadInput(f"calibration needs {n} sequences of {self.seq_len} tokens ({n_tokens} tokens) but "
                              f"{self.meta['sources']} give only {self.n_seq}. Fix: fewer calib_tokens, a shorter "
                              "calib_seq_len, or more data")
         return n
@@ -570,7 +571,7 @@ def load_pairs(sources, tok, max_length, max_prompt_length, long_prompts="trunca
         log(f"data: {src}: {len(pairs) - n0} pairs; {skipped.text()}")
     log(f"data: {len(pairs)} pairs kept; dropped {dropped} (malformed: identical or empty replies, no shared prompt)")
     if not pairs:
-        raise ValueError(f"no usable preference pairs in {sources}" + (f" (first: {'; '.join(firsts[:3])})" if firsts
+        raise BadInput(f"no usable preference pairs in {sources}" + (f" (first: {'; '.join(firsts[:3])})" if firsts
                                                                         else "")
                          + ": check paths and row shapes (see data.to_pair)")
     return pairs, dropped

@@ -40,6 +40,7 @@ import warnings
 
 import torch
 
+from errors import BadInput
 from folders import rope_of
 
 DS_TYPES = ("deepseek_v3", "deepseek_v2")
@@ -65,7 +66,7 @@ def _interleaved(n):
 
 def _check_served(head_size, fix):
     if head_size not in ENGINE_HEAD_SIZES:
-        raise ValueError(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
+        raise BadInput(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
                          f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only; {fix}")
 
 
@@ -81,11 +82,11 @@ def engine_shape(cfg, head_size=0):
         f"no served shape holds r_kv {r} (the largest is {ENGINE_HEAD_SIZES[-1] - D} + {D})"
     _check_served(head_size, f"{nearest}. Fix: --head_size={fits[0]}" if fits else nearest)
     if d_r > D or D % d_r:
-        raise ValueError(f"d_r {d_r}: a served shape has {D} RoPE dims, and zero padding is exact only when d_r "
+        raise BadInput(f"d_r {d_r}: a served shape has {D} RoPE dims, and zero padding is exact only when d_r "
                          f"divides {D} (each of our frequencies then sits on the engine's ladder). Fix: upcycle "
                          f"with qk_rope_dim in (16, 32, 64) (svd_init.py / distill.py --head_size={head_size})")
     if r > head_size - D:
-        raise ValueError(f"r_kv {r} does not fit head_size {head_size} = {head_size - D} + {D}: padding can only "
+        raise BadInput(f"r_kv {r} does not fit head_size {head_size} = {head_size - D} + {D}: padding can only "
                          f"add zeros; {nearest}. Fix: " + (f"--head_size={fits[0]}" if fits else
                                                            f"upcycle at r_kv <= {ENGINE_HEAD_SIZES[-1] - D}"))
     return head_size - D, D
@@ -97,23 +98,23 @@ def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
     that would contradict it (kv_rank, qk_rope_dim, kv_budget, kv_energy), refused when set."""
     given = [k for k, v in others.items() if v is not None]
     if given:
-        raise ValueError(f"head_size={head_size} sets r_kv and d_r itself; {', '.join(given)} would contradict it. "
+        raise BadInput(f"head_size={head_size} sets r_kv and d_r itself; {', '.join(given)} would contradict it. "
                          "Fix: drop " + " and ".join(given))
     _check_served(head_size, "Fix: one of those")
     if mla_layers is not None and sorted(mla_layers) != list(range(src.n_layers)):
-        raise ValueError("head_size aims at an engine's DeepSeek-V3 format, which has MLA in every layer. Fix: leave "
+        raise BadInput("head_size aims at an engine's DeepSeek-V3 format, which has MLA in every layer. Fix: leave "
                          "mla_layers unset")
     if latent_norm == "none":
-        raise ValueError("head_size aims at an engine, and every engine builds an RMSNorm on c_kv. Fix: add "
+        raise BadInput("head_size aims at an engine, and every engine builds an RMSNorm on c_kv. Fix: add "
                          "--latent_norm=kv")
     d_r = min(ENGINE_ROPE_DIM, src.head_dim)
     if ENGINE_ROPE_DIM % d_r:
-        raise ValueError(f"d_h {src.head_dim}: d_r = d_h does not divide the engine's {ENGINE_ROPE_DIM} RoPE dims, "
+        raise BadInput(f"d_h {src.head_dim}: d_r = d_h does not divide the engine's {ENGINE_ROPE_DIM} RoPE dims, "
                          "so no conversion of this model lands on a served shape exactly")
     r_kv, most = head_size - ENGINE_ROPE_DIM, min(src.dim, 2 * src.n_kv_heads * src.head_dim)
     if r_kv > most:
         lower = [h for h in ENGINE_HEAD_SIZES if h - ENGINE_ROPE_DIM <= most]
-        raise ValueError(f"head_size={head_size} needs r_kv {r_kv}, beyond this model's rank {most} (min(d, 2 n_kv "
+        raise BadInput(f"head_size={head_size} needs r_kv {r_kv}, beyond this model's rank {most} (min(d, 2 n_kv "
                          "d_h)). Fix: " + (f"--head_size={lower[-1]}" if lower else "no served shape is smaller; "
                                            "export with padding instead (deepseek.py --head_size)"))
     if r_kv + d_r > 2 * src.n_kv_heads * src.head_dim:
@@ -142,19 +143,19 @@ def export_config(cfg, head_size=0) -> dict:
     head_size (one of ENGINE_HEAD_SIZES): the latent and the RoPE key zero-padded to what vLLM serves, exactly."""
     L = cfg.n_layers
     if cfg.mamba_layers:
-        raise ValueError(f"layers {list(cfg.mamba_layers)} are Mamba2: the DeepSeek-V3 format has MLA in every layer, "
+        raise BadInput(f"layers {list(cfg.mamba_layers)} are Mamba2: the DeepSeek-V3 format has MLA in every layer, "
                          "and no engine serves this hybrid in it. Fix: save it in this project's format (fmt='llama')")
     gqa = [i for i in range(L) if i not in cfg.mla_layers]
     if gqa:
-        raise ValueError(f"layers {gqa} are GQA: the DeepSeek-V3 format has MLA in every layer. Fix: convert all "
+        raise BadInput(f"layers {gqa} are GQA: the DeepSeek-V3 format has MLA in every layer. Fix: convert all "
                          "layers (svd_init.py / distill.py with mla_layers unset)")
     if cfg.latent_norm == "none":
-        raise ValueError("this model has no RMSNorm on c_kv, and every engine builds one (kv_a_layernorm): an RMSNorm "
+        raise BadInput("this model has no RMSNorm on c_kv, and every engine builds one (kv_a_layernorm): an RMSNorm "
                          "is not an identity, so the export would compute something else (what makes TransMLA's "
                          "exports emit nonsense in stock engines, fxmeng/TransMLA#24). Fix: upcycle with "
                          "latent_norm=kv (its calibrated init keeps the model close, docs/serving.md) and distil")
     if cfg.latent_norm_eps != HF_LATENT_EPS:
-        raise ValueError(f"the latent norms use eps {cfg.latent_norm_eps}; transformers' DeepseekV3 computes them "
+        raise BadInput(f"the latent norms use eps {cfg.latent_norm_eps}; transformers' DeepseekV3 computes them "
                          f"with {HF_LATENT_EPS}. Fix: a model upcycled by this version (latent_norm_eps "
                          f"{HF_LATENT_EPS}), then distil")
     scaling = cfg.rope_scaling
@@ -305,7 +306,7 @@ class Reader:
             bad.append(f"rope_scaling {kind!r} (model.py's rotary has none or Llama 3's; DeepSeek's YaRN is not "
                        "implemented here)")
         if bad:
-            raise ValueError(f"a {mt} checkpoint with " + "; ".join(bad) + ": this project's model cannot compute "
+            raise BadInput(f"a {mt} checkpoint with " + "; ".join(bad) + ": this project's model cannot compute "
                              "it. It reads DeepSeek-format folders with dense SiLU MLPs and plain MLA attention")
         rec = hf.get(RECORD) or {}
         self.q_fused = hf.get("q_lora_rank") is None
@@ -349,14 +350,14 @@ class Reader:
         """The layer index of model.layers.<i>.…: an odd name is refused by name."""
         i = name.split(".")[2] if name.count(".") >= 2 else ""
         if not i.isdigit():
-            raise ValueError(f"{name}: not a tensor name of a DeepSeek checkpoint (model.layers.<index>.…). Fix: "
+            raise BadInput(f"{name}: not a tensor name of a DeepSeek checkpoint (model.layers.<index>.…). Fix: "
                              "rename it back, or copy the weights again from where the model came from")
         return int(i)
 
     def tensors(self, name, t):
         """One DeepSeek tensor -> [(our name, tensor), ...]."""
         if ".mlp.experts." in name or ".mlp.gate." in name or ".shared_experts." in name:
-            raise ValueError(f"{name}: MoE weights; this project's model has dense MLPs only")
+            raise BadInput(f"{name}: MoE weights; this project's model has dense MLPs only")
         if ".self_attn." not in name:
             return [(name, t)]
         p, leaf = name.rsplit(".self_attn.", 1)
@@ -384,14 +385,14 @@ class Reader:
                     (p + "W_UV.weight", kv[:, d_qk:].reshape(H * d_v, -1))]
         if leaf == "o_proj.weight":
             return [(name, t)]
-        raise ValueError(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, "
+        raise BadInput(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, "
                          "q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj). Fix: rename it back, "
                          "or copy the weights again from where the model came from")
 
     def _rope(self, name, t, dim):
         """Our d_r RoPE rows of the D the checkpoint holds; the others were an engine shape's padding: zero."""
         if self.D != self.d_r and t.index_fill(dim, self._take, 0).count_nonzero():
-            raise ValueError(f"{name}: the RoPE rows beyond the model's d_r {self.d_r} (config.json {RECORD}) are "
+            raise BadInput(f"{name}: the RoPE rows beyond the model's d_r {self.d_r} (config.json {RECORD}) are "
                              f"not zero: the folder was changed after export. Fix: delete {RECORD}.qk_rope_dim and "
                              "q_scale from its config.json to read it at the padded width")
         return t.index_select(dim, self._take)
@@ -403,7 +404,7 @@ class Reader:
         if r == n:
             return t
         if t.narrow(dim, r, n - r).count_nonzero():
-            raise ValueError(f"{name}: the padding beyond this layer's rank {r} (config.json {RECORD}) is not zero: "
+            raise BadInput(f"{name}: the padding beyond this layer's rank {r} (config.json {RECORD}) is not zero: "
                              f"the folder was changed after export. Fix: delete {RECORD} from its config.json to read "
                              "it at the padded width")
         return t.narrow(dim, 0, r)

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from errors import BadInput, NotFound
 from folders import check_replaceable, check_results_file, write_folder, write_results_file
 from ops import linear_kl, linear_logprobs
 
@@ -129,7 +130,7 @@ def build_requests(task, doc, fewshot=()):
         cont = " " + doc["sentence"][i + 1:].strip()
         return contexts, [cont, cont], {"1": 0, "2": 1}[str(doc["answer"])], contexts
     else:
-        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        raise BadInput(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     return [ctx] * len(choices), [" " + c for c in choices], gold, choices
 
 
@@ -144,12 +145,12 @@ def check_tasks(tasks):
     names = TASKS if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"]
     twice = sorted({t for t in names if names.count(t) > 1})
     if twice:
-        raise ValueError(f"tasks lists {', '.join(map(repr, twice))} more than once: each task is scored once (and "
+        raise BadInput(f"tasks lists {', '.join(map(repr, twice))} more than once: each task is scored once (and "
                          "counted once in the average). Fix: name each task once")
     for t in names:
         if t not in HUB:
             close = difflib.get_close_matches(t, TASKS, n=1)
-            raise ValueError(f"unknown task {t!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            raise BadInput(f"unknown task {t!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                              + f"; tasks: {', '.join(TASKS)} or 'all'")
     return names
 
@@ -162,7 +163,7 @@ def load_docs(task, data_dir=None, limit=None, split=None):
     if data_dir:
         path = os.path.join(data_dir, f"{name}.jsonl")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: convert the raw local sets into {data_dir} with "
+            raise NotFound(f"{path} not found: convert the raw local sets into {data_dir} with "
                                     "--convert_from=RAW_DIR, or drop --data_dir to read the hub")
         docs, where = [], []
         with open(path) as f:
@@ -171,7 +172,7 @@ def load_docs(task, data_dir=None, limit=None, split=None):
                     try:
                         docs.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not a JSON row ({e.msg}). Fix: one JSON object per line, "
+                        raise BadInput(f"{path}:{n}: not a JSON row ({e.msg}). Fix: one JSON object per line, "
                                          "or re-convert with --convert_from=RAW_DIR") from None
                     where.append(f"{path}:{n}")
     else:
@@ -181,7 +182,7 @@ def load_docs(task, data_dir=None, limit=None, split=None):
         try:
             docs = list(datasets.load_dataset(hub_id, config, split=split or hub_split))
         except (ConnectionError, FileNotFoundError, OSError) as e:  # offline, no cache, or a dataset gone
-            raise ValueError(f"task {task}: the hub dataset {hub_id} ({config or 'default'}) cannot be read here "
+            raise BadInput(f"task {task}: the hub dataset {hub_id} ({config or 'default'}) cannot be read here "
                              f"({type(e).__name__}: {str(e)[:120]}). Fix: connect to the hub once (the datasets "
                              "cache keeps it), or --data_dir=DIR of local <task>.jsonl (tests/fixtures/eval holds "
                              "slices; --convert_from makes the full sets from raw files)") from None
@@ -199,11 +200,11 @@ def check_doc(task, doc, where):
     try:
         _, conts, gold, _ = build_requests(task, doc)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, SyntaxError) as e:
-        raise ValueError(f"{where}: a {task} row this scorer cannot read ({type(e).__name__}: {e}). Fix: the hub's "
+        raise BadInput(f"{where}: a {task} row this scorer cannot read ({type(e).__name__}: {e}). Fix: the hub's "
                          "field names (docs/training.md, 'Evaluation'), or re-convert with --convert_from=RAW_DIR"
                          ) from None
     if not (isinstance(gold, int) and 0 <= gold < len(conts)):
-        raise ValueError(f"{where}: gold answer {gold!r} is not one of the row's {len(conts)} choices. Fix: the row's "
+        raise BadInput(f"{where}: gold answer {gold!r} is not one of the row's {len(conts)} choices. Fix: the row's "
                          "label")
 
 
@@ -532,7 +533,7 @@ if __name__ == "__main__":
             kv_context=(1, None))
     for name in ("speed_batches", "speed_contexts"):
         if not all(isinstance(v, int) and v >= 1 for v in config[name]) or not config[name]:
-            raise ValueError(f"{name}={config[name]!r}: must be a list of integers >= 1")
+            raise BadInput(f"{name}={config[name]!r}: must be a list of integers >= 1")
     if convert_from:
         check_apart(data_dir or "out/eval_data", "data_dir", {"convert_from": convert_from})
         print(convert_local(convert_from, data_dir or "out/eval_data", limit or None))
@@ -544,10 +545,10 @@ if __name__ == "__main__":
     names = check_tasks(tasks)
     folder = resolve_checkpoint(model)  # the model is found before any task data is read
     if num_fewshot and any(t != "mmlu" for t in names):
-        raise ValueError(f"num_fewshot={num_fewshot}: few-shot is implemented for MMLU only (the harness's first_n "
+        raise BadInput(f"num_fewshot={num_fewshot}: few-shot is implemented for MMLU only (the harness's first_n "
                          "examples of its dev split); run the other tasks zero-shot in a separate call")
     if add_bos not in (True, False, "auto"):
-        raise ValueError(f"add_bos={add_bos!r}: use True, False or 'auto'")
+        raise BadInput(f"add_bos={add_bos!r}: use True, False or 'auto'")
     docs_of = {t: load_docs(t, data_dir or None, limit or None) for t in names}
     fewshot = None
     if num_fewshot:
@@ -557,10 +558,10 @@ if __name__ == "__main__":
             fewshot.setdefault(d["subject"], []).append(d)
         short = [s for s in {d["subject"] for d in docs_of["mmlu"]} if len(fewshot.get(s, [])) < num_fewshot]
         if short:
-            raise ValueError(f"num_fewshot={num_fewshot}: the dev split has fewer examples for {sorted(short)[:5]}")
+            raise BadInput(f"num_fewshot={num_fewshot}: the dev split has fewer examples for {sorted(short)[:5]}")
         fewshot = {k: v[:num_fewshot] for k, v in fewshot.items()}
     if ppl_data and not os.path.exists(ppl_data):
-        raise FileNotFoundError(f"ppl_data {ppl_data!r} not found")
+        raise NotFound(f"ppl_data {ppl_data!r} not found")
     for other in (teacher, source):  # the models read after the tasks: found now, not after scoring
         if other:
             resolve_checkpoint(other)

@@ -18,6 +18,7 @@ import torch
 
 from configurator import configure
 from deepseek import cache_line, compare_with_transformers, engine_shape, export_config
+from errors import BadInput
 from folders import check_apart, check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import Transformer, resolve_dtype
 from ops import kl_and_agreement
@@ -31,7 +32,7 @@ check_max_kl = 0.05        # --check fails above this KL(float32 model || export
 head_size = 0              # 0: the model's own r_kv + d_r; 320 / 512 / 576: zero-padded to a shape vLLM serves
 config = configure(globals(), positional=("init_from", "out_dir"))  # python export.py MODEL_DIR OUT_DIR
 if not init_from or not out_dir:
-    raise ValueError("export.py needs a model folder and an output folder. Fix: python export.py MODEL_DIR "
+    raise BadInput("export.py needs a model folder and an output folder. Fix: python export.py MODEL_DIR "
                      "OUT_DIR [--dtype=bfloat16] [--check=True] [--head_size=576]")
 folder = resolve_checkpoint(init_from)
 check_apart(out_dir, "out_dir", {"init_from": folder})  # never over its own source (an MLA folder we wrote)
@@ -41,7 +42,7 @@ model = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, "cpu") if
 try:
     export_config(model.config, head_size)  # the refusals, before anything is written
 except ValueError as e:
-    raise ValueError(f"{folder} cannot be exported exactly: {e}") from None
+    raise BadInput(f"{folder} cannot be exported exactly: {e}") from None
 try:
     tok = Tokenizer.from_name("", folder)
 except (FileNotFoundError, ValueError):
@@ -66,7 +67,7 @@ if check:
         print(f"transformers' DeepseekV3ForCausalLM vs ours, float32, 64 random ids: max |logit difference| "
               f"{err:.2e} (largest logit {top:.1f})")
         if not err <= 1e-4 * max(top, 1.0):
-            raise ValueError(f"{out_dir}: transformers computes other logits from the export than this project "
+            raise BadInput(f"{out_dir}: transformers computes other logits from the export than this project "
                              f"does ({err:.2e} apart, largest logit {top:.1f}): the export is not the model. "
                              "Please report it, with the source folder's config.json")
     # 2. the numbers: the export in its own dtype, as it is served, against the source model in float32, on
@@ -91,7 +92,7 @@ if check:
     print(f"the export in {name} ({who}) vs the model in float32, {ids.numel()} tokens the model wrote: "
           f"KL {kl:.2e} nats/token, top-1 agreement {100 * agree:.1f}%")
     if not kl <= check_max_kl:
-        raise ValueError(f"the export in {name} is not the model: KL {kl:.3f} nats/token (> check_max_kl "
+        raise BadInput(f"the export in {name} is not the model: KL {kl:.3f} nats/token (> check_max_kl "
                          f"{check_max_kl}), top-1 agreement {100 * agree:.1f}%; it works in float32 only. The "
                          f"folder {out_dir} is written; do not serve it in {name}. Fix: export with "
                          "--dtype=float32, or re-convert with this version's svd_init.py (its latent scales are "

@@ -25,6 +25,9 @@ import tempfile
 import time
 import zlib
 
+from configurator import at_exit
+from errors import BadInput, Busy, CannotWrite, NotFound, Occupied
+
 WRITTEN_BY = "WRITTEN_BY.json"  # what write_folder wrote into a folder: the only files it may later replace
 PROJECT = "nanoMLA"
 
@@ -50,12 +53,12 @@ def resolve_checkpoint(path, need_config=True):
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
         if need_config and not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+            raise NotFound(f"{path} has no config.json: not a Hugging Face model folder")
         return path
     first = path.split("/")[0]
     local = os.path.isdir(first) and first not in (".", "..", "")
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1 or local:
-        raise FileNotFoundError(f"{path!r} is not a model folder (no such directory"
+        raise NotFound(f"{path!r} is not a model folder (no such directory"
                                 + (f"; {first}/ is a local folder, so it is not a hub id" if local else "")
                                 + "). Fix: check the path, or give a hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
@@ -63,7 +66,7 @@ def resolve_checkpoint(path, need_config=True):
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                        "original/tokenizer.model"])
     except Exception as e:
-        raise FileNotFoundError(f"{path!r}: not a local folder, and the hub could not provide it "
+        raise NotFound(f"{path!r}: not a local folder, and the hub could not provide it "
                                 f"({type(e).__name__}: {str(e)[:200]}). Fix: download it where a hub is reachable "
                                 "and pass the folder") from None
 
@@ -77,14 +80,14 @@ def read_json(path, missing=None):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}). Fix: restore it from the model's source") from None
+        raise BadInput(f"{path} is not valid JSON ({e}). Fix: restore it from the model's source") from None
 
 
 def read_config_json(path):
     """A folder's config.json as a dict."""
     hf = read_json(os.path.join(path, "config.json"))
     if not isinstance(hf, dict):
-        raise ValueError(f"{os.path.join(path, 'config.json')} holds a JSON {type(hf).__name__}, not the object a "
+        raise BadInput(f"{os.path.join(path, 'config.json')} holds a JSON {type(hf).__name__}, not the object a "
                          "config.json is. Fix: restore it from the model's source")
     return hf
 
@@ -104,15 +107,15 @@ def safetensors_files(path):
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (a JSON object whose weight_map names the shards: "
+            raise BadInput(f"{index} is not a safetensors index (a JSON object whose weight_map names the shards: "
                              f"{type(e).__name__} {e}). Fix: copy it again from where the model came from") from None
         gone = [f for f in files if not os.path.exists(os.path.join(path, f))]
         if gone:
-            raise FileNotFoundError(f"{index} names shards that are not in {path}: {gone}. Fix: copy them there")
+            raise NotFound(f"{index} names shards that are not in {path}: {gone}. Fix: copy them there")
         return files
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return ["model.safetensors"]
-    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json "
+    raise NotFound(f"{path} has no model.safetensors or model.safetensors.index.json "
                             "(only safetensors are read, never pickled .bin files)")
 
 
@@ -142,7 +145,7 @@ def file_crcs(handle) -> dict:
     except ValueError:
         crcs = None
     if not isinstance(crcs, dict):
-        raise ValueError(f"the {CRC_KEY} entry of a safetensors header is not a JSON object: the file is damaged. "
+        raise BadInput(f"the {CRC_KEY} entry of a safetensors header is not a JSON object: the file is damaged. "
                          "Fix: copy it again from where it came from")
     return crcs
 
@@ -150,7 +153,7 @@ def file_crcs(handle) -> dict:
 def check_crc(t, name, crcs, file):
     """Raise where tensor `name` (as read from `file`) differs from the CRC-32 written when the file was saved."""
     if name in crcs and tensor_crc(t) != crcs[name]:
-        raise ValueError(f"{file}: the bytes of tensor {name} differ from the checksum written when it was saved: the "
+        raise BadInput(f"{file}: the bytes of tensor {name} differ from the checksum written when it was saved: the "
                          "file was damaged after it was written (disk, copy or transfer). Fix: copy it again from "
                          "where it came from (a training checkpoint: resume falls back to the one before it)")
 
@@ -219,7 +222,7 @@ def check_replaceable(path):
         return
     if os.path.islink(path) or not os.path.isdir(path):
         what = "a symbolic link" if os.path.islink(path) else "not a folder"
-        raise FileExistsError(f"{path} exists and is {what}: refusing to replace it. Fix: choose another out_dir")
+        raise Occupied(f"{path} exists and is {what}: refusing to replace it. Fix: choose another out_dir")
     top = os.listdir(path)
     if not top:
         return
@@ -232,7 +235,7 @@ def check_replaceable(path):
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             ours = set()
     if not ours:
-        raise FileExistsError(f"{path} was not written by this project ({_show(top)}): refusing to replace it, "
+        raise Occupied(f"{path} was not written by this project ({_show(top)}): refusing to replace it, "
                               "nothing was changed. Fix: choose a new or empty folder as out_dir")
     foreign = []
     for r, dirs, files in os.walk(path):  # our own folder: small, and os.walk does not follow links
@@ -242,7 +245,7 @@ def check_replaceable(path):
             if os.path.islink(p) or (n in files and rel not in ours) or (n in dirs and not os.listdir(p)):
                 foreign.append(rel + ("/" if n in dirs else ""))
     if foreign:
-        raise FileExistsError(f"{path} holds files this project did not write ({_show(foreign)}): refusing to "
+        raise Occupied(f"{path} holds files this project did not write ({_show(foreign)}): refusing to "
                               "replace it, nothing was changed. Fix: choose a new or empty folder as out_dir, or move "
                               "those files away yourself")
 
@@ -262,7 +265,7 @@ def write_folder(path, fill, what="write_folder"):
         except Exception as e:
             if not write_failed(e):
                 raise
-            raise OSError(f"writing {path} failed ({type(e).__name__}: {e}); nothing was replaced. Fix: free disk "
+            raise CannotWrite(f"writing {path} failed ({type(e).__name__}: {e}); nothing was replaced. Fix: free disk "
                           "space (or check the folder's permissions), then run again") from None
         written = sorted(os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs)
         write_json(os.path.join(tmp, WRITTEN_BY), {"written_by": f"{PROJECT} ({what})", "files": written})
@@ -314,7 +317,7 @@ def check_apart(out, out_name, inputs, outputs=None):
             "contains" if i.startswith(o.rstrip(os.sep) + os.sep) else None
         if rel:
             kind = "the other output" if is_output else "the input"
-            raise ValueError(f"{out_name}={out} {rel} {kind} {name}={p}: writing there would replace, move or mix "
+            raise BadInput(f"{out_name}={out} {rel} {kind} {name}={p}: writing there would replace, move or mix "
                              f"into it. Fix: give {out_name} a folder apart from every input and output")
 
 
@@ -360,26 +363,26 @@ def claim_out_dir(out_dir, resume, log_name, need_bytes=0):
     does not write, take its lock, check the disk, and on a fresh start move an earlier run's files aside to
     replaced-<time>/. Returns whether to resume."""
     if resume not in (True, False, "auto"):
-        raise ValueError(f"resume={resume!r}: use True, False or 'auto' (resume when a checkpoint exists)")
+        raise BadInput(f"resume={resume!r}: use True, False or 'auto' (resume when a checkpoint exists)")
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"out_dir {out_dir} is a file. Fix: choose a folder")
+        raise Occupied(f"out_dir {out_dir} is a file. Fix: choose a folder")
     present = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     foreign = [n for n in present if not run_owned(out_dir, n, log_name)]
     if foreign:
-        raise FileExistsError(f"out_dir {out_dir} holds files a {log_name} run does not write ({_show(foreign)}): "
+        raise Occupied(f"out_dir {out_dir} holds files a {log_name} run does not write ({_show(foreign)}): "
                               "refusing to use it, nothing was changed. Fix: give a new or empty folder as out_dir")
     os.makedirs(out_dir, exist_ok=True)
     take_lock(out_dir)
     free = shutil.disk_usage(out_dir).free
     if need_bytes > free:
         release_lock(out_dir)
-        raise OSError(f"out_dir {out_dir}: {free / 2**30:.2f} GiB free, but the run's checkpoints and export need "
+        raise CannotWrite(f"out_dir {out_dir}: {free / 2**30:.2f} GiB free, but the run's checkpoints and export need "
                       f"about {need_bytes / 2**30:.2f} GiB. Fix: free space, lower keep_ckpts, or pick another disk")
     has_ckpt = latest_checkpoint(out_dir) is not None
     if resume is True and not has_ckpt:
         release_lock(out_dir)
-        raise FileNotFoundError(f"resume=True but {out_dir} holds no complete checkpoint. Fix: drop --resume to "
+        raise NotFound(f"resume=True but {out_dir} holds no complete checkpoint. Fix: drop --resume to "
                                 "start a fresh run, or use --resume=auto (resume when there is one)")
     go_on = resume is True or (resume == "auto" and has_ckpt)
     old = [n for n in present if not n.startswith(("replaced-", ".lock"))]
@@ -405,13 +408,12 @@ def take_lock(out_dir):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             with os.fdopen(fd, "w") as f:
                 f.write(me + "\n")
-            import atexit
-            atexit.register(release_lock, out_dir, me)
+            at_exit(release_lock, out_dir, me)
             return
         except FileExistsError:
             owner, alive = lock_holder(path)
             if alive:
-                raise RuntimeError(f"out_dir {out_dir} is in use by another run (process {owner}, lock {path}). "
+                raise Busy(f"out_dir {out_dir} is in use by another run (process {owner}, lock {path}). "
                                    "Fix: wait for it, or give another out_dir. If that run is dead on another "
                                    "machine, delete the lock file") from None
             os.remove(path)  # stale: its process is gone
@@ -449,7 +451,7 @@ def check_not_in_a_live_run(path):
     if os.path.exists(lock):
         owner, alive = lock_holder(lock)
         if alive and owner.partition("@")[0] != str(os.getpid()):
-            raise RuntimeError(f"{path} is inside {d}, which a training run is using (process {owner}, lock {lock}): "
+            raise Busy(f"{path} is inside {d}, which a training run is using (process {owner}, lock {lock}): "
                                "it would write there too. Fix: choose an out_dir outside it, or wait for that run")
 
 
@@ -473,7 +475,7 @@ def check_results_file(path):
     if not os.path.lexists(path):
         return
     if os.path.islink(path) or not os.path.isfile(path):
-        raise FileExistsError(f"{path} exists and is not a plain file: refusing to replace it. Fix: choose another "
+        raise Occupied(f"{path} exists and is not a plain file: refusing to replace it. Fix: choose another "
                               "--out")
     try:
         with open(path) as f:
@@ -483,7 +485,7 @@ def check_results_file(path):
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
         ours = False
     if not ours:
-        raise FileExistsError(f"{path} exists and is not a results file this project wrote: refusing to replace it, "
+        raise Occupied(f"{path} exists and is not a results file this project wrote: refusing to replace it, "
                               "nothing was changed. Fix: choose another --out, or move that file away yourself")
 
 
@@ -503,7 +505,7 @@ def check_writable(path):
             os.close(fd)
             os.remove(tmp)
     except OSError as e:
-        raise OSError(f"{path} cannot be written ({probe}: {e.strerror or e}). Fix: a path on a writable disk with "
+        raise CannotWrite(f"{path} cannot be written ({probe}: {e.strerror or e}). Fix: a path on a writable disk with "
                       "free space") from None
 
 
@@ -549,7 +551,7 @@ def check_rows_file(path, keys):
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
         ok = False
     if not ok:
-        raise FileExistsError(f"{path} exists and is not a rows file this script wrote: refusing to append to it. "
+        raise Occupied(f"{path} exists and is not a rows file this script wrote: refusing to append to it. "
                               "Fix: give another path, or move that file away yourself")
 
 
@@ -559,9 +561,9 @@ def check_only(folder, allowed, what):
     if not os.path.lexists(folder):
         return
     if os.path.islink(folder) or not os.path.isdir(folder):
-        raise FileExistsError(f"{what} {folder} is not a folder: refusing to use it. Fix: choose another path")
+        raise Occupied(f"{what} {folder} is not a folder: refusing to use it. Fix: choose another path")
     foreign = [n for n in os.listdir(folder) if os.path.islink(os.path.join(folder, n)) or not any(
         re.fullmatch(rx, n + ("/" if os.path.isdir(os.path.join(folder, n)) else "")) for rx in allowed)]
     if foreign:
-        raise FileExistsError(f"{what} {folder} holds files this script does not write ({_show(foreign)}): refusing "
+        raise Occupied(f"{what} {folder} holds files this script does not write ({_show(foreign)}): refusing "
                               "to use it, nothing was changed. Fix: give a new or empty folder")

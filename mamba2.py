@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import BadInput
+
 
 def ssd_sequential(x, dt, A, B, C, state=None):
     """x (b, T, H, P), dt (b, T, H), A (H,), B and C (b, T, H, N), state (b, H, P, N) or None (zeros).
@@ -129,11 +131,11 @@ class Mamba2(nn.Module):
     @staticmethod
     def check_shape(d_inner, d_xb, d_state, d_conv, chunk):
         if min(d_inner, d_xb, d_state) < 1 or d_inner % d_state or d_xb % d_state or d_inner % d_xb:
-            raise ValueError(f"Mamba2 shape does not divide: d_inner {d_inner} and d_xb {d_xb} must be multiples of "
+            raise BadInput(f"Mamba2 shape does not divide: d_inner {d_inner} and d_xb {d_xb} must be multiples of "
                              f"d_state {d_state}, and d_inner of d_xb (heads repeat x and B as GQA repeats K/V). "
                              "Fix: the config's ssm_d_inner / ssm_d_xb / ssm_d_state (0 follows the source's heads)")
         if d_conv < 1 or chunk < 1:
-            raise ValueError(f"Mamba2 needs ssm_d_conv >= 1 and ssm_chunk >= 1, got {d_conv} and {chunk}")
+            raise BadInput(f"Mamba2 needs ssm_d_conv >= 1 and ssm_chunk >= 1, got {d_conv} and {chunk}")
 
     @torch.no_grad()
     def reset_ssm_parameters(self, generator=None):

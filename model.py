@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+from errors import BadInput
 from folders import read_config_json, resolve_checkpoint
 from ops import latent_attention
 from mamba2 import Mamba2
@@ -49,7 +50,7 @@ def latent_norm_kind(value) -> str:
     if isinstance(value, bool):
         value = "both" if value else "none"
     if value not in LATENT_NORMS:
-        raise ValueError(f"latent_norm={value!r}: use one of {LATENT_NORMS}")
+        raise BadInput(f"latent_norm={value!r}: use one of {LATENT_NORMS}")
     return value
 
 
@@ -98,11 +99,11 @@ class ModelConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 hf = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
                           n_kv_heads="num_key_value_heads", max_seq_len="max_position_embeddings").get(name, name)
-                raise ValueError(f"{name}={v!r} (config.json: {hf}): must be a whole number >= 1")
+                raise BadInput(f"{name}={v!r} (config.json: {hf}): must be a whole number >= 1")
         for name in ("norm_eps", "rope_theta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name}={v!r}: must be a number > 0")
+                raise BadInput(f"{name}={v!r}: must be a number > 0")
         for name in ("mla_layers", "q_rank", "kv_rank", "eos_id", "mamba_layers"):
             v = getattr(self, name)
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else ((v,) if v is not None else ()))
@@ -110,34 +111,34 @@ class ModelConfig:
             self.v_head_dim = self.head_dim
         self.latent_norm = latent_norm_kind(self.latent_norm)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+            raise BadInput(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         self.ssm_d_inner = self.ssm_d_inner or self.n_heads * self.head_dim
         self.ssm_d_xb = self.ssm_d_xb or self.n_kv_heads * self.head_dim
         self.ssm_d_state = self.ssm_d_state or self.head_dim
         if self.mamba_layers:
             m = list(self.mamba_layers)
             if len(set(m)) != len(m) or not all(0 <= i < self.n_layers for i in m):
-                raise ValueError(f"mamba_layers={m} must be distinct indices in [0, {self.n_layers})")
+                raise BadInput(f"mamba_layers={m} must be distinct indices in [0, {self.n_layers})")
             if set(m) & set(self.mla_layers):
-                raise ValueError(f"layers {sorted(set(m) & set(self.mla_layers))} are in both mla_layers and "
+                raise BadInput(f"layers {sorted(set(m) & set(self.mla_layers))} are in both mla_layers and "
                                  "mamba_layers: a layer is GQA, MLA or Mamba2")
             Mamba2.check_shape(self.ssm_d_inner, self.ssm_d_xb, self.ssm_d_state, self.ssm_d_conv, self.ssm_chunk)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3' or none)")
+                raise BadInput(f"rope_scaling type {kind!r} is not supported (only 'llama3' or none)")
         if not self.mla_layers:
             return
         n = len(self.mla_layers)
         if len(self.q_rank) != n or len(self.kv_rank) != n:
-            raise ValueError(f"q_rank and kv_rank need one entry per MLA layer ({n} layers {list(self.mla_layers)}), "
+            raise BadInput(f"q_rank and kv_rank need one entry per MLA layer ({n} layers {list(self.mla_layers)}), "
                              f"got {len(self.q_rank)} and {len(self.kv_rank)}")
         if len(set(self.mla_layers)) != n or not all(0 <= i < self.n_layers for i in self.mla_layers):
-            raise ValueError(f"mla_layers={list(self.mla_layers)} must be distinct indices in [0, {self.n_layers})")
+            raise BadInput(f"mla_layers={list(self.mla_layers)} must be distinct indices in [0, {self.n_layers})")
         if min(self.q_rank) < 1 or min(self.kv_rank) < 1:
-            raise ValueError(f"ranks must be >= 1, got q_rank={list(self.q_rank)} kv_rank={list(self.kv_rank)}")
+            raise BadInput(f"ranks must be >= 1, got q_rank={list(self.q_rank)} kv_rank={list(self.kv_rank)}")
         if self.qk_nope_dim < 1 or self.qk_rope_dim < 2 or self.qk_rope_dim % 2:
-            raise ValueError(f"MLA needs qk_nope_dim >= 1 and an even qk_rope_dim >= 2, "
+            raise BadInput(f"MLA needs qk_nope_dim >= 1 and an even qk_rope_dim >= 2, "
                              f"got {self.qk_nope_dim} and {self.qk_rope_dim}")
 
     def layer_type(self, layer: int) -> str:
@@ -583,7 +584,7 @@ class Transformer(nn.Module):
         steps through torch.compile (compiled once per model and cache shape). Returns (B, T0 + n) ids."""
         B, T0 = idx.shape
         if T0 + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt {T0} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
+            raise BadInput(f"prompt {T0} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
         self.setup_caches(B, T0 + max_new_tokens)
         self.reset_caches()  # a new sequence: nothing of the last one, whatever it held (a 1-token prompt too)
@@ -643,7 +644,7 @@ def resolve_dtype(name, device_type):
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
         name, name)
     if name not in ("bfloat16", "float16", "float32", "float64"):
-        raise ValueError(f"dtype={name!r}: use 'auto', 'bfloat16' (bf16), 'float16' (fp16) or 'float32' (fp32)")
+        raise BadInput(f"dtype={name!r}: use 'auto', 'bfloat16' (bf16), 'float16' (fp16) or 'float32' (fp32)")
     return getattr(torch, name)
 
 

@@ -17,6 +17,8 @@ Performance-critical pieces, each with a plain reference it is tested against.
 import torch
 import torch.nn.functional as F
 
+from errors import BadInput
+
 
 def _acc(x):
     """Softmax and sums in fp32 at least: bf16/fp16 go up to fp32, fp64 (the exactness tests) stays fp64."""
@@ -86,7 +88,7 @@ def linear_kl(h_s, W_s, h_t, W_t, targets, weight, kl_weight=1.0, ce_weight=0.0,
     also carries the normalisation, e.g. 1 / n_tokens). Returns (loss, stats): loss differentiable w.r.t. h_s, W_s;
     stats = [sum KL, sum student CE, sum teacher CE, n tokens] over tokens with weight != 0 (detached, for logging)."""
     if h_t is None and kl_weight:
-        raise ValueError("kl_weight > 0 needs teacher hidden states")
+        raise BadInput("kl_weight > 0 needs teacher hidden states")
     return _LinearKL.apply(h_s, W_s, h_t, W_t, targets, _acc(weight), float(kl_weight), float(ce_weight), int(chunk))
 
 

@@ -32,6 +32,7 @@ import contextlib
 
 import torch
 
+from errors import BadInput
 from model import ModelConfig, RMSNorm, Transformer
 from ops import token_kl
 
@@ -41,10 +42,10 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
     """E[x xᵀ] (d, d) and E[x] (d,) in float64 of the attention input x (the input_layernorm output) of each layer
     in `layers`, over calibration token ids (N, T). Returns ({layer: (C, mean)}, number of tokens)."""
     if not torch.is_tensor(ids) or ids.dtype != torch.long or ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError("calib must be a non-empty LongTensor (N, T) of token ids (svd_init.py and distill.py take "
+        raise BadInput("calib must be a non-empty LongTensor (N, T) of token ids (svd_init.py and distill.py take "
                          "it from their data: calib_data / sft_data, calib_tokens)")
     if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
-        raise ValueError(f"calib has token ids outside [0, {model.config.vocab_size}): not this model's tokenizer")
+        raise BadInput(f"calib has token ids outside [0, {model.config.vocab_size}): not this model's tokenizer")
     d, dev = model.config.dim, model.lm_head.weight.device
     stats = {i: [torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(d, dtype=torch.float64, device=dev)]
              for i in layers}
@@ -89,12 +90,12 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
     they are (what a norm starts as otherwise: it changes the latent's scale). latent_norm "both" does the same for
     c_q (W_DQ; W_UQ and W_QR read it)."""
     if how not in NORM_INITS:
-        raise ValueError(f"latent_norm_init={how!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+        raise BadInput(f"latent_norm_init={how!r}: use one of {', '.join(map(repr, NORM_INITS))}")
     cfg = model.config
     if cfg.latent_norm == "none" or how == "ones":
         return
     if ids is None:
-        raise ValueError("latent norms are initialised from calibration data: pass calib (token ids (N, T)), or "
+        raise BadInput("latent norms are initialised from calibration data: pass calib (token ids (N, T)), or "
                          "latent_norm_init='ones'")
     pairs = {}  # (layer, "kv" | "q") -> (down projection, its norm, the up projections reading the latent)
     for i in layers:
@@ -332,7 +333,7 @@ def allocate_ranks(spectra: dict, total: int):
     spectra {layer: singular values, descending}. Each layer's gains s_lj^2 fall with j, so taking the largest gains
     first (greedy) is optimal. Ranks never exceed a layer's number of singular values."""
     if total < len(spectra):
-        raise ValueError(f"a budget of {total} ranks cannot give {len(spectra)} layers one each")
+        raise BadInput(f"a budget of {total} ranks cannot give {len(spectra)} layers one each")
     gains = sorted(((-float(s[j]) ** 2, layer, j) for layer, s in spectra.items() for j in range(1, len(s))))
     ranks = {layer: 1 for layer in spectra}
     for neg, layer, _ in gains[:total - len(spectra)]:

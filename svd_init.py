@@ -45,6 +45,7 @@ import warnings
 
 import torch
 
+from errors import BadInput
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
 from ops import token_kl
@@ -136,9 +137,9 @@ def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_
     """The config of the upcycled model: `cfg` with layers {layer: (r_q, r_kv)} made MLA (added to the source's own
     MLA layers, if any, which keep their ranks). Each layer keeps its own ranks: nothing is shared between layers."""
     if cfg.mla_layers and latent_norm != cfg.latent_norm:
-        raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm}; new layers must match")
+        raise BadInput(f"the source's MLA layers have latent_norm={cfg.latent_norm}; new layers must match")
     if cfg.mla_layers and (qk_rope_theta or cfg.rope_theta) != (cfg.qk_rope_theta or cfg.rope_theta):
-        raise ValueError(f"the source's MLA layers rotate at theta {cfg.qk_rope_theta or cfg.rope_theta}; new layers "
+        raise BadInput(f"the source's MLA layers rotate at theta {cfg.qk_rope_theta or cfg.rope_theta}; new layers "
                          f"would use {qk_rope_theta or cfg.rope_theta}: use the same qk_rope_dim and rope_ladder")
     ranks = dict(ranks)
     for j, i in enumerate(cfg.mla_layers):
@@ -206,7 +207,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     cfg = model.config
     latent_norm = latent_norm_kind(latent_norm)  # True / False as "both" / "none"
     if latent_norm != "none" and latent_norm_init != "ones" and calib is None:
-        raise ValueError(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
+        raise BadInput(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
                          "(N, T)), or latent_norm_init='ones'")
     if latent_norm == "both" and latent_norm_init in ("calibrated", "diagonal"):
         warnings.warn("latent_norm='both' with a calibrated basis for c_q starts close to the no-norm model but "
@@ -217,7 +218,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
                None)
     if bad is not None:  # else a LinAlgError deep inside an SVD, or a NaN student
-        raise ValueError(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
+        raise BadInput(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
                          "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
     check_kv_balance(kv_balance)
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
@@ -263,7 +264,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     d_rs, candidates = candidates, [(r, f) for r in candidates for f in ([rope_fold] if rope_fold is not None else
                                                                          FOLDS) if not fold_problem(d_h, r, f)]
     if not candidates:  # a fold given, and a budget whose d_r it does not fit
-        raise ValueError(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
+        raise BadInput(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
                          f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
     def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
         pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
@@ -387,90 +388,90 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
                     latent_norm_init="calibrated", rope_fold=None):
     n = cfg.n_layers
     if not layers or len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
-        raise ValueError(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
+        raise BadInput(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
     already = [i for i in layers if cfg.layer_type(i) != "gqa"]
     if already:
         kinds = sorted({cfg.layer_type(i).replace('mla', 'MLA').replace('mamba2', 'Mamba2') for i in already})
-        raise ValueError(f"layers {already} are already {' / '.join(kinds)}; upcycle converts GQA layers only")
+        raise BadInput(f"layers {already} are already {' / '.join(kinds)}; upcycle converts GQA layers only")
     if cfg.v_head_dim != cfg.head_dim:
-        raise ValueError(f"d_v must equal d_h (paper §4.1), got v_head_dim={cfg.v_head_dim}, head_dim={cfg.head_dim}")
+        raise BadInput(f"d_v must equal d_h (paper §4.1), got v_head_dim={cfg.v_head_dim}, head_dim={cfg.head_dim}")
     if init not in INITS:
-        raise ValueError(f"init={init!r}: use one of {', '.join(map(repr, INITS))}")
+        raise BadInput(f"init={init!r}: use one of {', '.join(map(repr, INITS))}")
     d_h = cfg.head_dim
     if init == "rorope" and d_qk != d_h:
-        raise ValueError(f"init='rorope' keeps each head's whole query/key as its no-RoPE part: qk_nope_dim must be "
+        raise BadInput(f"init='rorope' keeps each head's whole query/key as its no-RoPE part: qk_nope_dim must be "
                          f"d_h = {d_h} (or unset), got {d_qk}")
     if d_r is not None and d_r > d_h:
-        raise ValueError(f"qk_rope_dim={d_r} > d_h = {d_h}: the shared RoPE key has at most one pair per source "
+        raise BadInput(f"qk_rope_dim={d_r} > d_h = {d_h}: the shared RoPE key has at most one pair per source "
                          f"frequency (d_h / 2 of them). Fix: qk_rope_dim <= {d_h}")
     if rank_alloc not in ALLOCS:
-        raise ValueError(f"rank_alloc={rank_alloc!r}: use one of {', '.join(map(repr, ALLOCS))}")
+        raise BadInput(f"rank_alloc={rank_alloc!r}: use one of {', '.join(map(repr, ALLOCS))}")
     if latent_norm_kind(latent_norm) != "none" and latent_norm_init not in NORM_INITS:
-        raise ValueError(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
+        raise BadInput(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
     if cfg.mla_layers and latent_norm_kind(latent_norm) != cfg.latent_norm:
-        raise ValueError(f"the source's MLA layers have latent_norm={cfg.latent_norm!r}; new layers must match "
+        raise BadInput(f"the source's MLA layers have latent_norm={cfg.latent_norm!r}; new layers must match "
                          f"(got {latent_norm!r})")
     if rope_ladder not in LADDERS:
-        raise ValueError(f"rope_ladder={rope_ladder!r}: use 'highest' (the d_r/2 highest frequencies) or 'every' "
+        raise BadInput(f"rope_ladder={rope_ladder!r}: use 'highest' (the d_r/2 highest frequencies) or 'every' "
                          "(every (d_h/d_r)-th frequency)")
     if init == "rorope" and d_r is not None and rope_ladder == "every" and (d_h // 2) % (d_r // 2 or 1):
-        raise ValueError(f"rope_ladder='every' needs d_r/2 to divide d_h/2 = {d_h // 2} (every c-th frequency of a "
+        raise BadInput(f"rope_ladder='every' needs d_r/2 to divide d_h/2 = {d_h // 2} (every c-th frequency of a "
                          f"standard ladder); qk_rope_dim={d_r} does not. Fix: a d_r with d_h/d_r a whole number, "
                          "or rope_ladder='highest'")
     if rope_fold is not None and (rope_fold not in FOLDS or isinstance(rope_fold, bool)):
-        raise ValueError(f"rope_fold={rope_fold!r}: use one of {', '.join(map(str, FOLDS))}, or None (the "
+        raise BadInput(f"rope_fold={rope_fold!r}: use one of {', '.join(map(str, FOLDS))}, or None (the "
                          "calibration picks it)")
     if rope_fold not in (None, 1) and init != "rorope":
-        raise ValueError(f"rope_fold={rope_fold} folds frequencies into the shared key of init='rorope'; "
+        raise BadInput(f"rope_fold={rope_fold} folds frequencies into the shared key of init='rorope'; "
                          f"init={init!r} has none. Fix: init='rorope', or drop rope_fold")
     if init == "rorope" and rope_fold is not None and d_r is not None and fold_problem(d_h, d_r, rope_fold):
         ok = [f for f in FOLDS if not fold_problem(d_h, d_r, f)]
-        raise ValueError(fold_problem(d_h, d_r, rope_fold) + f". Fix: rope_fold in {ok} for this d_r, or another "
+        raise BadInput(fold_problem(d_h, d_r, rope_fold) + f". Fix: rope_fold in {ok} for this d_r, or another "
                          "qk_rope_dim")
     if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim):
-        raise ValueError(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
+        raise BadInput(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
                          f"new layers must use the same (got {d_qk}, {d_r})")
     if d_r is not None and not (1 <= d_qk <= d_h and 2 <= d_r <= d_h and d_r % 2 == 0):
-        raise ValueError(f"need 1 <= d_qk <= d_h and an even 2 <= d_r <= d_h (d_h={d_h}); got d_qk={d_qk}, d_r={d_r}")
+        raise BadInput(f"need 1 <= d_qk <= d_h and an even 2 <= d_r <= d_h (d_h={d_h}); got d_qk={d_qk}, d_r={d_r}")
     if init != "rorope" and d_r is not None and d_qk + d_r > d_h and not allow_qk_overlap:
-        raise ValueError(f"d_qk + d_r = {d_qk + d_r} > d_h = {d_h}: the no-RoPE and RoPE slices of each head would "
+        raise BadInput(f"d_qk + d_r = {d_qk + d_r} > d_h = {d_h}: the no-RoPE and RoPE slices of each head would "
                          "overlap. Lower them, or set allow_qk_overlap=True (the paper's d_qk = d_r = d_h rows do this)")
     max_q, max_kv = min(cfg.dim, cfg.n_heads * d_h), min(cfg.dim, 2 * cfg.n_kv_heads * d_h)
     if kv_budget is not None:
         if kv_rank is not None or kv_energy is not None:
-            raise ValueError(f"give kv_budget or kv_rank/kv_energy, not both (got kv_budget={kv_budget}, "
+            raise BadInput(f"give kv_budget or kv_rank/kv_energy, not both (got kv_budget={kv_budget}, "
                              f"kv_rank={kv_rank}, kv_energy={kv_energy})")
         src = len(layers) * 2 * cfg.n_kv_heads * d_h
         total = kv_budget_numbers(kv_budget, src)
         least = len(layers) * ((d_r if d_r is not None else 2) + 1)  # every layer needs d_r + at least r_kv 1
         if total < least:
-            raise ValueError(f"kv_budget={kv_budget} is {total} numbers per token over {len(layers)} layers, below "
+            raise BadInput(f"kv_budget={kv_budget} is {total} numbers per token over {len(layers)} layers, below "
                              f"what d_r = {d_r if d_r is not None else 2} and r_kv = 1 alone cost ({least}). Fix: a "
                              "larger kv_budget" + (" or a smaller qk_rope_dim" if d_r is not None else ""))
         # checked below as a fixed rank of 1; the allocation happens with the weights
         kv_rank = 1
     for name, rank, energy, hi in (("q", q_rank, q_energy, max_q), ("kv", kv_rank, kv_energy, max_kv)):
         if (rank is None) == (energy is None):
-            raise ValueError(f"give exactly one of {name}_rank (fixed) and {name}_energy (dynamic)"
+            raise BadInput(f"give exactly one of {name}_rank (fixed) and {name}_energy (dynamic)"
                              + (" or kv_budget" if name == "kv" else "")
                              + f"; got {name}_rank={rank}, {name}_energy={energy}")
         if rank is not None and not (isinstance(rank, int) and 1 <= rank <= hi):
             why = " (the joint [W_K, W_V] of a GQA model has rank at most min(d, 2 n_kv d_h))" if name == "kv" else ""
-            raise ValueError(f"{name}_rank={rank} must be an integer in [1, {hi}]{why}")
+            raise BadInput(f"{name}_rank={rank} must be an integer in [1, {hi}]{why}")
         if energy is not None and not (0 < energy <= 1):
-            raise ValueError(f"{name}_energy={energy} must be in (0, 1]")
+            raise BadInput(f"{name}_energy={energy} must be in (0, 1]")
 
 
 def kv_budget_numbers(kv_budget, src_numbers):
     """kv_budget as cache numbers per token over the converted layers: a fraction in (0, 1] of the source's
     `src_numbers`, or an integer > 1 taken as numbers per token."""
     if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)) or kv_budget <= 0:
-        raise ValueError(f"kv_budget={kv_budget!r}: give a fraction in (0, 1] of the source's cache (0.5) or an "
+        raise BadInput(f"kv_budget={kv_budget!r}: give a fraction in (0, 1] of the source's cache (0.5) or an "
                          "integer number of cached numbers per token over the converted layers")
     if isinstance(kv_budget, float) and kv_budget <= 1:
         return int(kv_budget * src_numbers)
     if float(kv_budget) != int(kv_budget) or kv_budget > src_numbers:
-        raise ValueError(f"kv_budget={kv_budget}: a count must be a whole number <= the source's {src_numbers} "
+        raise BadInput(f"kv_budget={kv_budget}: a count must be a whole number <= the source's {src_numbers} "
                          "numbers per token (or give a fraction in (0, 1])")
     return int(kv_budget)
 
@@ -495,7 +496,7 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
     the calibration must fit the model's positions and this machine's memory."""
     layers = list(range(cfg.n_layers)) if mla_layers is None else mla_layers
     if not isinstance(layers, (list, tuple)):
-        raise ValueError(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
+        raise BadInput(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
     if q_rank is None and q_energy is None:
         q_rank = min(cfg.dim, cfg.n_heads * cfg.head_dim)
     if kv_rank is None and kv_energy is None and kv_budget is None:
@@ -506,21 +507,21 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
     if init == "rorope" and calib_tokens is not None:
         _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
     if calib_seq_len is not None and not 1 <= calib_seq_len <= cfg.max_seq_len:
-        raise ValueError(f"calib_seq_len={calib_seq_len} is beyond the model's {cfg.max_seq_len} positions "
+        raise BadInput(f"calib_seq_len={calib_seq_len} is beyond the model's {cfg.max_seq_len} positions "
                          f"(max_position_embeddings). Fix: --calib_seq_len={min(512, cfg.max_seq_len)} or less")
     if calib_tokens is not None:
         need = calib_bytes(cfg, calib_tokens, len(layers), latent_norm_kind(latent_norm), latent_norm_init, kv_rank)
         free = _available_memory() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process calibrates
         if need > 0.8 * free:
             fit = int(calib_tokens * 0.8 * free / need)
-            raise ValueError(f"calib_tokens={calib_tokens} would hold about {need / 2**30:.1f} GiB during calibration, "
+            raise BadInput(f"calib_tokens={calib_tokens} would hold about {need / 2**30:.1f} GiB during calibration, "
                              f"more than this machine's {free / 2**30:.1f} GiB available per process. Fix: "
                              f"calib_tokens <= {fit} (8192-32768 is plenty: see docs/init.md, calibration sizes)")
 
 
 def check_kv_balance(kv_balance):
     if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
-        raise ValueError(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
+        raise BadInput(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
                          "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
 
 
@@ -548,7 +549,7 @@ def _available_memory():
 def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
     need = max(q_rank or 0, kv_rank or 0, min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim) if kv_rank is None else 0)
     if n_tokens < need:
-        raise ValueError(f"calibration has {n_tokens} tokens, fewer than the rank {need} it must estimate (the "
+        raise BadInput(f"calibration has {n_tokens} tokens, fewer than the rank {need} it must estimate (the "
                          f"activation second moments are then rank-deficient). Fix: more calibration tokens "
                          f"(calib_tokens; a few x d = {cfg.dim} is the least useful, 8192+ recommended)")
 

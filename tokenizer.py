@@ -30,6 +30,7 @@ import shutil
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from errors import BadInput, NotFound
 from folders import read_config_json, read_json, resolve_checkpoint, write_json
 
 LLAMA3_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer", "llama3",
@@ -82,12 +83,12 @@ class Tokenizer:
     def llama3(cls, path=LLAMA3_TOKENIZER):
         """Meta's tokenizer.model (`original/tokenizer.model` in the HF repos): 128,000 ranks + 256 specials."""
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no Llama 3 tokenizer at {path}; pass the path of a tokenizer.model "
+            raise NotFound(f"no Llama 3 tokenizer at {path}; pass the path of a tokenizer.model "
                                     "(original/tokenizer.model of a Llama 3 HF repo)")
         with open(path, "rb") as f:
             head = f.read(64)
         if not head.split(b" ")[0].strip().isalnum() and b"=" not in head.split(b" ")[0]:
-            raise ValueError(f"{path} is not a tiktoken rank file (base64 token, space, rank per line); a "
+            raise BadInput(f"{path} is not a tiktoken rank file (base64 token, space, rank per line); a "
                              "SentencePiece tokenizer.model (Llama 2 and others) is read from the folder's "
                              "tokenizer.json instead")
         # expected_hash only for the bundled file: tiktoken then checks it (and its path-keyed cache can't go stale)
@@ -112,10 +113,10 @@ class Tokenizer:
         if os.path.exists(os.path.join(path, BYTES_FILE)):
             return cls.byte_level()
         if os.path.exists(os.path.join(path, "tokenizer_tok512.json")):
-            raise ValueError(f"{path} ships only tokenizer_tok512.json, llama2.c's id -> piece table: enough to read "
+            raise BadInput(f"{path} ships only tokenizer_tok512.json, llama2.c's id -> piece table: enough to read "
                              "its output (python model.py does), not to encode text. Fix: give a folder with a "
                              "tokenizer.json, or tokenizer=bytes / llama3 / PATH for a model trained with one")
-        raise FileNotFoundError(f"{path} has no tokenizer (tokenizer.json, original/tokenizer.model or {BYTES_FILE})."
+        raise NotFound(f"{path} has no tokenizer (tokenizer.json, original/tokenizer.model or {BYTES_FILE})."
                                 " Fix: copy the tokenizer files of the model it came from into it, or pass "
                                 "tokenizer= (bytes, llama3, a folder or a tokenizer.model path)")
 
@@ -124,7 +125,7 @@ class Tokenizer:
         """A tokenizer setting: "" = the model folder's own; "bytes"; "llama3" (bundled); a folder; a tokenizer.model."""
         if name in ("", None):
             if model_dir is None:
-                raise ValueError("tokenizer='' means the model folder's own, but no model folder was given")
+                raise BadInput("tokenizer='' means the model folder's own, but no model folder was given")
             return cls.from_pretrained(model_dir)
         if name == "llama3":
             return cls.llama3()
@@ -134,7 +135,7 @@ class Tokenizer:
             return cls.from_pretrained(name)
         if os.path.exists(name):
             return cls.llama3(name)
-        raise ValueError(f"unknown tokenizer {name!r}: use '' (the model's own), 'llama3', 'bytes', a model folder "
+        raise BadInput(f"unknown tokenizer {name!r}: use '' (the model's own), 'llama3', 'bytes', a model folder "
                          "or the path of a tokenizer.model")
 
     # --- text ---
@@ -231,7 +232,7 @@ def check_tokenizer_for(tok, folder, role="model"):
         n = read_config_json(folder).get("vocab_size")
         n = n if isinstance(n, int) else float("inf")  # no vocab_size: the model's own loading will complain
         if tok.vocab_size > n:
-            raise ValueError(f"tokenizer {tok.describe()} has more ids than the {role}'s embedding ({n}) in "
+            raise BadInput(f"tokenizer {tok.describe()} has more ids than the {role}'s embedding ({n}) in "
                              f"{folder}. Fix: use the model's own tokenizer (tokenizer='')")
     try:
         own = Tokenizer.from_pretrained(folder)
@@ -248,24 +249,24 @@ def check_tokenizer_for(tok, folder, role="model"):
         except IndexError:
             same = False
         if not same:
-            raise ValueError(f"the {role} {folder} was trained with the tokenizer of its tokenizer_tok512.json, not "
+            raise BadInput(f"the {role} {folder} was trained with the tokenizer of its tokenizer_tok512.json, not "
                              f"with {tok.describe()}: its ids decode to other text. Fix: use the model's own "
                              "tokenizer (for llama2.c models: convert it to a tokenizer.json)") from None
         return None
     if own.fingerprint() != tok.fingerprint():
-        raise ValueError(f"the {role} {folder} uses the tokenizer {own.describe()}, but this run tokenises with "
+        raise BadInput(f"the {role} {folder} uses the tokenizer {own.describe()}, but this run tokenises with "
                          f"{tok.describe()}: the ids would mean different text. Fix: tokenizer='' (the model's own)")
     return None
 
 
 def check_messages(messages):
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"a conversation is a non-empty list of {{role, content}} messages, got {messages!r}")
+        raise BadInput(f"a conversation is a non-empty list of {{role, content}} messages, got {messages!r}")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
-            raise ValueError(f"chat message needs string 'role' and 'content', got {m!r}")
+            raise BadInput(f"chat message needs string 'role' and 'content', got {m!r}")
         if m["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"chat message with unknown role {m['role']!r} (roles: system, user, assistant): {m!r}")
+            raise BadInput(f"chat message with unknown role {m['role']!r} (roles: system, user, assistant): {m!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +284,7 @@ class HFTokenizer(Tokenizer):
         try:
             self.tk = _HF.from_file(path)
         except Exception as e:  # a tokenizer.json the library cannot read: say which file and why
-            raise ValueError(f"{path}: not a tokenizer.json the `tokenizers` library can read ({e}). Fix: use the "
+            raise BadInput(f"{path}: not a tokenizer.json the `tokenizers` library can read ({e}). Fix: use the "
                              "file the model was released with (transformers' tokenizer.save_pretrained writes one)")
         # a plain-text encoder that never turns special-token strings into specials, and one that does
         self.tk_plain = _HF.from_str(self.tk.to_str())
@@ -315,7 +316,7 @@ class HFTokenizer(Tokenizer):
         self.eos_id = tid("eos_token", gen_cfg.get("eos_token_id"), model_cfg.get("eos_token_id"))
         self.pad_id = tid("pad_token", gen_cfg.get("pad_token_id"), model_cfg.get("pad_token_id"))
         if self.eos_id is None:
-            raise ValueError(f"{folder}: no end-of-sequence token (eos_token in tokenizer_config.json or "
+            raise BadInput(f"{folder}: no end-of-sequence token (eos_token in tokenizer_config.json or "
                              "eos_token_id in config.json / generation_config.json). Fix: add it to the folder")
         if self.pad_id is None:
             self.pad_id = self.eos_id  # padding is never a target; any id serves
@@ -341,7 +342,7 @@ class HFTokenizer(Tokenizer):
     def encode(self, text, bos=False, eos=False):
         ids = self.tk_plain.encode(text, add_special_tokens=False).ids
         if bos and self.bos_id is None:
-            raise ValueError(f"{self.path}: this tokenizer has no BOS token")
+            raise BadInput(f"{self.path}: this tokenizer has no BOS token")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_with_special(self, text):
@@ -368,7 +369,7 @@ class HFTokenizer(Tokenizer):
     def _env_template(self):
         if self._compiled is None:
             if self.template is None:
-                raise ValueError(f"{self.path} has no chat template (chat_template.jinja or the chat_template field "
+                raise BadInput(f"{self.path} has no chat template (chat_template.jinja or the chat_template field "
                                  "of tokenizer_config.json); chat data needs one. Fix: add the template of the "
                                  "model's instruct version, or train on plain text")
             import jinja2
@@ -405,7 +406,7 @@ class HFTokenizer(Tokenizer):
             try:
                 self._compiled = env.from_string(self.template)
             except jinja2.exceptions.TemplateError as e:
-                raise ValueError(f"{self.path}: the chat template does not parse ({e})") from None
+                raise BadInput(f"{self.path}: the chat template does not parse ({e})") from None
         return self._compiled
 
     def render_chat_text(self, messages, add_generation_prompt=False):
@@ -416,7 +417,7 @@ class HFTokenizer(Tokenizer):
             return self._env_template().render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                                tools=None, documents=None, **self.special_strings)
         except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"{self.path}: the chat template failed on this conversation ({e}); "
+            raise BadInput(f"{self.path}: the chat template failed on this conversation ({e}); "
                              f"conversation: {messages!r}") from None
 
     def _render_spans(self, messages, add_generation_prompt=False):
@@ -431,7 +432,7 @@ class HFTokenizer(Tokenizer):
             before = self.render_chat_text(messages[:i], add_generation_prompt=True) if i else ""
             upto = self.render_chat_text(messages[:i + 1])
             if not (upto.startswith(before) and text.startswith(upto)):
-                raise ValueError(f"{self.path}: the chat template renders a conversation's prefix differently from "
+                raise BadInput(f"{self.path}: the chat template renders a conversation's prefix differently from "
                                  "the conversation (e.g. it treats the last turn specially), so the assistant tokens "
                                  "cannot be located. Fix: train with loss_on='all', or use a prefix-stable template")
             spans.append((len(before), len(upto)))

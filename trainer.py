@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from configurator import run_exit_handlers
+from errors import BadInput, CannotWrite
 from folders import (checkpoints, claim_out_dir, latest_checkpoint, load_tensors, save_tensors, write_failed,
                      write_json)
 
@@ -117,9 +119,8 @@ def finish():
     had finished and written everything was seen, rarely (2 of some hundreds), to abort in the interpreter's
     teardown ("terminate called without an active exception", SIGABRT): a failed exit code for a good run. Where in
     the teardown is not pinned down; skipping it is safe because nothing is left to write."""
-    import atexit
     dist.destroy_process_group()
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -162,11 +163,11 @@ def check_train_settings(betas, export_dtype):
     except (TypeError, ValueError):
         b = ()
     if len(b) != 2 or not all(0 <= x < 1 for x in b):
-        raise ValueError(f"betas={betas!r}: AdamW takes two decay rates in [0, 1). Fix: e.g. --betas='(0.9, 0.98)'")
+        raise BadInput(f"betas={betas!r}: AdamW takes two decay rates in [0, 1). Fix: e.g. --betas='(0.9, 0.98)'")
     export_dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}.get(export_dtype,
                                                                                                      export_dtype)
     if export_dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export_dtype={export_dtype!r}: the final model is written as one of "
+        raise BadInput(f"export_dtype={export_dtype!r}: the final model is written as one of "
                          f"{', '.join(EXPORT_DTYPES)}. Fix: --export_dtype=bfloat16 (half the size) or float32")
     return getattr(torch, export_dtype)
 
@@ -218,7 +219,7 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
             shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
         why = f"{type(error).__name__}: {error}" if error is not None else "on another rank"
         prev = latest_checkpoint(out_dir)
-        raise OSError(f"writing checkpoint {tmp} failed ({why}); nothing was renamed, "
+        raise CannotWrite(f"writing checkpoint {tmp} failed ({why}); nothing was renamed, "
                       + (f"the previous checkpoint {prev} is intact" if prev else "there was no earlier checkpoint")
                       + ". Fix: free disk space, then resume with --resume=True")
     barrier()
@@ -298,7 +299,7 @@ def check_resume_config(path, config, model_keys, schedule_keys, log):
     config = json.loads(json.dumps(config))  # as the checkpoint holds it: tuples are JSON lists there
     changed = [k for k in model_keys if k in saved and saved[k] != config.get(k)]
     if changed:
-        raise ValueError(f"resume: {path} was written with other model/data settings: "
+        raise BadInput(f"resume: {path} was written with other model/data settings: "
                          + ", ".join(f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed)
                          + ". Fix: resume with the saved settings (run_config in meta.json), or start a fresh run "
                            "in a new out_dir")
@@ -358,7 +359,7 @@ def resumable_checkpoint(out_dir, log=None):
         if log is not None:
             log.print(f"WARNING: {path} cannot be read ({problem}); resuming from the one before it")
     if found:
-        raise ValueError(f"no checkpoint in {out_dir} can be read (the newest: {checkpoint_problem(found[-1])}). "
+        raise BadInput(f"no checkpoint in {out_dir} can be read (the newest: {checkpoint_problem(found[-1])}). "
                          "Fix: start afresh with --resume=False (the files are moved aside, not deleted)")
     return None
 

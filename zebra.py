@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from errors import BadInput
 from mamba2 import ssm_init
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, read_model_config, resolve_dtype
@@ -62,10 +63,10 @@ def mamba_config(cfg: ModelConfig, layers) -> ModelConfig:
 def check_mamba_layers(cfg: ModelConfig, layers):
     n = cfg.n_layers
     if len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
-        raise ValueError(f"mamba layers {list(layers)} must be distinct layer indices in [0, {n})")
+        raise BadInput(f"mamba layers {list(layers)} must be distinct layer indices in [0, {n})")
     taken = [i for i in layers if cfg.layer_type(i) != "gqa"]
     if taken:
-        raise ValueError(f"layers {taken} are not GQA ({[cfg.layer_type(i) for i in taken]}): Mamba2 is initialised "
+        raise BadInput(f"layers {taken} are not GQA ({[cfg.layer_type(i) for i in taken]}): Mamba2 is initialised "
                          "from a GQA layer's attention")
 
 
@@ -80,7 +81,7 @@ def mamba_from_attention(model: Transformer, layers, conv_init="identity", seed=
     layers = [int(i) for i in layers]
     check_mamba_layers(cfg, layers)
     if conv_init not in CONV_INITS:
-        raise ValueError(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
+        raise BadInput(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
     new_cfg = mamba_config(cfg, layers)
     src = model.state_dict()
     d = cfg.dim
@@ -154,24 +155,24 @@ def n_mla_for(cfg: ModelConfig, n_mla=None, mla_fraction=None, cache_budget=None
     (0, 1] of the source's GQA cache) at mla_cache = r_kv + d_r numbers each, else mla_fraction of the layers."""
     L = cfg.n_layers
     if n_mla is not None and cache_budget is not None:
-        raise ValueError(f"give n_mla or cache_budget, not both (got {n_mla} and {cache_budget})")
+        raise BadInput(f"give n_mla or cache_budget, not both (got {n_mla} and {cache_budget})")
     if n_mla is None and mla_fraction is None and cache_budget is None:
-        raise ValueError("give one of n_mla, mla_fraction and cache_budget")
+        raise BadInput("give one of n_mla, mla_fraction and cache_budget")
     if n_mla is not None:
         n = n_mla
     elif cache_budget is None:
         if not 0 < mla_fraction <= 1:
-            raise ValueError(f"mla_fraction={mla_fraction} must be in (0, 1]")
+            raise BadInput(f"mla_fraction={mla_fraction} must be in (0, 1]")
         n = max(1, round(L * mla_fraction))
     else:
         numbers = _budget_numbers(cfg, cache_budget)
         n = int(numbers // mla_cache)
         if n < 1:
-            raise ValueError(f"cache_budget={cache_budget} ({numbers} numbers per token) does not hold one MLA "
+            raise BadInput(f"cache_budget={cache_budget} ({numbers} numbers per token) does not hold one MLA "
                              f"layer of r_kv + d_r = {mla_cache}. Fix: a larger budget, or smaller kv_rank / "
                              "qk_rope_dim")
     if not (isinstance(n, int) and 0 <= n <= L):
-        raise ValueError(f"n_mla={n} must be an integer in [0, {L}]")
+        raise BadInput(f"n_mla={n} must be an integer in [0, {L}]")
     return n
 
 
@@ -180,7 +181,7 @@ def _budget_numbers(cfg: ModelConfig, cache_budget):
     try:
         return kv_budget_numbers(cache_budget, cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim)
     except ValueError as e:
-        raise ValueError(str(e).replace("kv_budget", "cache_budget").replace("over the converted layers", "")) from None
+        raise BadInput(str(e).replace("kv_budget", "cache_budget").replace("over the converted layers", "")) from None
 
 
 def check_budget(cfg: ModelConfig, mla_layers, mla_cache, cache_budget):
@@ -190,7 +191,7 @@ def check_budget(cfg: ModelConfig, mla_layers, mla_cache, cache_budget):
     numbers = _budget_numbers(cfg, cache_budget)
     need = len(mla_layers) * mla_cache  # every other layer becomes Mamba2: no per-token cache
     if need > numbers:
-        raise ValueError(f"{len(mla_layers)} MLA layers {sorted(mla_layers)} cache {need} numbers per token, over "
+        raise BadInput(f"{len(mla_layers)} MLA layers {sorted(mla_layers)} cache {need} numbers per token, over "
                          f"cache_budget={cache_budget} ({numbers} numbers). Fix: fewer mla_layers, smaller "
                          "ranks, or a larger budget")
 
@@ -239,12 +240,12 @@ def converted_layers(student_cfg: ModelConfig, teacher_cfg: ModelConfig):
     """The layers whose mixer differs from the teacher's (what ILD trains), after checking that the two have the same
     residual stream shape."""
     if (student_cfg.n_layers, student_cfg.dim) != (teacher_cfg.n_layers, teacher_cfg.dim):
-        raise ValueError(f"ild=True needs the teacher the student was converted from: same layers and width, got "
+        raise BadInput(f"ild=True needs the teacher the student was converted from: same layers and width, got "
                          f"student {student_cfg.n_layers} x {student_cfg.dim} vs teacher {teacher_cfg.n_layers} x "
                          f"{teacher_cfg.dim}. Fix: teacher=<the source model>; distil from a larger one afterwards")
     layers = [i for i in range(student_cfg.n_layers) if student_cfg.layer_type(i) != teacher_cfg.layer_type(i)]
     if not layers:
-        raise ValueError("ild=True: the student has no layer whose mixer differs from the teacher's")
+        raise BadInput("ild=True: the student has no layer whose mixer differs from the teacher's")
     return layers
 
 
@@ -310,7 +311,7 @@ if __name__ == "__main__":
     chosen = [k for k in ("mla_layers", "n_mla", "mla_fraction") if config[k] is not None]
     if len(chosen) > 1 or (mla_fraction is not None and cache_budget is not None):
         both = chosen + (["cache_budget"] if cache_budget is not None else [])
-        raise ValueError(f"{' and '.join(f'{k}={config[k]!r}' for k in both)} each say how many layers stay MLA: "
+        raise BadInput(f"{' and '.join(f'{k}={config[k]!r}' for k in both)} each say how many layers stay MLA: "
                          "give one (cache_budget may be given beside mla_layers, as a check)")
     if not chosen and cache_budget is None:
         mla_fraction = 0.25  # the default: a quarter of the layers stay MLA
@@ -320,11 +321,11 @@ if __name__ == "__main__":
     src_cfg = read_model_config(folder)
     # pre-flight: every setting before the weights are read
     if placement not in PLACEMENTS:
-        raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}")
+        raise BadInput(f"placement={placement!r}: use one of {PLACEMENTS}")
     if conv_init not in CONV_INITS:
-        raise ValueError(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
+        raise BadInput(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
     if ssm_gain not in GAINS:
-        raise ValueError(f"ssm_gain={ssm_gain!r}: use one of {GAINS}")
+        raise BadInput(f"ssm_gain={ssm_gain!r}: use one of {GAINS}")
     mla_settings = dict(init=init, q_rank=q_rank, kv_rank=kv_rank, qk_rope_dim=qk_rope_dim, latent_norm=latent_norm)
     d_r = qk_rope_dim if qk_rope_dim is not None else src_cfg.head_dim // 2
     mla_cache = (kv_rank or min(src_cfg.dim, 2 * src_cfg.n_kv_heads * src_cfg.head_dim)) + d_r
@@ -332,10 +333,10 @@ if __name__ == "__main__":
         n = n_mla_for(src_cfg, n_mla, mla_fraction, cache_budget, mla_cache)
     else:
         if n_mla is not None:
-            raise ValueError("give mla_layers or n_mla, not both")
+            raise BadInput("give mla_layers or n_mla, not both")
         n = len(mla_layers)
     if not 1 <= calib_seq_len <= src_cfg.max_seq_len:
-        raise ValueError(f"calib_seq_len={calib_seq_len} is beyond the model's {src_cfg.max_seq_len} positions "
+        raise BadInput(f"calib_seq_len={calib_seq_len} is beyond the model's {src_cfg.max_seq_len} positions "
                          f"(max_position_embeddings). Fix: --calib_seq_len={min(256, src_cfg.max_seq_len)} or less")
     if n:
         check_settings(src_cfg, mla_layers if mla_layers is not None else list(range(n)), calib_tokens=calib_tokens,

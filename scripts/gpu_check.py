@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from bench import LLAMA_1B, _bench_decode, conversion_bench  # noqa: E402
 from configurator import configure  # noqa: E402
+from errors import BadInput  # noqa: E402
 from folders import check_results_file, write_results_file  # noqa: E402
 from model import MLAttention, ModelConfig, Transformer, precision_probe  # noqa: E402
 from svd_init import FRAGILE_KL, teacher_text, upcycle  # noqa: E402
@@ -412,7 +413,7 @@ CHECKS = {"parity": check_parity, "decode": check_decode, "distill": check_disti
 
 if only:
     if only not in CHECKS:
-        raise ValueError(f"only={only!r}: not a check; the checks are {', '.join(CHECKS)}")
+        raise BadInput(f"only={only!r}: not a check; the checks are {', '.join(CHECKS)}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     t0 = time.time()
     res = CHECKS[only](Env(dry_run, scratch))
@@ -427,9 +428,9 @@ if only:
 names = list(CHECKS) if checks == "all" else [c.strip() for c in str(checks).split(",")]
 unknown = [n for n in names if n not in CHECKS]
 if unknown:
-    raise ValueError(f"checks={checks!r}: no check {', '.join(unknown)}. Fix: 'all' or some of {', '.join(CHECKS)}")
+    raise BadInput(f"checks={checks!r}: no check {', '.join(unknown)}. Fix: 'all' or some of {', '.join(CHECKS)}")
 if not dry_run and not torch.cuda.is_available():
-    raise RuntimeError(f"no CUDA or ROCm GPU is visible to torch {torch.__version__} (CUDA build "
+    raise BadInput(f"no CUDA or ROCm GPU is visible to torch {torch.__version__} (CUDA build "
                        f"{torch.version.cuda}, ROCm build {torch.version.hip}): this script checks the GPU paths. Fix: "
                        "run it on a GPU machine with a CUDA / ROCm build of torch (CUDA_VISIBLE_DEVICES not empty), or "
                        "--dry_run=True for the CPU rehearsal of the same code")

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, require  # noqa: E402
+from errors import BadInput  # noqa: E402
 from folders import check_rows_file, check_writable, resolve_checkpoint  # noqa: E402
 from data import BUNDLED_SFT, PackedData, build_cache, calibration_ids  # noqa: E402
 from model import Transformer  # noqa: E402
@@ -61,16 +62,16 @@ config = configure(globals())
 require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(1, None), seed=(0, None))
 N_ROWS = 7  # the rows of the table below
 if pick and (whole_only or not all(isinstance(i, int) and 0 <= i < N_ROWS for i in pick)):
-    raise ValueError(f"pick={pick!r}: row numbers in [0, {N_ROWS}) (0: Algorithm 1, {N_ROWS - 1}: the whole), "
+    raise BadInput(f"pick={pick!r}: row numbers in [0, {N_ROWS}) (0: Algorithm 1, {N_ROWS - 1}: the whole), "
                      "without whole_only")
 if calib_text not in ("sft", "held_out_file"):
-    raise ValueError(f"calib_text={calib_text!r}: use 'sft' (the SFT mix) or 'held_out_file' (other sequences of "
+    raise BadInput(f"calib_text={calib_text!r}: use 'sft' (the SFT mix) or 'held_out_file' (other sequences of "
                      "the held-out file)")
 if any(not 0 < b <= 1 for b in budgets) or any(n < 1 for n in calib_sizes):
-    raise ValueError(f"budgets={budgets} / calib_sizes={calib_sizes}: budgets are fractions of the cache in (0, 1], "
+    raise BadInput(f"budgets={budgets} / calib_sizes={calib_sizes}: budgets are fractions of the cache in (0, 1], "
                      "calibration sizes token counts >= 1. Fix: e.g. --budgets=[0.5,0.25] --calib_sizes=[8192]")
 if write_calib and os.path.exists(write_calib):  # never over a file this script did not write
-    raise ValueError(f"write_calib={write_calib} exists. Fix: remove it, or choose another path")
+    raise BadInput(f"write_calib={write_calib} exists. Fix: remove it, or choose another path")
 if write_calib:
     check_writable(write_calib)  # before the calibration is built, not after
 if out:
@@ -93,7 +94,7 @@ def calibration(n_tokens):
     first = -(-(held_out_seqs + 1) * 512 // calib_seq_len)
     n = -(-n_tokens // calib_seq_len)
     if first + n > pack.n_seq:
-        raise ValueError(f"calib_text='held_out_file' needs {n} sequences of {calib_seq_len} tokens after the held-out "
+        raise BadInput(f"calib_text='held_out_file' needs {n} sequences of {calib_seq_len} tokens after the held-out "
                          f"ones; {held_out} holds {pack.n_seq - first}. Fix: fewer calib_tokens")
     return pack.get(range(first, first + n))[0]
 

@@ -30,6 +30,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402  (plain Python: it runs in TransMLA's venv too)
+from errors import BadInput  # noqa: E402
 
 def readable_by_transformers_4(folder, work):
     """TransMLA pins transformers 4.52, which misreads a folder that transformers 5 wrote: its rope_theta sits in
@@ -67,13 +68,13 @@ if __name__ == "__main__":
     calib = ""                 # the calibration text, one {"text": ...} per line (init_ablation.py --write_calib)
     configure(globals())
     if not repo or not calib:
-        raise ValueError("run_transmla.py needs --repo=TRANSMLA_CLONE --calib=CALIB.jsonl -- CONVERTER ARGUMENTS")
+        raise BadInput("run_transmla.py needs --repo=TRANSMLA_CLONE --calib=CALIB.jsonl -- CONVERTER ARGUMENTS")
     repo, calib = os.path.abspath(repo), os.path.abspath(calib)
     src = os.path.join(repo, "transmla", "transmla")
     if not os.path.isfile(os.path.join(src, "converter.py")):
-        raise ValueError(f"{src}/converter.py not found. Fix: --repo= a clone of github.com/fxmeng/TransMLA")
+        raise BadInput(f"{src}/converter.py not found. Fix: --repo= a clone of github.com/fxmeng/TransMLA")
     if not os.path.isfile(calib):
-        raise ValueError(f"calib={calib} is not a file. Fix: python scripts/init_ablation.py ... --write_calib={calib}")
+        raise BadInput(f"calib={calib} is not a file. Fix: python scripts/init_ablation.py ... --write_calib={calib}")
     import datasets
     sys.path.insert(0, src)
     import utils  # TransMLA's utils.py

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from configurator import configure  # noqa: E402
 from deepseek import DS_TYPES  # noqa: E402
+from errors import BadInput  # noqa: E402
 from folders import check_results_file, read_config_json, resolve_checkpoint, write_results_file  # noqa: E402
 from model import Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -136,7 +137,7 @@ def convert(folder, converter, work):
     r = subprocess.run([sys.executable, converter, folder, "--outfile", gguf, "--outtype", "f32"],
                        capture_output=True, text=True)
     if r.returncode:
-        raise RuntimeError(f"llama.cpp's converter refused {folder}:\n{r.stderr[-3000:]}")
+        raise BadInput(f"llama.cpp's converter refused {folder}:\n{r.stderr[-3000:]}")
     return gguf
 
 
@@ -225,16 +226,16 @@ if __name__ == "__main__":
     out = ""                   # results JSON ("" = out/serve_check_<engine>.json)
     config = configure(globals())
     if engine not in ("vllm", "llama.cpp"):
-        raise ValueError(f"engine={engine!r}: use 'vllm' or 'llama.cpp'")
+        raise BadInput(f"engine={engine!r}: use 'vllm' or 'llama.cpp'")
     if not model:
-        raise ValueError("serve_check.py needs --model=FOLDER (a DeepSeek-format export: python export.py ...)")
+        raise BadInput("serve_check.py needs --model=FOLDER (a DeepSeek-format export: python export.py ...)")
     try:
         __import__("vllm" if engine == "vllm" else "llama_cpp")
     except ImportError as e:
-        raise ValueError(f"{engine} is not importable here ({e}). Fix: run this script with the python of the venv "
+        raise BadInput(f"{engine} is not importable here ({e}). Fix: run this script with the python of the venv "
                          "that holds it, installed as this script's docstring says") from None
     if engine == "llama.cpp" and not os.path.isfile(converter):
-        raise ValueError(f"converter={converter!r} is not a file. Fix: --converter=PATH/convert_hf_to_gguf.py from "
+        raise BadInput(f"converter={converter!r} is not a file. Fix: --converter=PATH/convert_hf_to_gguf.py from "
                          "llama-cpp-python's source distribution (this script's docstring)")
     out = out or f"out/serve_check_{engine.replace('.', '')}.json"
     check_results_file(out)  # refused now, not after the engines ran

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from configurator import pipeline_scripts
+from configurator import SCRIPTS as PIPELINE
 from conftest import ROOT, byte_teacher_and_sft, run_script, tiny_config, write_config
 from folders import (check_apart, check_results_file, checkpoints, claim_out_dir, latest_checkpoint,
                      write_results_file)
@@ -54,7 +54,7 @@ def snapshot(folder):
 
 # --- 1. every script, scripts/ included, takes its settings through configurator.py
 
-SCRIPTS = pipeline_scripts() + sorted(os.path.join("scripts", f) for f in os.listdir(os.path.join(ROOT, "scripts"))
+SCRIPTS = list(PIPELINE) + sorted(os.path.join("scripts", f) for f in os.listdir(os.path.join(ROOT, "scripts"))
                                      if f.endswith(".py"))
 
 
