@@ -28,6 +28,20 @@ def rows(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def finish(ax, xlabel, ylabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save(fig, name, sources):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    print(f"wrote {os.path.join(out_dir, name)} from {sources}")
+
+
 import matplotlib  # noqa: E402  (after the settings: --help works without matplotlib)
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,15 +67,10 @@ if panels:
                 ax.plot(xs, [best[x] for x in xs], style, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks([12.5, 25, 50], ["12.5%", "25%", "50%"])
-        ax.set_xlabel("KV cache, % of the source's")
-        ax.set_ylabel("KL(teacher || student) at init, nats/token")
-        ax.set_title(f"SmolLM2-135M-Instruct, calibration {calib} "
-                     + ("(C4, the scored kind)" if calib == "A" else "(the SFT mix)"), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "kl_at_init.png"), dpi=110)
-    print(f"wrote {os.path.join(out_dir, 'kl_at_init.png')} from {', '.join(p for _, p in panels)}")
+        finish(ax, "KV cache, % of the source's", "KL(teacher || student) at init, nats/token",
+               f"SmolLM2-135M-Instruct, calibration {calib} "
+               + ("(C4, the scored kind)" if calib == "A" else "(the SFT mix)"))
+    save(fig, "kl_at_init.png", ", ".join(p for _, p in panels))
 else:
     print(f"no {results}/side_by_side_calib*.jsonl: kl_at_init.png left out")
 
@@ -73,13 +82,8 @@ if os.path.exists(path):
     ax.plot([r["step"] for r in tr], [r["kl"] for r in tr], ".-", alpha=0.6, label="train KL (interval mean)")
     ax.plot([r["step"] for r in ev], [r["kl"] for r in ev], "o-", label="held-out KL")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step (8,192 tokens each)")
-    ax.set_ylabel("KL(teacher || student), nats/token")
-    ax.set_title("README command one: tiny teacher -> MLA at 9.4% of its cache", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "distill_tiny.png"), dpi=110)
-    print(f"wrote {os.path.join(out_dir, 'distill_tiny.png')} from {path}")
+    finish(ax, "optimizer step (8,192 tokens each)", "KL(teacher || student), nats/token",
+           "README command one: tiny teacher -> MLA at 9.4% of its cache")
+    save(fig, "distill_tiny.png", path)
 else:
     print(f"no {path}: distill_tiny.png left out")
