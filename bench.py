@@ -274,9 +274,9 @@ if __name__ == "__main__":
     qk_rope_dim = 32
     calib_tokens = 2048        # conversion, init="rorope"
     calib_seq_len = 512
-    modes = ("loss", "decode", "sweep", "conversion")
-    mode = sys.argv[1] if sys.argv[1:2] and sys.argv[1] in modes else "loss"
-    if mode != "loss":
+    MODES = ("loss", "decode", "sweep", "conversion")  # the first bare argument; not a setting
+    _mode = sys.argv[1] if sys.argv[1:2] and sys.argv[1] in MODES else "loss"
+    if _mode != "loss":
         sys.argv = sys.argv[:1] + sys.argv[2:]
     configure(globals())
 
@@ -291,12 +291,12 @@ if __name__ == "__main__":
         raise BadInput(f"repeats={repeats}, budget_gib={budget_gib}, sweep_seqs={sweep_seqs}, sweep_len={sweep_len}, "
                          f"calib_tokens={calib_tokens}, calib_seq_len={calib_seq_len}: need positive numbers "
                          "(sweep_len >= 2)")
-    if mode == "decode":
+    if _mode == "decode":
         _bench_decode(_sizes("batches", batches), _sizes("contexts", contexts), budget_gib=budget_gib,
                       repeats=repeats)
-    elif mode == "sweep":
+    elif _mode == "sweep":
         init_sweep(Transformer.from_pretrained(model).eval(), sweep_seqs, sweep_len, seed)
-    elif mode == "conversion":
+    elif _mode == "conversion":
         conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init, calib_tokens, calib_seq_len)
     else:
         _bench()
