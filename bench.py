@@ -284,13 +284,13 @@ if __name__ == "__main__":
         vals = [v.strip() for v in str(text).strip("[]()").split(",")]
         if not all(v.isdigit() and int(v) >= 1 for v in vals):
             raise BadInput(f"{name}={text!r}: give positive integers, comma-separated (e.g. --batches=1,8,64 "
-                             "--contexts=1024,8192)")
+                           "--contexts=1024,8192)")
         return [int(v) for v in vals]
 
     if repeats < 1 or budget_gib <= 0 or sweep_seqs < 1 or sweep_len < 2 or calib_tokens < 1 or calib_seq_len < 1:
         raise BadInput(f"repeats={repeats}, budget_gib={budget_gib}, sweep_seqs={sweep_seqs}, sweep_len={sweep_len}, "
-                         f"calib_tokens={calib_tokens}, calib_seq_len={calib_seq_len}: need positive numbers "
-                         "(sweep_len >= 2)")
+                       f"calib_tokens={calib_tokens}, calib_seq_len={calib_seq_len}: need positive numbers "
+                       "(sweep_len >= 2)")
     if _mode == "decode":
         _bench_decode(_sizes("batches", batches), _sizes("contexts", contexts), budget_gib=budget_gib,
                       repeats=repeats)

@@ -24,8 +24,8 @@ def config_fields(hf: dict) -> dict:
         hf, mt = deepseek.Reader(hf).config, "llama_mla"
     if mt not in ("llama", "llama_mla", "llama_hybrid"):
         raise BadInput(f"model_type {mt!r} is not a Llama; this project reads 'llama', 'llama_mla' and "
-                         "'llama_hybrid' folders and DeepSeek-V2/V3-format MLA folders "
-                         f"({', '.join(deepseek.DS_TYPES)})")
+                       "'llama_hybrid' folders and DeepSeek-V2/V3-format MLA folders "
+                       f"({', '.join(deepseek.DS_TYPES)})")
     if hf.get("hidden_act", "silu") != "silu":
         raise BadInput(f"hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -108,7 +108,7 @@ def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> d
             handle = safe_open(os.path.join(path, fname), framework="pt", device=str(device))
         except Exception as e:  # truncated or not a safetensors file: name it
             raise BadInput(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
-                             "truncated or corrupt. Fix: copy or download it again") from None
+                           "truncated or corrupt. Fix: copy or download it again") from None
         with handle as f:
             crcs = file_crcs(f)  # ours carry a checksum per tensor; files from elsewhere have none
             for name in f.keys():
@@ -133,16 +133,16 @@ def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> d
                     sd[k] = t.to(dtype) if dtype is not None else t
     if not sd and not unexpected and not mis_shaped:
         raise BadInput(f"{path}: its safetensors hold no tensors this model reads. Fix: copy the weights again "
-                         "from where the model came from")
+                       "from where the model came from")
     if reader is not None:
         sd.update(reader.generated(next(iter(sd.values())).dtype, device))
     missing = sorted(set(expected) - set(sd) - {m.split(':')[0] for m in mis_shaped})
     if missing or unexpected or mis_shaped:
         raise BadInput(f"checkpoint {path} does not match its config.json:\n"
-                         + (f"  missing tensors: {missing}\n" if missing else "")
-                         + (f"  unexpected tensors: {sorted(unexpected)}\n" if unexpected else "")
-                         + (f"  wrong shapes: {mis_shaped}\n" if mis_shaped else "")
-                         + "Fix: use the config.json that was saved with these weights.")
+                       + (f"  missing tensors: {missing}\n" if missing else "")
+                       + (f"  unexpected tensors: {sorted(unexpected)}\n" if unexpected else "")
+                       + (f"  wrong shapes: {mis_shaped}\n" if mis_shaped else "")
+                       + "Fix: use the config.json that was saved with these weights.")
     return sd
 
 
@@ -156,7 +156,7 @@ def save_state(path, config, state_dict, fmt="llama", run_config=None, max_shard
         raise BadInput(f"fmt={fmt!r}: use 'llama' (this project's folders) or 'deepseek' (DeepSeek-V3)")
     if export and fmt != "deepseek":
         raise BadInput(f"{', '.join(export)} shape a DeepSeek-V3 export; this project's format has no such setting. "
-                         "Fix: fmt='deepseek'")
+                       "Fix: fmt='deepseek'")
     hf = config_json(config) if fmt == "llama" else deepseek.export_config(config, **export)
     check_replaceable(os.path.abspath(os.path.expanduser(str(path))))  # before any copy of the weights
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -206,6 +206,6 @@ def read_config(path, make, hf=None):
         return make(**config_fields(hf))
     except KeyError as e:
         raise BadInput(f"{os.path.join(path, 'config.json')} lacks the field {e.args[0]!r} that a Llama config.json "
-                         "has. Fix: restore it from the model's source") from None
+                       "has. Fix: restore it from the model's source") from None
     except (TypeError, ValueError) as e:
         raise BadInput(f"{os.path.join(path, 'config.json')}: {e}") from None

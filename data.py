@@ -80,7 +80,7 @@ def located_rows(source):
     else:
         if source.count("/") != 1 and ":" not in source and "@" not in source:
             raise NotFound(f"data source {source!r} is neither a file, a known set "
-                                    f"({', '.join(HUB_SETS)}) nor a hub id 'org/name[:config][@split]'")
+                           f"({', '.join(HUB_SETS)}) nor a hub id 'org/name[:config][@split]'")
         hub_id, _, split = source.partition("@")
         hub_id, _, config = hub_id.partition(":")
         config, splits = config or None, [split or "train"]
@@ -103,10 +103,10 @@ def check_sources(sources):
     for src in sources:
         if not os.path.exists(src) and src not in HUB_SETS and src.count("/") != 1 and ":" not in src and "@" not in src:
             raise NotFound(f"data source {src!r} is neither a file, a known set ({', '.join(HUB_SETS)}) "
-                                    "nor a hub id 'org/name[:config][@split]'")
+                           "nor a hub id 'org/name[:config][@split]'")
         if not os.path.exists(src) and src.count("/") == 1 and os.path.isdir(src.split("/")[0]):
             raise NotFound(f"data source {src!r} does not exist ({src.split('/')[0]}/ is a local folder, so "
-                                    "it is not a hub id)")
+                           "it is not a hub id)")
         base = src[:-3] if src.endswith(".gz") else src
         if not os.path.exists(src) and base.endswith((".json", ".jsonl", ".txt", ".parquet")):
             raise NotFound(f"data file {src!r} not found")
@@ -152,13 +152,13 @@ def _iter_file(path):
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json source is one JSON list of rows "
-                             "(use .jsonl for one row per line, where a broken line is skipped)") from None
+                           "(use .jsonl for one row per line, where a broken line is skipped)") from None
         if isinstance(obj, dict):  # {"data": [...]} style, or a single row
             lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
             obj = lists[0] if len(lists) == 1 else [obj]
         if not isinstance(obj, list):
             raise BadInput(f"{path}: a .json source must hold a list of rows (or an object with one list of rows), "
-                             f"got a {type(obj).__name__}")
+                           f"got a {type(obj).__name__}")
         for i, row in enumerate(obj):
             where = f"{path}: row {i}"
             yield where, (Malformed(where, "invalid UTF-8") if bad_bytes and _has_surrogates(row) else row)
@@ -368,8 +368,8 @@ def build_cache(sources, tokenizer, cache_dir, val_every=50, log=print):
         log(f"data: {src}: {good} documents ({n_tok:,} tokens), {skipped.text()}")
     if n_docs == 0:
         raise BadInput(f"no usable documents in {sources} ({n_rows} rows read, {n_bad} skipped"
-                         + (f"; first: {'; '.join(firsts[:3])}" if firsts else "") + "): check the paths and the row "
-                         "format (see data.py's docstring for the shapes understood)")
+                       + (f"; first: {'; '.join(firsts[:3])}" if firsts else "") + "): check the paths and the row "
+                       "format (see data.py's docstring for the shapes understood)")
     os.makedirs(cache_dir, exist_ok=True)
     tmp = out + f".tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
@@ -410,7 +410,7 @@ class PackedData:
         self.n_seq = max(0, (n - 1) // seq_len)
         if self.n_seq == 0:
             raise BadInput(f"the {split} split has {n} tokens: not one sequence of seq_len {seq_len} + 1. "
-                             "Add data, lower seq_len, or (for val) lower val_every")
+                           "Add data, lower seq_len, or (for val) lower val_every")
 
     def get(self, indices):
         """-> x (B, T) int64 inputs, y (B, T) int64 targets (-100 where the loss is off)."""
@@ -434,8 +434,8 @@ class PackedData:
         n = -(-n_tokens // self.seq_len)
         if n > self.n_seq:
             raise BadInput(f"calibration needs {n} sequences of {self.seq_len} tokens ({n_tokens} tokens) but "
-                             f"{self.meta['sources']} give only {self.n_seq}. Fix: fewer calib_tokens, a shorter "
-                             "calib_seq_len, or more data")
+                           f"{self.meta['sources']} give only {self.n_seq}. Fix: fewer calib_tokens, a shorter "
+                           "calib_seq_len, or more data")
         return n
 
     def sample(self, n_tokens, seed):
@@ -573,7 +573,7 @@ def load_pairs(sources, tok, max_length, max_prompt_length, long_prompts="trunca
     if not pairs:
         raise BadInput(f"no usable preference pairs in {sources}" + (f" (first: {'; '.join(firsts[:3])})" if firsts
                                                                         else "")
-                         + ": check paths and row shapes (see data.to_pair)")
+                       + ": check paths and row shapes (see data.to_pair)")
     return pairs, dropped
 
 

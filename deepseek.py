@@ -67,7 +67,7 @@ def _interleaved(n):
 def _check_served(head_size, fix):
     if head_size not in ENGINE_HEAD_SIZES:
         raise BadInput(f"head_size={head_size}: vLLM serves kv_lora_rank + qk_rope_head_dim of "
-                         f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only; {fix}")
+                       f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only; {fix}")
 
 
 def engine_shape(cfg, head_size=0):
@@ -83,11 +83,11 @@ def engine_shape(cfg, head_size=0):
     _check_served(head_size, f"{nearest}. Fix: --head_size={fits[0]}" if fits else nearest)
     if d_r > D or D % d_r:
         raise BadInput(f"d_r {d_r}: a served shape has {D} RoPE dims, and zero padding is exact only when d_r "
-                         f"divides {D} (each of our frequencies then sits on the engine's ladder). Fix: upcycle "
-                         f"with qk_rope_dim in (16, 32, 64) (svd_init.py / distill.py --head_size={head_size})")
+                       f"divides {D} (each of our frequencies then sits on the engine's ladder). Fix: upcycle "
+                       f"with qk_rope_dim in (16, 32, 64) (svd_init.py / distill.py --head_size={head_size})")
     if r > head_size - D:
         raise BadInput(f"r_kv {r} does not fit head_size {head_size} = {head_size - D} + {D}: padding can only "
-                         f"add zeros; {nearest}. Fix: " + (f"--head_size={fits[0]}" if fits else
+                       f"add zeros; {nearest}. Fix: " + (f"--head_size={fits[0]}" if fits else
                                                            f"upcycle at r_kv <= {ENGINE_HEAD_SIZES[-1] - D}"))
     return head_size - D, D
 
@@ -99,23 +99,23 @@ def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
     given = [k for k, v in others.items() if v is not None]
     if given:
         raise BadInput(f"head_size={head_size} sets r_kv and d_r itself; {', '.join(given)} would contradict it. "
-                         "Fix: drop " + " and ".join(given))
+                       "Fix: drop " + " and ".join(given))
     _check_served(head_size, "Fix: one of those")
     if mla_layers is not None and sorted(mla_layers) != list(range(src.n_layers)):
         raise BadInput("head_size aims at an engine's DeepSeek-V3 format, which has MLA in every layer. Fix: leave "
-                         "mla_layers unset")
+                       "mla_layers unset")
     if latent_norm == "none":
         raise BadInput("head_size aims at an engine, and every engine builds an RMSNorm on c_kv. Fix: add "
-                         "--latent_norm=kv")
+                       "--latent_norm=kv")
     d_r = min(ENGINE_ROPE_DIM, src.head_dim)
     if ENGINE_ROPE_DIM % d_r:
         raise BadInput(f"d_h {src.head_dim}: d_r = d_h does not divide the engine's {ENGINE_ROPE_DIM} RoPE dims, "
-                         "so no conversion of this model lands on a served shape exactly")
+                       "so no conversion of this model lands on a served shape exactly")
     r_kv, most = head_size - ENGINE_ROPE_DIM, min(src.dim, 2 * src.n_kv_heads * src.head_dim)
     if r_kv > most:
         lower = [h for h in ENGINE_HEAD_SIZES if h - ENGINE_ROPE_DIM <= most]
         raise BadInput(f"head_size={head_size} needs r_kv {r_kv}, beyond this model's rank {most} (min(d, 2 n_kv "
-                         "d_h)). Fix: " + (f"--head_size={lower[-1]}" if lower else "no served shape is smaller; "
+                       "d_h)). Fix: " + (f"--head_size={lower[-1]}" if lower else "no served shape is smaller; "
                                            "export with padding instead (deepseek.py --head_size)"))
     if r_kv + d_r > 2 * src.n_kv_heads * src.head_dim:
         warnings.warn(f"head_size={head_size}: r_kv {r_kv} + d_r {d_r} per layer is more than the source's own cache "
@@ -144,20 +144,20 @@ def export_config(cfg, head_size=0) -> dict:
     L = cfg.n_layers
     if cfg.mamba_layers:
         raise BadInput(f"layers {list(cfg.mamba_layers)} are Mamba2: the DeepSeek-V3 format has MLA in every layer, "
-                         "and no engine serves this hybrid in it. Fix: save it in this project's format (fmt='llama')")
+                       "and no engine serves this hybrid in it. Fix: save it in this project's format (fmt='llama')")
     gqa = [i for i in range(L) if i not in cfg.mla_layers]
     if gqa:
         raise BadInput(f"layers {gqa} are GQA: the DeepSeek-V3 format has MLA in every layer. Fix: convert all "
-                         "layers (svd_init.py / distill.py with mla_layers unset)")
+                       "layers (svd_init.py / distill.py with mla_layers unset)")
     if cfg.latent_norm == "none":
         raise BadInput("this model has no RMSNorm on c_kv, and every engine builds one (kv_a_layernorm): an RMSNorm "
-                         "is not an identity, so the export would compute something else (what makes TransMLA's "
-                         "exports emit nonsense in stock engines, fxmeng/TransMLA#24). Fix: upcycle with "
-                         "latent_norm=kv (its calibrated init keeps the model close, docs/serving.md) and distil")
+                       "is not an identity, so the export would compute something else (what makes TransMLA's "
+                       "exports emit nonsense in stock engines, fxmeng/TransMLA#24). Fix: upcycle with "
+                       "latent_norm=kv (its calibrated init keeps the model close, docs/serving.md) and distil")
     if cfg.latent_norm_eps != HF_LATENT_EPS:
         raise BadInput(f"the latent norms use eps {cfg.latent_norm_eps}; transformers' DeepseekV3 computes them "
-                         f"with {HF_LATENT_EPS}. Fix: a model upcycled by this version (latent_norm_eps "
-                         f"{HF_LATENT_EPS}), then distil")
+                       f"with {HF_LATENT_EPS}. Fix: a model upcycled by this version (latent_norm_eps "
+                       f"{HF_LATENT_EPS}), then distil")
     scaling = cfg.rope_scaling
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "llama3":
@@ -307,7 +307,7 @@ class Reader:
                        "implemented here)")
         if bad:
             raise BadInput(f"a {mt} checkpoint with " + "; ".join(bad) + ": this project's model cannot compute "
-                             "it. It reads DeepSeek-format folders with dense SiLU MLPs and plain MLA attention")
+                           "it. It reads DeepSeek-format folders with dense SiLU MLPs and plain MLA attention")
         rec = hf.get(RECORD) or {}
         self.q_fused = hf.get("q_lora_rank") is None
         self.R_q = d if self.q_fused else hf["q_lora_rank"]
@@ -351,7 +351,7 @@ class Reader:
         i = name.split(".")[2] if name.count(".") >= 2 else ""
         if not i.isdigit():
             raise BadInput(f"{name}: not a tensor name of a DeepSeek checkpoint (model.layers.<index>.…). Fix: "
-                             "rename it back, or copy the weights again from where the model came from")
+                           "rename it back, or copy the weights again from where the model came from")
         return int(i)
 
     def tensors(self, name, t):
@@ -386,15 +386,15 @@ class Reader:
         if leaf == "o_proj.weight":
             return [(name, t)]
         raise BadInput(f"{name}: not a tensor of DeepSeek's MLA attention (q_proj, q_a_proj, q_a_layernorm, "
-                         "q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj). Fix: rename it back, "
-                         "or copy the weights again from where the model came from")
+                       "q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj). Fix: rename it back, "
+                       "or copy the weights again from where the model came from")
 
     def _rope(self, name, t, dim):
         """Our d_r RoPE rows of the D the checkpoint holds; the others were an engine shape's padding: zero."""
         if self.D != self.d_r and t.index_fill(dim, self._take, 0).count_nonzero():
             raise BadInput(f"{name}: the RoPE rows beyond the model's d_r {self.d_r} (config.json {RECORD}) are "
-                             f"not zero: the folder was changed after export. Fix: delete {RECORD}.qk_rope_dim and "
-                             "q_scale from its config.json to read it at the padded width")
+                           f"not zero: the folder was changed after export. Fix: delete {RECORD}.qk_rope_dim and "
+                           "q_scale from its config.json to read it at the padded width")
         return t.index_select(dim, self._take)
 
     @staticmethod
@@ -405,8 +405,8 @@ class Reader:
             return t
         if t.narrow(dim, r, n - r).count_nonzero():
             raise BadInput(f"{name}: the padding beyond this layer's rank {r} (config.json {RECORD}) is not zero: "
-                             f"the folder was changed after export. Fix: delete {RECORD} from its config.json to read "
-                             "it at the padded width")
+                           f"the folder was changed after export. Fix: delete {RECORD} from its config.json to read "
+                           "it at the padded width")
         return t.narrow(dim, 0, r)
 
     def generated(self, dtype, device):

@@ -131,14 +131,14 @@ teacher_from = teacher or init_from
 export_torch_dtype = check_train_settings(betas, export_dtype)
 if not ild and kl_weight == 0 and ce_weight == 0:
     raise BadInput("kl_weight=0 and ce_weight=0: the loss is 0 and nothing would train. Fix: kl_weight=1 (distil "
-                     "from the teacher) or ce_weight=1 (next-token loss on the data)")
+                   "from the teacher) or ce_weight=1 (next-token loss on the data)")
 if (kl_weight > 0 or ild) and (teacher == "none" or teacher_from == "scratch"):
     raise BadInput(f"{'ild=True' if ild else 'kl_weight > 0'} needs a teacher: set teacher= to a model folder or "
-                     "hub id")
+                   "hub id")
 if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks); a conversion, so not student_from
     if student_from or init_from == "scratch":
         raise BadInput("head_size converts the source's attention; the student here is not converted "
-                         "(student_from / scratch). Fix: drop head_size")
+                       "(student_from / scratch). Fix: drop head_size")
     kv_rank, qk_rope_dim = engine_ranks(read_model_config(resolve_checkpoint(init_from)), head_size, mla_layers,
                                         latent_norm, kv_rank=kv_rank, qk_rope_dim=qk_rope_dim, kv_budget=kv_budget,
                                         kv_energy=kv_energy)
@@ -149,8 +149,8 @@ converting = not student_from and init_from != "scratch" and any(
     v is not None for v in (q_rank, q_energy, kv_rank, kv_energy, kv_budget))
 if not student_from and init_from != "scratch" and not converting and teacher_from == init_from and kl_weight > 0:
     raise BadInput("nothing to distil: with no MLA settings and no student_from, the student is an exact copy of "
-                     f"its teacher {init_from}. Fix: give a config (e.g. config/tiny_kv8.py) or MLA settings "
-                     "(--q_rank=... --kv_rank=...), or student_from=")
+                   f"its teacher {init_from}. Fix: give a config (e.g. config/tiny_kv8.py) or MLA settings "
+                   "(--q_rank=... --kv_rank=...), or student_from=")
 folders = {"student": student_from or (init_from if init_from != "scratch" else None),
            "teacher": teacher_from if teacher != "none" and teacher_from != "scratch" else None}
 folders = {k: resolve_checkpoint(v) for k, v in folders.items() if v}
@@ -163,7 +163,7 @@ calibrating = converting and (init == "rorope" or latent_norm != "none")
 stu_cfg = configs.get("student") or ModelConfig(**model_config)
 if seq_len > stu_cfg.max_seq_len:  # before the conversion's checks, which would name calib_seq_len
     raise BadInput(f"seq_len={seq_len} is beyond the model's {stu_cfg.max_seq_len} positions "
-                     "(max_position_embeddings). Fix: a seq_len <= that")
+                   "(max_position_embeddings). Fix: a seq_len <= that")
 if converting:
     check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens if calibrating else None,
                    calib_seq_len=calib_seq_len or seq_len, latent_norm=latent_norm, latent_norm_init=latent_norm_init)
@@ -171,7 +171,7 @@ if ild and "student" in configs and not converting:  # the layers ILD trains; co
     converted_layers(configs["student"], configs["teacher"])
 if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
     raise BadInput(f"teacher vocabulary {configs['teacher'].vocab_size} != student {stu_cfg.vocab_size}: "
-                     "distillation compares distributions over the same tokens")
+                   "distillation compares distributions over the same tokens")
 tok = Tokenizer.from_name(tokenizer, folders.get("student") or folders.get("teacher"))
 if "student" not in folders and tok.vocab_size > stu_cfg.vocab_size:  # scratch: no folder to check against
     raise BadInput(f"tokenizer {tok.describe()} has more ids than model_config's vocab_size {stu_cfg.vocab_size}")
@@ -183,7 +183,7 @@ if any(not s.endswith((".txt", ".txt.gz")) for s in sft_data):  # chat data: its
 per_micro = micro_batch * seq_len * d.world
 if tokens_per_step % per_micro:
     raise BadInput(f"tokens_per_step={tokens_per_step} must be a multiple of micro_batch x seq_len x world = "
-                     f"{micro_batch} x {seq_len} x {d.world} = {per_micro}")
+                   f"{micro_batch} x {seq_len} x {d.world} = {per_micro}")
 accum = tokens_per_step // per_micro
 # --- data, still pre-flight (before the out_dir is touched): rank 0 tokenises once into the cache, the others wait,
 # then memory-map it; its log lines go to the run's log once that exists
@@ -198,8 +198,8 @@ n_eval = min(eval_batches * micro_batch, val_data.n_seq)
 if not train_data.has_targets() or int((val_data.get(range(n_eval))[1] != -100).sum()) == 0:
     which = "the train split" if not train_data.has_targets() else f"the held-out slice ({n_eval} sequences)"
     raise BadInput(f"{which} has no target token with loss_on={loss_on!r}: every reply falls outside the packed "
-                     "sequences, or the data has none. Fix: loss_on='all', a longer seq_len, more eval_batches, or "
-                     "data with assistant replies")
+                   "sequences, or the data has none. Fix: loss_on='all', a longer seq_len, more eval_batches, or "
+                   "data with assistant replies")
 if calibrating:  # checked now, before any model is loaded
     PackedData(cache, "train", calib_seq_len or seq_len).check_sample(calib_tokens)
 with torch.device("meta"):

@@ -81,10 +81,10 @@ require(config, val_every=(2, None), max_length=(2, None), max_prompt_length=(1,
         ckpt_every=(1, None), keep_ckpts=(1, None), seed=(0, None))
 if beta == 0:  # -log sigmoid(0) for every pair: a constant loss with zero gradient
     raise BadInput("beta=0: the DPO loss is then log 2 for every pair and nothing trains. Fix: beta > 0 (the "
-                     "paper's 0.01; config/tiny_dpo.py uses 0.1)")
+                   "paper's 0.01; config/tiny_dpo.py uses 0.1)")
 if max_prompt_length >= max_length:
     raise BadInput(f"max_prompt_length={max_prompt_length} >= max_length={max_length}: a prompt could fill the "
-                     "whole sequence and leave no reply to score. Fix: max_prompt_length < max_length (e.g. half)")
+                   "whole sequence and leave no reply to score. Fix: max_prompt_length < max_length (e.g. half)")
 if long_prompts not in ("truncate", "drop"):
     raise BadInput(f"long_prompts={long_prompts!r}: use 'truncate' or 'drop'")
 export_torch_dtype = check_train_settings(betas, export_dtype)
@@ -108,7 +108,7 @@ check_sources(pref_data + val_data)
 tok.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])  # renders?
 if pairs_per_step % (micro_batch * d.world):
     raise BadInput(f"pairs_per_step={pairs_per_step} must be a multiple of micro_batch x world = "
-                     f"{micro_batch} x {d.world}")
+                   f"{micro_batch} x {d.world}")
 # --- data, still pre-flight (the out_dir untouched): every rank tokenises the (small) preference sets the same
 # way; rank 0 prints, and its lines go to the run's log once that exists
 data_notes = []
@@ -122,8 +122,8 @@ else:
 val_pairs = val_pairs[:eval_pairs]
 if not pairs or not val_pairs:
     raise BadInput(f"no {'training' if not pairs else 'held-out'} preference pair is left after the checks above "
-                     "(see the data: lines). Fix: more or longer-limit data (max_length, max_prompt_length), or "
-                     "val_data / val_every")
+                   "(see the data: lines). Fix: more or longer-limit data (max_length, max_prompt_length), or "
+                   "val_data / val_every")
 with torch.device("meta"):
     n_est = sum(p.numel() for p in Transformer(read_model_config(folders["policy"])).parameters())
 go_on = prepare_out_dir(out_dir, resume, d, "dpo", checkpoint_bytes(n_est, keep_ckpts))

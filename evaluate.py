@@ -146,12 +146,12 @@ def check_tasks(tasks):
     twice = sorted({t for t in names if names.count(t) > 1})
     if twice:
         raise BadInput(f"tasks lists {', '.join(map(repr, twice))} more than once: each task is scored once (and "
-                         "counted once in the average). Fix: name each task once")
+                       "counted once in the average). Fix: name each task once")
     for t in names:
         if t not in HUB:
             close = difflib.get_close_matches(t, TASKS, n=1)
             raise BadInput(f"unknown task {t!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                             + f"; tasks: {', '.join(TASKS)} or 'all'")
+                           + f"; tasks: {', '.join(TASKS)} or 'all'")
     return names
 
 
@@ -164,7 +164,7 @@ def load_docs(task, data_dir=None, limit=None, split=None):
         path = os.path.join(data_dir, f"{name}.jsonl")
         if not os.path.exists(path):
             raise NotFound(f"{path} not found: convert the raw local sets into {data_dir} with "
-                                    "--convert_from=RAW_DIR, or drop --data_dir to read the hub")
+                           "--convert_from=RAW_DIR, or drop --data_dir to read the hub")
         docs, where = [], []
         with open(path) as f:
             for n, line in enumerate(f, 1):
@@ -173,7 +173,7 @@ def load_docs(task, data_dir=None, limit=None, split=None):
                         docs.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise BadInput(f"{path}:{n}: not a JSON row ({e.msg}). Fix: one JSON object per line, "
-                                         "or re-convert with --convert_from=RAW_DIR") from None
+                                       "or re-convert with --convert_from=RAW_DIR") from None
                     where.append(f"{path}:{n}")
     else:
         import datasets
@@ -183,9 +183,9 @@ def load_docs(task, data_dir=None, limit=None, split=None):
             docs = list(datasets.load_dataset(hub_id, config, split=split or hub_split))
         except (ConnectionError, FileNotFoundError, OSError) as e:  # offline, no cache, or a dataset gone
             raise BadInput(f"task {task}: the hub dataset {hub_id} ({config or 'default'}) cannot be read here "
-                             f"({type(e).__name__}: {str(e)[:120]}). Fix: connect to the hub once (the datasets "
-                             "cache keeps it), or --data_dir=DIR of local <task>.jsonl (tests/fixtures/eval holds "
-                             "slices; --convert_from makes the full sets from raw files)") from None
+                           f"({type(e).__name__}: {str(e)[:120]}). Fix: connect to the hub once (the datasets "
+                           "cache keeps it), or --data_dir=DIR of local <task>.jsonl (tests/fixtures/eval holds "
+                           "slices; --convert_from makes the full sets from raw files)") from None
         where = [f"{hub_id} {split or hub_split} row {i}" for i in range(len(docs))]
     at = {id(d): w for d, w in zip(docs, where)}
     docs = limit_docs(task, docs, limit)
@@ -201,11 +201,11 @@ def check_doc(task, doc, where):
         _, conts, gold, _ = build_requests(task, doc)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, SyntaxError) as e:
         raise BadInput(f"{where}: a {task} row this scorer cannot read ({type(e).__name__}: {e}). Fix: the hub's "
-                         "field names (docs/training.md, 'Evaluation'), or re-convert with --convert_from=RAW_DIR"
-                         ) from None
+                       "field names (docs/training.md, 'Evaluation'), or re-convert with --convert_from=RAW_DIR"
+                       ) from None
     if not (isinstance(gold, int) and 0 <= gold < len(conts)):
         raise BadInput(f"{where}: gold answer {gold!r} is not one of the row's {len(conts)} choices. Fix: the row's "
-                         "label")
+                       "label")
 
 
 def limit_docs(task, docs, limit):
@@ -546,7 +546,7 @@ if __name__ == "__main__":
     folder = resolve_checkpoint(model)  # the model is found before any task data is read
     if num_fewshot and any(t != "mmlu" for t in names):
         raise BadInput(f"num_fewshot={num_fewshot}: few-shot is implemented for MMLU only (the harness's first_n "
-                         "examples of its dev split); run the other tasks zero-shot in a separate call")
+                       "examples of its dev split); run the other tasks zero-shot in a separate call")
     if add_bos not in (True, False, "auto"):
         raise BadInput(f"add_bos={add_bos!r}: use True, False or 'auto'")
     docs_of = {t: load_docs(t, data_dir or None, limit or None) for t in names}

@@ -33,7 +33,7 @@ head_size = 0              # 0: the model's own r_kv + d_r; 320 / 512 / 576: zer
 config = configure(globals(), positional=("init_from", "out_dir"))  # python export.py MODEL_DIR OUT_DIR
 if not init_from or not out_dir:
     raise BadInput("export.py needs a model folder and an output folder. Fix: python export.py MODEL_DIR "
-                     "OUT_DIR [--dtype=bfloat16] [--check=True] [--head_size=576]")
+                   "OUT_DIR [--dtype=bfloat16] [--check=True] [--head_size=576]")
 folder = resolve_checkpoint(init_from)
 check_apart(out_dir, "out_dir", {"init_from": folder})  # never over its own source (an MLA folder we wrote)
 check_replaceable(os.path.abspath(os.path.expanduser(out_dir)))
@@ -68,8 +68,8 @@ if check:
               f"{err:.2e} (largest logit {top:.1f})")
         if not err <= 1e-4 * max(top, 1.0):
             raise BadInput(f"{out_dir}: transformers computes other logits from the export than this project "
-                             f"does ({err:.2e} apart, largest logit {top:.1f}): the export is not the model. "
-                             "Please report it, with the source folder's config.json")
+                           f"does ({err:.2e} apart, largest logit {top:.1f}): the export is not the model. "
+                           "Please report it, with the source folder's config.json")
     # 2. the numbers: the export in its own dtype, as it is served, against the source model in float32, on
     # text the source writes itself (a low-precision copy of an ill-conditioned model passes step 1 and fails here)
     from ops import kl_and_agreement
@@ -93,7 +93,7 @@ if check:
           f"KL {kl:.2e} nats/token, top-1 agreement {100 * agree:.1f}%")
     if not kl <= check_max_kl:
         raise BadInput(f"the export in {name} is not the model: KL {kl:.3f} nats/token (> check_max_kl "
-                         f"{check_max_kl}), top-1 agreement {100 * agree:.1f}%; it works in float32 only. The "
-                         f"folder {out_dir} is written; do not serve it in {name}. Fix: export with "
-                         "--dtype=float32, or re-convert with this version's svd_init.py (its latent scales are "
-                         "bounded)")
+                       f"{check_max_kl}), top-1 agreement {100 * agree:.1f}%; it works in float32 only. The "
+                       f"folder {out_dir} is written; do not serve it in {name}. Fix: export with "
+                       "--dtype=float32, or re-convert with this version's svd_init.py (its latent scales are "
+                       "bounded)")

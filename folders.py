@@ -59,16 +59,16 @@ def resolve_checkpoint(path, need_config=True):
     local = os.path.isdir(first) and first not in (".", "..", "")
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1 or local:
         raise NotFound(f"{path!r} is not a model folder (no such directory"
-                                + (f"; {first}/ is a local folder, so it is not a hub id" if local else "")
-                                + "). Fix: check the path, or give a hub id of the form 'org/name'")
+                       + (f"; {first}/ is a local folder, so it is not a hub id" if local else "")
+                       + "). Fix: check the path, or give a hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                        "original/tokenizer.model"])
     except Exception as e:
         raise NotFound(f"{path!r}: not a local folder, and the hub could not provide it "
-                                f"({type(e).__name__}: {str(e)[:200]}). Fix: download it where a hub is reachable "
-                                "and pass the folder") from None
+                       f"({type(e).__name__}: {str(e)[:200]}). Fix: download it where a hub is reachable "
+                       "and pass the folder") from None
 
 
 def read_json(path, missing=None):
@@ -88,7 +88,7 @@ def read_config_json(path):
     hf = read_json(os.path.join(path, "config.json"))
     if not isinstance(hf, dict):
         raise BadInput(f"{os.path.join(path, 'config.json')} holds a JSON {type(hf).__name__}, not the object a "
-                         "config.json is. Fix: restore it from the model's source")
+                       "config.json is. Fix: restore it from the model's source")
     return hf
 
 
@@ -108,7 +108,7 @@ def safetensors_files(path):
                 files = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BadInput(f"{index} is not a safetensors index (a JSON object whose weight_map names the shards: "
-                             f"{type(e).__name__} {e}). Fix: copy it again from where the model came from") from None
+                           f"{type(e).__name__} {e}). Fix: copy it again from where the model came from") from None
         gone = [f for f in files if not os.path.exists(os.path.join(path, f))]
         if gone:
             raise NotFound(f"{index} names shards that are not in {path}: {gone}. Fix: copy them there")
@@ -116,7 +116,7 @@ def safetensors_files(path):
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return ["model.safetensors"]
     raise NotFound(f"{path} has no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors are read, never pickled .bin files)")
+                   "(only safetensors are read, never pickled .bin files)")
 
 
 # A safetensors header has names, dtypes, shapes and offsets but no checksum: a byte flipped inside a tensor (a bad
@@ -146,7 +146,7 @@ def file_crcs(handle) -> dict:
         crcs = None
     if not isinstance(crcs, dict):
         raise BadInput(f"the {CRC_KEY} entry of a safetensors header is not a JSON object: the file is damaged. "
-                         "Fix: copy it again from where it came from")
+                       "Fix: copy it again from where it came from")
     return crcs
 
 
@@ -154,8 +154,8 @@ def check_crc(t, name, crcs, file):
     """Raise where tensor `name` (as read from `file`) differs from the CRC-32 written when the file was saved."""
     if name in crcs and tensor_crc(t) != crcs[name]:
         raise BadInput(f"{file}: the bytes of tensor {name} differ from the checksum written when it was saved: the "
-                         "file was damaged after it was written (disk, copy or transfer). Fix: copy it again from "
-                         "where it came from (a training checkpoint: resume falls back to the one before it)")
+                       "file was damaged after it was written (disk, copy or transfer). Fix: copy it again from "
+                       "where it came from (a training checkpoint: resume falls back to the one before it)")
 
 
 def load_tensors(file, device="cpu") -> dict:
@@ -236,7 +236,7 @@ def check_replaceable(path):
             ours = set()
     if not ours:
         raise Occupied(f"{path} was not written by this project ({_show(top)}): refusing to replace it, "
-                              "nothing was changed. Fix: choose a new or empty folder as out_dir")
+                       "nothing was changed. Fix: choose a new or empty folder as out_dir")
     foreign = []
     for r, dirs, files in os.walk(path):  # our own folder: small, and os.walk does not follow links
         for n in dirs + files:
@@ -246,8 +246,8 @@ def check_replaceable(path):
                 foreign.append(rel + ("/" if n in dirs else ""))
     if foreign:
         raise Occupied(f"{path} holds files this project did not write ({_show(foreign)}): refusing to "
-                              "replace it, nothing was changed. Fix: choose a new or empty folder as out_dir, or move "
-                              "those files away yourself")
+                       "replace it, nothing was changed. Fix: choose a new or empty folder as out_dir, or move "
+                       "those files away yourself")
 
 
 def write_folder(path, fill, what="write_folder"):
@@ -266,7 +266,7 @@ def write_folder(path, fill, what="write_folder"):
             if not write_failed(e):
                 raise
             raise CannotWrite(f"writing {path} failed ({type(e).__name__}: {e}); nothing was replaced. Fix: free disk "
-                          "space (or check the folder's permissions), then run again") from None
+                              "space (or check the folder's permissions), then run again") from None
         written = sorted(os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs)
         write_json(os.path.join(tmp, WRITTEN_BY), {"written_by": f"{PROJECT} ({what})", "files": written})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is as readable as any other
@@ -318,7 +318,7 @@ def check_apart(out, out_name, inputs, outputs=None):
         if rel:
             kind = "the other output" if is_output else "the input"
             raise BadInput(f"{out_name}={out} {rel} {kind} {name}={p}: writing there would replace, move or mix "
-                             f"into it. Fix: give {out_name} a folder apart from every input and output")
+                           f"into it. Fix: give {out_name} a folder apart from every input and output")
 
 
 # -----------------------------------------------------------------------------
@@ -371,19 +371,20 @@ def claim_out_dir(out_dir, resume, log_name, need_bytes=0):
     foreign = [n for n in present if not run_owned(out_dir, n, log_name)]
     if foreign:
         raise Occupied(f"out_dir {out_dir} holds files a {log_name} run does not write ({_show(foreign)}): "
-                              "refusing to use it, nothing was changed. Fix: give a new or empty folder as out_dir")
+                       "refusing to use it, nothing was changed. Fix: give a new or empty folder as out_dir")
     os.makedirs(out_dir, exist_ok=True)
     take_lock(out_dir)
     free = shutil.disk_usage(out_dir).free
     if need_bytes > free:
         release_lock(out_dir)
-        raise CannotWrite(f"out_dir {out_dir}: {free / 2**30:.2f} GiB free, but the run's checkpoints and export need "
-                      f"about {need_bytes / 2**30:.2f} GiB. Fix: free space, lower keep_ckpts, or pick another disk")
+        raise CannotWrite(f"out_dir {out_dir}: {free / 2**30:.2f} GiB free, but the run's checkpoints and export "
+                          f"need about {need_bytes / 2**30:.2f} GiB. Fix: free space, lower keep_ckpts, or pick "
+                          "another disk")
     has_ckpt = latest_checkpoint(out_dir) is not None
     if resume is True and not has_ckpt:
         release_lock(out_dir)
         raise NotFound(f"resume=True but {out_dir} holds no complete checkpoint. Fix: drop --resume to "
-                                "start a fresh run, or use --resume=auto (resume when there is one)")
+                       "start a fresh run, or use --resume=auto (resume when there is one)")
     go_on = resume is True or (resume == "auto" and has_ckpt)
     old = [n for n in present if not n.startswith(("replaced-", ".lock"))]
     if not go_on and old:
@@ -414,8 +415,8 @@ def take_lock(out_dir):
             owner, alive = lock_holder(path)
             if alive:
                 raise Busy(f"out_dir {out_dir} is in use by another run (process {owner}, lock {path}). "
-                                   "Fix: wait for it, or give another out_dir. If that run is dead on another "
-                                   "machine, delete the lock file") from None
+                           "Fix: wait for it, or give another out_dir. If that run is dead on another "
+                           "machine, delete the lock file") from None
             os.remove(path)  # stale: its process is gone
     raise RuntimeError(f"could not take the lock {path}")
 
@@ -452,7 +453,7 @@ def check_not_in_a_live_run(path):
         owner, alive = lock_holder(lock)
         if alive and owner.partition("@")[0] != str(os.getpid()):
             raise Busy(f"{path} is inside {d}, which a training run is using (process {owner}, lock {lock}): "
-                               "it would write there too. Fix: choose an out_dir outside it, or wait for that run")
+                       "it would write there too. Fix: choose an out_dir outside it, or wait for that run")
 
 
 def release_lock(out_dir, me=None):
@@ -476,7 +477,7 @@ def check_results_file(path):
         return
     if os.path.islink(path) or not os.path.isfile(path):
         raise Occupied(f"{path} exists and is not a plain file: refusing to replace it. Fix: choose another "
-                              "--out")
+                       "--out")
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -486,7 +487,7 @@ def check_results_file(path):
         ours = False
     if not ours:
         raise Occupied(f"{path} exists and is not a results file this project wrote: refusing to replace it, "
-                              "nothing was changed. Fix: choose another --out, or move that file away yourself")
+                       "nothing was changed. Fix: choose another --out, or move that file away yourself")
 
 
 def check_writable(path):
@@ -506,7 +507,7 @@ def check_writable(path):
             os.remove(tmp)
     except OSError as e:
         raise CannotWrite(f"{path} cannot be written ({probe}: {e.strerror or e}). Fix: a path on a writable disk with "
-                      "free space") from None
+                          "free space") from None
 
 
 def write_results_file(path, obj, what):
@@ -552,7 +553,7 @@ def check_rows_file(path, keys):
         ok = False
     if not ok:
         raise Occupied(f"{path} exists and is not a rows file this script wrote: refusing to append to it. "
-                              "Fix: give another path, or move that file away yourself")
+                       "Fix: give another path, or move that file away yourself")
 
 
 def check_only(folder, allowed, what):
@@ -566,4 +567,4 @@ def check_only(folder, allowed, what):
         re.fullmatch(rx, n + ("/" if os.path.isdir(os.path.join(folder, n)) else "")) for rx in allowed)]
     if foreign:
         raise Occupied(f"{what} {folder} holds files this script does not write ({_show(foreign)}): refusing "
-                              "to use it, nothing was changed. Fix: give a new or empty folder")
+                       "to use it, nothing was changed. Fix: give a new or empty folder")

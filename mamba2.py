@@ -132,8 +132,8 @@ class Mamba2(nn.Module):
     def check_shape(d_inner, d_xb, d_state, d_conv, chunk):
         if min(d_inner, d_xb, d_state) < 1 or d_inner % d_state or d_xb % d_state or d_inner % d_xb:
             raise BadInput(f"Mamba2 shape does not divide: d_inner {d_inner} and d_xb {d_xb} must be multiples of "
-                             f"d_state {d_state}, and d_inner of d_xb (heads repeat x and B as GQA repeats K/V). "
-                             "Fix: the config's ssm_d_inner / ssm_d_xb / ssm_d_state (0 follows the source's heads)")
+                           f"d_state {d_state}, and d_inner of d_xb (heads repeat x and B as GQA repeats K/V). "
+                           "Fix: the config's ssm_d_inner / ssm_d_xb / ssm_d_state (0 follows the source's heads)")
         if d_conv < 1 or chunk < 1:
             raise BadInput(f"Mamba2 needs ssm_d_conv >= 1 and ssm_chunk >= 1, got {d_conv} and {chunk}")
 

@@ -121,7 +121,7 @@ class ModelConfig:
                 raise BadInput(f"mamba_layers={m} must be distinct indices in [0, {self.n_layers})")
             if set(m) & set(self.mla_layers):
                 raise BadInput(f"layers {sorted(set(m) & set(self.mla_layers))} are in both mla_layers and "
-                                 "mamba_layers: a layer is GQA, MLA or Mamba2")
+                               "mamba_layers: a layer is GQA, MLA or Mamba2")
             Mamba2.check_shape(self.ssm_d_inner, self.ssm_d_xb, self.ssm_d_state, self.ssm_d_conv, self.ssm_chunk)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -132,14 +132,14 @@ class ModelConfig:
         n = len(self.mla_layers)
         if len(self.q_rank) != n or len(self.kv_rank) != n:
             raise BadInput(f"q_rank and kv_rank need one entry per MLA layer ({n} layers {list(self.mla_layers)}), "
-                             f"got {len(self.q_rank)} and {len(self.kv_rank)}")
+                           f"got {len(self.q_rank)} and {len(self.kv_rank)}")
         if len(set(self.mla_layers)) != n or not all(0 <= i < self.n_layers for i in self.mla_layers):
             raise BadInput(f"mla_layers={list(self.mla_layers)} must be distinct indices in [0, {self.n_layers})")
         if min(self.q_rank) < 1 or min(self.kv_rank) < 1:
             raise BadInput(f"ranks must be >= 1, got q_rank={list(self.q_rank)} kv_rank={list(self.kv_rank)}")
         if self.qk_nope_dim < 1 or self.qk_rope_dim < 2 or self.qk_rope_dim % 2:
             raise BadInput(f"MLA needs qk_nope_dim >= 1 and an even qk_rope_dim >= 2, "
-                             f"got {self.qk_nope_dim} and {self.qk_rope_dim}")
+                           f"got {self.qk_nope_dim} and {self.qk_rope_dim}")
 
     def layer_type(self, layer: int) -> str:
         return "mamba2" if layer in self.mamba_layers else "mla" if layer in self.mla_layers else "gqa"
@@ -585,7 +585,7 @@ class Transformer(nn.Module):
         B, T0 = idx.shape
         if T0 + max_new_tokens > self.config.max_seq_len:
             raise BadInput(f"prompt {T0} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
-                             f"{self.config.max_seq_len}")
+                           f"{self.config.max_seq_len}")
         self.setup_caches(B, T0 + max_new_tokens)
         self.reset_caches()  # a new sequence: nothing of the last one, whatever it held (a 1-token prompt too)
         step = self.compiled_decode_step() if compile else self.decode_step

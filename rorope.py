@@ -43,7 +43,7 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
     in `layers`, over calibration token ids (N, T). Returns ({layer: (C, mean)}, number of tokens)."""
     if not torch.is_tensor(ids) or ids.dtype != torch.long or ids.dim() != 2 or ids.numel() == 0:
         raise BadInput("calib must be a non-empty LongTensor (N, T) of token ids (svd_init.py and distill.py take "
-                         "it from their data: calib_data / sft_data, calib_tokens)")
+                       "it from their data: calib_data / sft_data, calib_tokens)")
     if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
         raise BadInput(f"calib has token ids outside [0, {model.config.vocab_size}): not this model's tokenizer")
     d, dev = model.config.dim, model.lm_head.weight.device
@@ -96,7 +96,7 @@ def calibrate_latent_norms(model: Transformer, ids, layers, how="calibrated", ba
         return
     if ids is None:
         raise BadInput("latent norms are initialised from calibration data: pass calib (token ids (N, T)), or "
-                         "latent_norm_init='ones'")
+                       "latent_norm_init='ones'")
     pairs = {}  # (layer, "kv" | "q") -> (down projection, its norm, the up projections reading the latent)
     for i in layers:
         a = model.model.layers[i].self_attn

@@ -140,7 +140,7 @@ def mla_config(cfg: ModelConfig, ranks: dict, d_qk, d_r, latent_norm="none", qk_
         raise BadInput(f"the source's MLA layers have latent_norm={cfg.latent_norm}; new layers must match")
     if cfg.mla_layers and (qk_rope_theta or cfg.rope_theta) != (cfg.qk_rope_theta or cfg.rope_theta):
         raise BadInput(f"the source's MLA layers rotate at theta {cfg.qk_rope_theta or cfg.rope_theta}; new layers "
-                         f"would use {qk_rope_theta or cfg.rope_theta}: use the same qk_rope_dim and rope_ladder")
+                       f"would use {qk_rope_theta or cfg.rope_theta}: use the same qk_rope_dim and rope_ladder")
     ranks = dict(ranks)
     for j, i in enumerate(cfg.mla_layers):
         ranks[i] = (cfg.q_rank[j], cfg.kv_rank[j])
@@ -208,7 +208,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     latent_norm = latent_norm_kind(latent_norm)  # True / False as "both" / "none"
     if latent_norm != "none" and latent_norm_init != "ones" and calib is None:
         raise BadInput(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
-                         "(N, T)), or latent_norm_init='ones'")
+                       "(N, T)), or latent_norm_init='ones'")
     if latent_norm == "both" and latent_norm_init in ("calibrated", "diagonal"):
         warnings.warn("latent_norm='both' with a calibrated basis for c_q starts close to the no-norm model but "
                       "trained badly in the tiny ablation of docs/init.md (KL 1.73 -> 1.39, against 0.19 for "
@@ -219,7 +219,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                None)
     if bad is not None:  # else a LinAlgError deep inside an SVD, or a NaN student
         raise BadInput(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
-                         "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
+                       "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
     check_kv_balance(kv_balance)
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
@@ -265,7 +265,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
                                                                          FOLDS) if not fold_problem(d_h, r, f)]
     if not candidates:  # a fold given, and a budget whose d_r it does not fit
         raise BadInput(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
-                         f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
+                       f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
     def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
         pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
         parts = {}
@@ -400,61 +400,61 @@ def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_ener
     d_h = cfg.head_dim
     if init == "rorope" and d_qk != d_h:
         raise BadInput(f"init='rorope' keeps each head's whole query/key as its no-RoPE part: qk_nope_dim must be "
-                         f"d_h = {d_h} (or unset), got {d_qk}")
+                       f"d_h = {d_h} (or unset), got {d_qk}")
     if d_r is not None and d_r > d_h:
         raise BadInput(f"qk_rope_dim={d_r} > d_h = {d_h}: the shared RoPE key has at most one pair per source "
-                         f"frequency (d_h / 2 of them). Fix: qk_rope_dim <= {d_h}")
+                       f"frequency (d_h / 2 of them). Fix: qk_rope_dim <= {d_h}")
     if rank_alloc not in ALLOCS:
         raise BadInput(f"rank_alloc={rank_alloc!r}: use one of {', '.join(map(repr, ALLOCS))}")
     if latent_norm_kind(latent_norm) != "none" and latent_norm_init not in NORM_INITS:
         raise BadInput(f"latent_norm_init={latent_norm_init!r}: use one of {', '.join(map(repr, NORM_INITS))}")
     if cfg.mla_layers and latent_norm_kind(latent_norm) != cfg.latent_norm:
         raise BadInput(f"the source's MLA layers have latent_norm={cfg.latent_norm!r}; new layers must match "
-                         f"(got {latent_norm!r})")
+                       f"(got {latent_norm!r})")
     if rope_ladder not in LADDERS:
         raise BadInput(f"rope_ladder={rope_ladder!r}: use 'highest' (the d_r/2 highest frequencies) or 'every' "
-                         "(every (d_h/d_r)-th frequency)")
+                       "(every (d_h/d_r)-th frequency)")
     if init == "rorope" and d_r is not None and rope_ladder == "every" and (d_h // 2) % (d_r // 2 or 1):
         raise BadInput(f"rope_ladder='every' needs d_r/2 to divide d_h/2 = {d_h // 2} (every c-th frequency of a "
-                         f"standard ladder); qk_rope_dim={d_r} does not. Fix: a d_r with d_h/d_r a whole number, "
-                         "or rope_ladder='highest'")
+                       f"standard ladder); qk_rope_dim={d_r} does not. Fix: a d_r with d_h/d_r a whole number, "
+                       "or rope_ladder='highest'")
     if rope_fold is not None and (rope_fold not in FOLDS or isinstance(rope_fold, bool)):
         raise BadInput(f"rope_fold={rope_fold!r}: use one of {', '.join(map(str, FOLDS))}, or None (the "
-                         "calibration picks it)")
+                       "calibration picks it)")
     if rope_fold not in (None, 1) and init != "rorope":
         raise BadInput(f"rope_fold={rope_fold} folds frequencies into the shared key of init='rorope'; "
-                         f"init={init!r} has none. Fix: init='rorope', or drop rope_fold")
+                       f"init={init!r} has none. Fix: init='rorope', or drop rope_fold")
     if init == "rorope" and rope_fold is not None and d_r is not None and fold_problem(d_h, d_r, rope_fold):
         ok = [f for f in FOLDS if not fold_problem(d_h, d_r, f)]
         raise BadInput(fold_problem(d_h, d_r, rope_fold) + f". Fix: rope_fold in {ok} for this d_r, or another "
-                         "qk_rope_dim")
+                       "qk_rope_dim")
     if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim):
         raise BadInput(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
-                         f"new layers must use the same (got {d_qk}, {d_r})")
+                       f"new layers must use the same (got {d_qk}, {d_r})")
     if d_r is not None and not (1 <= d_qk <= d_h and 2 <= d_r <= d_h and d_r % 2 == 0):
         raise BadInput(f"need 1 <= d_qk <= d_h and an even 2 <= d_r <= d_h (d_h={d_h}); got d_qk={d_qk}, d_r={d_r}")
     if init != "rorope" and d_r is not None and d_qk + d_r > d_h and not allow_qk_overlap:
         raise BadInput(f"d_qk + d_r = {d_qk + d_r} > d_h = {d_h}: the no-RoPE and RoPE slices of each head would "
-                         "overlap. Lower them, or set allow_qk_overlap=True (the paper's d_qk = d_r = d_h rows do this)")
+                       "overlap. Lower them, or set allow_qk_overlap=True (the paper's d_qk = d_r = d_h rows do this)")
     max_q, max_kv = min(cfg.dim, cfg.n_heads * d_h), min(cfg.dim, 2 * cfg.n_kv_heads * d_h)
     if kv_budget is not None:
         if kv_rank is not None or kv_energy is not None:
             raise BadInput(f"give kv_budget or kv_rank/kv_energy, not both (got kv_budget={kv_budget}, "
-                             f"kv_rank={kv_rank}, kv_energy={kv_energy})")
+                           f"kv_rank={kv_rank}, kv_energy={kv_energy})")
         src = len(layers) * 2 * cfg.n_kv_heads * d_h
         total = kv_budget_numbers(kv_budget, src)
         least = len(layers) * ((d_r if d_r is not None else 2) + 1)  # every layer needs d_r + at least r_kv 1
         if total < least:
             raise BadInput(f"kv_budget={kv_budget} is {total} numbers per token over {len(layers)} layers, below "
-                             f"what d_r = {d_r if d_r is not None else 2} and r_kv = 1 alone cost ({least}). Fix: a "
-                             "larger kv_budget" + (" or a smaller qk_rope_dim" if d_r is not None else ""))
+                           f"what d_r = {d_r if d_r is not None else 2} and r_kv = 1 alone cost ({least}). Fix: a "
+                           "larger kv_budget" + (" or a smaller qk_rope_dim" if d_r is not None else ""))
         # checked below as a fixed rank of 1; the allocation happens with the weights
         kv_rank = 1
     for name, rank, energy, hi in (("q", q_rank, q_energy, max_q), ("kv", kv_rank, kv_energy, max_kv)):
         if (rank is None) == (energy is None):
             raise BadInput(f"give exactly one of {name}_rank (fixed) and {name}_energy (dynamic)"
-                             + (" or kv_budget" if name == "kv" else "")
-                             + f"; got {name}_rank={rank}, {name}_energy={energy}")
+                           + (" or kv_budget" if name == "kv" else "")
+                           + f"; got {name}_rank={rank}, {name}_energy={energy}")
         if rank is not None and not (isinstance(rank, int) and 1 <= rank <= hi):
             why = " (the joint [W_K, W_V] of a GQA model has rank at most min(d, 2 n_kv d_h))" if name == "kv" else ""
             raise BadInput(f"{name}_rank={rank} must be an integer in [1, {hi}]{why}")
@@ -467,12 +467,12 @@ def kv_budget_numbers(kv_budget, src_numbers):
     `src_numbers`, or an integer > 1 taken as numbers per token."""
     if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)) or kv_budget <= 0:
         raise BadInput(f"kv_budget={kv_budget!r}: give a fraction in (0, 1] of the source's cache (0.5) or an "
-                         "integer number of cached numbers per token over the converted layers")
+                       "integer number of cached numbers per token over the converted layers")
     if isinstance(kv_budget, float) and kv_budget <= 1:
         return int(kv_budget * src_numbers)
     if float(kv_budget) != int(kv_budget) or kv_budget > src_numbers:
         raise BadInput(f"kv_budget={kv_budget}: a count must be a whole number <= the source's {src_numbers} "
-                         "numbers per token (or give a fraction in (0, 1])")
+                       "numbers per token (or give a fraction in (0, 1])")
     return int(kv_budget)
 
 
@@ -508,21 +508,21 @@ def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None,
         _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
     if calib_seq_len is not None and not 1 <= calib_seq_len <= cfg.max_seq_len:
         raise BadInput(f"calib_seq_len={calib_seq_len} is beyond the model's {cfg.max_seq_len} positions "
-                         f"(max_position_embeddings). Fix: --calib_seq_len={min(512, cfg.max_seq_len)} or less")
+                       f"(max_position_embeddings). Fix: --calib_seq_len={min(512, cfg.max_seq_len)} or less")
     if calib_tokens is not None:
         need = calib_bytes(cfg, calib_tokens, len(layers), latent_norm_kind(latent_norm), latent_norm_init, kv_rank)
         free = _available_memory() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process calibrates
         if need > 0.8 * free:
             fit = int(calib_tokens * 0.8 * free / need)
             raise BadInput(f"calib_tokens={calib_tokens} would hold about {need / 2**30:.1f} GiB during calibration, "
-                             f"more than this machine's {free / 2**30:.1f} GiB available per process. Fix: "
-                             f"calib_tokens <= {fit} (8192-32768 is plenty: see docs/init.md, calibration sizes)")
+                           f"more than this machine's {free / 2**30:.1f} GiB available per process. Fix: "
+                           f"calib_tokens <= {fit} (8192-32768 is plenty: see docs/init.md, calibration sizes)")
 
 
 def check_kv_balance(kv_balance):
     if not (isinstance(kv_balance, (int, float)) and 0 < kv_balance < float("inf")):
         raise BadInput(f"kv_balance={kv_balance!r}: the weight of key errors against value errors must be a positive "
-                         "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
+                       "number (1 weighs each by its cost; smaller favours the values). Fix: kv_balance=1.0")
 
 
 def calib_bytes(cfg: ModelConfig, n_tokens, n_layers, latent_norm="none", latent_norm_init="calibrated",
@@ -550,8 +550,8 @@ def _check_calib_size(n_tokens, q_rank, kv_rank, cfg):
     need = max(q_rank or 0, kv_rank or 0, min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim) if kv_rank is None else 0)
     if n_tokens < need:
         raise BadInput(f"calibration has {n_tokens} tokens, fewer than the rank {need} it must estimate (the "
-                         f"activation second moments are then rank-deficient). Fix: more calibration tokens "
-                         f"(calib_tokens; a few x d = {cfg.dim} is the least useful, 8192+ recommended)")
+                       f"activation second moments are then rank-deficient). Fix: more calibration tokens "
+                       f"(calib_tokens; a few x d = {cfg.dim} is the least useful, 8192+ recommended)")
 
 
 # -----------------------------------------------------------------------------

@@ -84,13 +84,13 @@ class Tokenizer:
         """Meta's tokenizer.model (`original/tokenizer.model` in the HF repos): 128,000 ranks + 256 specials."""
         if not os.path.exists(path):
             raise NotFound(f"no Llama 3 tokenizer at {path}; pass the path of a tokenizer.model "
-                                    "(original/tokenizer.model of a Llama 3 HF repo)")
+                           "(original/tokenizer.model of a Llama 3 HF repo)")
         with open(path, "rb") as f:
             head = f.read(64)
         if not head.split(b" ")[0].strip().isalnum() and b"=" not in head.split(b" ")[0]:
             raise BadInput(f"{path} is not a tiktoken rank file (base64 token, space, rank per line); a "
-                             "SentencePiece tokenizer.model (Llama 2 and others) is read from the folder's "
-                             "tokenizer.json instead")
+                           "SentencePiece tokenizer.model (Llama 2 and others) is read from the folder's "
+                           "tokenizer.json instead")
         # expected_hash only for the bundled file: tiktoken then checks it (and its path-keyed cache can't go stale)
         ranks = load_tiktoken_bpe(path, expected_hash=LLAMA3_SHA256 if path == LLAMA3_TOKENIZER else None)
         return cls("llama3", ranks, path=path)
@@ -114,11 +114,11 @@ class Tokenizer:
             return cls.byte_level()
         if os.path.exists(os.path.join(path, "tokenizer_tok512.json")):
             raise BadInput(f"{path} ships only tokenizer_tok512.json, llama2.c's id -> piece table: enough to read "
-                             "its output (python model.py does), not to encode text. Fix: give a folder with a "
-                             "tokenizer.json, or tokenizer=bytes / llama3 / PATH for a model trained with one")
+                           "its output (python model.py does), not to encode text. Fix: give a folder with a "
+                           "tokenizer.json, or tokenizer=bytes / llama3 / PATH for a model trained with one")
         raise NotFound(f"{path} has no tokenizer (tokenizer.json, original/tokenizer.model or {BYTES_FILE})."
-                                " Fix: copy the tokenizer files of the model it came from into it, or pass "
-                                "tokenizer= (bytes, llama3, a folder or a tokenizer.model path)")
+                       " Fix: copy the tokenizer files of the model it came from into it, or pass "
+                       "tokenizer= (bytes, llama3, a folder or a tokenizer.model path)")
 
     @classmethod
     def from_name(cls, name, model_dir=None):
@@ -136,7 +136,7 @@ class Tokenizer:
         if os.path.exists(name):
             return cls.llama3(name)
         raise BadInput(f"unknown tokenizer {name!r}: use '' (the model's own), 'llama3', 'bytes', a model folder "
-                         "or the path of a tokenizer.model")
+                       "or the path of a tokenizer.model")
 
     # --- text ---
     def encode(self, text, bos=False, eos=False):
@@ -233,7 +233,7 @@ def check_tokenizer_for(tok, folder, role="model"):
         n = n if isinstance(n, int) else float("inf")  # no vocab_size: the model's own loading will complain
         if tok.vocab_size > n:
             raise BadInput(f"tokenizer {tok.describe()} has more ids than the {role}'s embedding ({n}) in "
-                             f"{folder}. Fix: use the model's own tokenizer (tokenizer='')")
+                           f"{folder}. Fix: use the model's own tokenizer (tokenizer='')")
     try:
         own = Tokenizer.from_pretrained(folder)
     except FileNotFoundError:
@@ -250,12 +250,12 @@ def check_tokenizer_for(tok, folder, role="model"):
             same = False
         if not same:
             raise BadInput(f"the {role} {folder} was trained with the tokenizer of its tokenizer_tok512.json, not "
-                             f"with {tok.describe()}: its ids decode to other text. Fix: use the model's own "
-                             "tokenizer (for llama2.c models: convert it to a tokenizer.json)") from None
+                           f"with {tok.describe()}: its ids decode to other text. Fix: use the model's own "
+                           "tokenizer (for llama2.c models: convert it to a tokenizer.json)") from None
         return None
     if own.fingerprint() != tok.fingerprint():
         raise BadInput(f"the {role} {folder} uses the tokenizer {own.describe()}, but this run tokenises with "
-                         f"{tok.describe()}: the ids would mean different text. Fix: tokenizer='' (the model's own)")
+                       f"{tok.describe()}: the ids would mean different text. Fix: tokenizer='' (the model's own)")
     return None
 
 
@@ -285,7 +285,7 @@ class HFTokenizer(Tokenizer):
             self.tk = _HF.from_file(path)
         except Exception as e:  # a tokenizer.json the library cannot read: say which file and why
             raise BadInput(f"{path}: not a tokenizer.json the `tokenizers` library can read ({e}). Fix: use the "
-                             "file the model was released with (transformers' tokenizer.save_pretrained writes one)")
+                           "file the model was released with (transformers' tokenizer.save_pretrained writes one)")
         # a plain-text encoder that never turns special-token strings into specials, and one that does
         self.tk_plain = _HF.from_str(self.tk.to_str())
         self.tk_plain.encode_special_tokens = True
@@ -317,7 +317,7 @@ class HFTokenizer(Tokenizer):
         self.pad_id = tid("pad_token", gen_cfg.get("pad_token_id"), model_cfg.get("pad_token_id"))
         if self.eos_id is None:
             raise BadInput(f"{folder}: no end-of-sequence token (eos_token in tokenizer_config.json or "
-                             "eos_token_id in config.json / generation_config.json). Fix: add it to the folder")
+                           "eos_token_id in config.json / generation_config.json). Fix: add it to the folder")
         if self.pad_id is None:
             self.pad_id = self.eos_id  # padding is never a target; any id serves
         # What encode(add_special_tokens=True) adds: the post-processor of tokenizer.json, unless
@@ -370,8 +370,8 @@ class HFTokenizer(Tokenizer):
         if self._compiled is None:
             if self.template is None:
                 raise BadInput(f"{self.path} has no chat template (chat_template.jinja or the chat_template field "
-                                 "of tokenizer_config.json); chat data needs one. Fix: add the template of the "
-                                 "model's instruct version, or train on plain text")
+                               "of tokenizer_config.json); chat data needs one. Fix: add the template of the "
+                               "model's instruct version, or train on plain text")
             import jinja2
             from jinja2.ext import Extension, loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -418,7 +418,7 @@ class HFTokenizer(Tokenizer):
                                                tools=None, documents=None, **self.special_strings)
         except jinja2.exceptions.TemplateError as e:
             raise BadInput(f"{self.path}: the chat template failed on this conversation ({e}); "
-                             f"conversation: {messages!r}") from None
+                           f"conversation: {messages!r}") from None
 
     def _render_spans(self, messages, add_generation_prompt=False):
         """The rendered text and, per assistant message, the character span of its content up to the end of its
@@ -433,8 +433,8 @@ class HFTokenizer(Tokenizer):
             upto = self.render_chat_text(messages[:i + 1])
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise BadInput(f"{self.path}: the chat template renders a conversation's prefix differently from "
-                                 "the conversation (e.g. it treats the last turn specially), so the assistant tokens "
-                                 "cannot be located. Fix: train with loss_on='all', or use a prefix-stable template")
+                               "the conversation (e.g. it treats the last turn specially), so the assistant tokens "
+                               "cannot be located. Fix: train with loss_on='all', or use a prefix-stable template")
             spans.append((len(before), len(upto)))
         return text, spans
 

@@ -168,7 +168,7 @@ def check_train_settings(betas, export_dtype):
                                                                                                      export_dtype)
     if export_dtype not in EXPORT_DTYPES:
         raise BadInput(f"export_dtype={export_dtype!r}: the final model is written as one of "
-                         f"{', '.join(EXPORT_DTYPES)}. Fix: --export_dtype=bfloat16 (half the size) or float32")
+                       f"{', '.join(EXPORT_DTYPES)}. Fix: --export_dtype=bfloat16 (half the size) or float32")
     return getattr(torch, export_dtype)
 
 
@@ -220,8 +220,8 @@ def save_checkpoint(out_dir, step, model, optimizer, meta, d: Dist, keep=2, _bef
         why = f"{type(error).__name__}: {error}" if error is not None else "on another rank"
         prev = latest_checkpoint(out_dir)
         raise CannotWrite(f"writing checkpoint {tmp} failed ({why}); nothing was renamed, "
-                      + (f"the previous checkpoint {prev} is intact" if prev else "there was no earlier checkpoint")
-                      + ". Fix: free disk space, then resume with --resume=True")
+                          + (f"the previous checkpoint {prev} is intact" if prev else "there was no earlier checkpoint")
+                          + ". Fix: free disk space, then resume with --resume=True")
     barrier()
     if d.master:
         if _before_rename:
@@ -300,8 +300,8 @@ def check_resume_config(path, config, model_keys, schedule_keys, log):
     changed = [k for k in model_keys if k in saved and saved[k] != config.get(k)]
     if changed:
         raise BadInput(f"resume: {path} was written with other model/data settings: "
-                         + ", ".join(f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed)
-                         + ". Fix: resume with the saved settings (run_config in meta.json), or start a fresh run "
+                       + ", ".join(f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed)
+                       + ". Fix: resume with the saved settings (run_config in meta.json), or start a fresh run "
                            "in a new out_dir")
     moved = [k for k in schedule_keys if k in saved and saved[k] != config.get(k)]
     if moved:
@@ -360,7 +360,7 @@ def resumable_checkpoint(out_dir, log=None):
             log.print(f"WARNING: {path} cannot be read ({problem}); resuming from the one before it")
     if found:
         raise BadInput(f"no checkpoint in {out_dir} can be read (the newest: {checkpoint_problem(found[-1])}). "
-                         "Fix: start afresh with --resume=False (the files are moved aside, not deleted)")
+                       "Fix: start afresh with --resume=False (the files are moved aside, not deleted)")
     return None
 
 

@@ -67,7 +67,7 @@ def check_mamba_layers(cfg: ModelConfig, layers):
     taken = [i for i in layers if cfg.layer_type(i) != "gqa"]
     if taken:
         raise BadInput(f"layers {taken} are not GQA ({[cfg.layer_type(i) for i in taken]}): Mamba2 is initialised "
-                         "from a GQA layer's attention")
+                       "from a GQA layer's attention")
 
 
 @torch.no_grad()
@@ -169,8 +169,8 @@ def n_mla_for(cfg: ModelConfig, n_mla=None, mla_fraction=None, cache_budget=None
         n = int(numbers // mla_cache)
         if n < 1:
             raise BadInput(f"cache_budget={cache_budget} ({numbers} numbers per token) does not hold one MLA "
-                             f"layer of r_kv + d_r = {mla_cache}. Fix: a larger budget, or smaller kv_rank / "
-                             "qk_rope_dim")
+                           f"layer of r_kv + d_r = {mla_cache}. Fix: a larger budget, or smaller kv_rank / "
+                           "qk_rope_dim")
     if not (isinstance(n, int) and 0 <= n <= L):
         raise BadInput(f"n_mla={n} must be an integer in [0, {L}]")
     return n
@@ -192,8 +192,8 @@ def check_budget(cfg: ModelConfig, mla_layers, mla_cache, cache_budget):
     need = len(mla_layers) * mla_cache  # every other layer becomes Mamba2: no per-token cache
     if need > numbers:
         raise BadInput(f"{len(mla_layers)} MLA layers {sorted(mla_layers)} cache {need} numbers per token, over "
-                         f"cache_budget={cache_budget} ({numbers} numbers). Fix: fewer mla_layers, smaller "
-                         "ranks, or a larger budget")
+                       f"cache_budget={cache_budget} ({numbers} numbers). Fix: fewer mla_layers, smaller "
+                       "ranks, or a larger budget")
 
 
 def uniform_layers(n_layers, n_mla):
@@ -241,8 +241,8 @@ def converted_layers(student_cfg: ModelConfig, teacher_cfg: ModelConfig):
     residual stream shape."""
     if (student_cfg.n_layers, student_cfg.dim) != (teacher_cfg.n_layers, teacher_cfg.dim):
         raise BadInput(f"ild=True needs the teacher the student was converted from: same layers and width, got "
-                         f"student {student_cfg.n_layers} x {student_cfg.dim} vs teacher {teacher_cfg.n_layers} x "
-                         f"{teacher_cfg.dim}. Fix: teacher=<the source model>; distil from a larger one afterwards")
+                       f"student {student_cfg.n_layers} x {student_cfg.dim} vs teacher {teacher_cfg.n_layers} x "
+                       f"{teacher_cfg.dim}. Fix: teacher=<the source model>; distil from a larger one afterwards")
     layers = [i for i in range(student_cfg.n_layers) if student_cfg.layer_type(i) != teacher_cfg.layer_type(i)]
     if not layers:
         raise BadInput("ild=True: the student has no layer whose mixer differs from the teacher's")
@@ -312,7 +312,7 @@ if __name__ == "__main__":
     if len(chosen) > 1 or (mla_fraction is not None and cache_budget is not None):
         both = chosen + (["cache_budget"] if cache_budget is not None else [])
         raise BadInput(f"{' and '.join(f'{k}={config[k]!r}' for k in both)} each say how many layers stay MLA: "
-                         "give one (cache_budget may be given beside mla_layers, as a check)")
+                       "give one (cache_budget may be given beside mla_layers, as a check)")
     if not chosen and cache_budget is None:
         mla_fraction = 0.25  # the default: a quarter of the layers stay MLA
     folder = resolve_checkpoint(init_from)
@@ -337,7 +337,7 @@ if __name__ == "__main__":
         n = len(mla_layers)
     if not 1 <= calib_seq_len <= src_cfg.max_seq_len:
         raise BadInput(f"calib_seq_len={calib_seq_len} is beyond the model's {src_cfg.max_seq_len} positions "
-                         f"(max_position_embeddings). Fix: --calib_seq_len={min(256, src_cfg.max_seq_len)} or less")
+                       f"(max_position_embeddings). Fix: --calib_seq_len={min(256, src_cfg.max_seq_len)} or less")
     if n:
         check_settings(src_cfg, mla_layers if mla_layers is not None else list(range(n)), calib_tokens=calib_tokens,
                        calib_seq_len=calib_seq_len, **mla_settings)

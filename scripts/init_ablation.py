@@ -63,13 +63,13 @@ require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(
 N_ROWS = 7  # the rows of the table below
 if pick and (whole_only or not all(isinstance(i, int) and 0 <= i < N_ROWS for i in pick)):
     raise BadInput(f"pick={pick!r}: row numbers in [0, {N_ROWS}) (0: Algorithm 1, {N_ROWS - 1}: the whole), "
-                     "without whole_only")
+                   "without whole_only")
 if calib_text not in ("sft", "held_out_file"):
     raise BadInput(f"calib_text={calib_text!r}: use 'sft' (the SFT mix) or 'held_out_file' (other sequences of "
-                     "the held-out file)")
+                   "the held-out file)")
 if any(not 0 < b <= 1 for b in budgets) or any(n < 1 for n in calib_sizes):
     raise BadInput(f"budgets={budgets} / calib_sizes={calib_sizes}: budgets are fractions of the cache in (0, 1], "
-                     "calibration sizes token counts >= 1. Fix: e.g. --budgets=[0.5,0.25] --calib_sizes=[8192]")
+                   "calibration sizes token counts >= 1. Fix: e.g. --budgets=[0.5,0.25] --calib_sizes=[8192]")
 if write_calib and os.path.exists(write_calib):  # never over a file this script did not write
     raise BadInput(f"write_calib={write_calib} exists. Fix: remove it, or choose another path")
 if write_calib:
@@ -95,7 +95,7 @@ def calibration(n_tokens):
     n = -(-n_tokens // calib_seq_len)
     if first + n > pack.n_seq:
         raise BadInput(f"calib_text='held_out_file' needs {n} sequences of {calib_seq_len} tokens after the held-out "
-                         f"ones; {held_out} holds {pack.n_seq - first}. Fix: fewer calib_tokens")
+                       f"ones; {held_out} holds {pack.n_seq - first}. Fix: fewer calib_tokens")
     return pack.get(range(first, first + n))[0]
 
 

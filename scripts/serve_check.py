@@ -233,10 +233,10 @@ if __name__ == "__main__":
         __import__("vllm" if engine == "vllm" else "llama_cpp")
     except ImportError as e:
         raise BadInput(f"{engine} is not importable here ({e}). Fix: run this script with the python of the venv "
-                         "that holds it, installed as this script's docstring says") from None
+                       "that holds it, installed as this script's docstring says") from None
     if engine == "llama.cpp" and not os.path.isfile(converter):
         raise BadInput(f"converter={converter!r} is not a file. Fix: --converter=PATH/convert_hf_to_gguf.py from "
-                         "llama-cpp-python's source distribution (this script's docstring)")
+                       "llama-cpp-python's source distribution (this script's docstring)")
     out = out or f"out/serve_check_{engine.replace('.', '')}.json"
     check_results_file(out)  # refused now, not after the engines ran
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_space_gib))
