@@ -88,8 +88,43 @@ def engine_shape(cfg, head_size=0):
     if r > head_size - D:
         raise BadInput(f"r_kv {r} does not fit head_size {head_size} = {head_size - D} + {D}: padding can only "
                        f"add zeros; {nearest}. Fix: " + (f"--head_size={fits[0]}" if fits else
-                                                           f"upcycle at r_kv <= {ENGINE_HEAD_SIZES[-1] - D}"))
+                                                         f"upcycle at r_kv <= {ENGINE_HEAD_SIZES[-1] - D}"))
     return head_size - D, D
+
+
+# Each engine's shape rule for kv_lora_rank R + qk_rope_head_dim D, in one place (read from their code: vLLM 0.32-0.34
+# MLACommonBackend and its CPU backend; SGLang's Triton MLA decode, which builds V from K and needs
+# next_pow2(R + D) = next_pow2(R) unless R + D is 288 or 576). `export.py --engine=NAME` checks an export against it.
+ENGINES = {
+    "vllm": f"R + D in {ENGINE_HEAD_SIZES} with D = {ENGINE_ROPE_DIM} (FlashMLA, CUTLASS, FlashInfer-TRTLLM: 576 only)",
+    "vllm-cpu": f"R + D = 576 with D = {ENGINE_ROPE_DIM}",
+    "sglang": "next_pow2(R + D) = next_pow2(R), or R + D in (288, 576) (Triton MLA decode)",
+    "llama.cpp": "any R and D",
+    "transformers": "any R and D",
+}
+
+
+def _serves(engine, R, D):
+    np2 = lambda n: 1 << (n - 1).bit_length()
+    return {"vllm": R + D in ENGINE_HEAD_SIZES and D == ENGINE_ROPE_DIM,
+            "vllm-cpu": (R, D) == (576 - ENGINE_ROPE_DIM, ENGINE_ROPE_DIM),
+            "sglang": np2(R + D) == np2(R) or R + D in (288, 576)}.get(engine, True)
+
+
+def engine_problem(engine, R, D):
+    """Why `engine` would refuse a DeepSeek-V3 export of kv_lora_rank R and qk_rope_head_dim D (its rule and the
+    nearest shape it serves), or None where it serves it."""
+    if engine not in ENGINES:
+        raise BadInput(f"engine={engine!r}: use one of {', '.join(ENGINES)}")
+    if _serves(engine, R, D):
+        return None
+    pad = [h for h in ENGINE_HEAD_SIZES if h - ENGINE_ROPE_DIM >= R and ENGINE_ROPE_DIM % D == 0
+           and _serves(engine, h - ENGINE_ROPE_DIM, ENGINE_ROPE_DIM)]  # a zero-padded shape it serves
+    fix = f"--head_size={pad[0]} (zero-padded to {pad[0] - ENGINE_ROPE_DIM} + {ENGINE_ROPE_DIM}, exact)" if pad else \
+        f"re-convert with r_kv <= {ENGINE_HEAD_SIZES[-1] - ENGINE_ROPE_DIM} and d_r dividing {ENGINE_ROPE_DIM}"
+    if engine == "sglang":
+        fix += f", or re-convert at r_kv {next(r for r in range(R, 4 * R + 2 * D) if _serves(engine, r, D))} + d_r {D}"
+    return f"{engine} serves {ENGINES[engine]}; this export is {R} + {D}. Fix: {fix}"
 
 
 def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
@@ -116,7 +151,7 @@ def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
         lower = [h for h in ENGINE_HEAD_SIZES if h - ENGINE_ROPE_DIM <= most]
         raise BadInput(f"head_size={head_size} needs r_kv {r_kv}, beyond this model's rank {most} (min(d, 2 n_kv "
                        "d_h)). Fix: " + (f"--head_size={lower[-1]}" if lower else "no served shape is smaller; "
-                                           "export with padding instead (deepseek.py --head_size)"))
+                                           "export with padding instead (export.py --head_size)"))
     if r_kv + d_r > 2 * src.n_kv_heads * src.head_dim:
         warnings.warn(f"head_size={head_size}: r_kv {r_kv} + d_r {d_r} per layer is more than the source's own cache "
                       f"(2 x {src.n_kv_heads} x {src.head_dim} = {2 * src.n_kv_heads * src.head_dim}): served this way "

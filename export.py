@@ -6,7 +6,8 @@ SGLang and llama.cpp's converter load as DeepseekV3ForCausalLM with no custom co
     python export.py out/s out/s-deepseek                    # export (CPU)
     python export.py out/s out/s-deepseek --check=True       # + transformers' DeepseekV3 on it; its dtype vs fp32
     python export.py out/s out/s-deepseek --dtype=bfloat16   # halve the folder for serving
-    python export.py out/s out/s-576 --head_size=576         # zero-padded to a shape vLLM serves (README)
+    python export.py out/s out/s-576 --head_size=576         # zero-padded to a shape vLLM serves (docs/serving.md)
+    python export.py out/s out/s-sg --engine=sglang          # refused where that engine would reject the shape
 
 --check reads the folder back as an engine would: transformers' DeepseekV3 on the export against this project on
 the same (rounded) weights, then the export in its own dtype against the source model in float32 (top-1 agreement
@@ -17,7 +18,7 @@ import os
 import torch
 
 from configurator import configure
-from deepseek import cache_line, compare_with_transformers, engine_shape, export_config
+from deepseek import cache_line, compare_with_transformers, engine_problem, engine_shape, export_config
 from errors import BadInput
 from folders import check_apart, check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import Transformer, resolve_dtype
@@ -30,10 +31,11 @@ dtype = ""                 # "" keeps the checkpoint's; "bfloat16" halves the fo
 check = False              # then run the export as an engine would, in its dtype, against the float32 model
 check_max_kl = 0.05        # --check fails above this KL(float32 model || export) per token (bf16: ~1e-3)
 head_size = 0              # 0: the model's own r_kv + d_r; 320 / 512 / 576: zero-padded to a shape vLLM serves
+engine = ""                # "" any; "vllm", "vllm-cpu", "sglang", "llama.cpp", "transformers": refuse a shape it rejects
 config = configure(globals(), positional=("init_from", "out_dir"))  # python export.py MODEL_DIR OUT_DIR
 if not init_from or not out_dir:
     raise BadInput("export.py needs a model folder and an output folder. Fix: python export.py MODEL_DIR "
-                   "OUT_DIR [--dtype=bfloat16] [--check=True] [--head_size=576]")
+                   "OUT_DIR [--dtype=bfloat16] [--check=True] [--head_size=576] [--engine=vllm]")
 folder = resolve_checkpoint(init_from)
 check_apart(out_dir, "out_dir", {"init_from": folder})  # never over its own source (an MLA folder we wrote)
 check_replaceable(os.path.abspath(os.path.expanduser(out_dir)))
@@ -43,6 +45,8 @@ try:
     export_config(model.config, head_size)  # the refusals, before anything is written
 except ValueError as e:
     raise BadInput(f"{folder} cannot be exported exactly: {e}") from None
+if engine and (problem := engine_problem(engine, *engine_shape(model.config, head_size))):
+    raise BadInput(problem)
 try:
     tok = Tokenizer.from_name("", folder)
 except (FileNotFoundError, ValueError):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, mla_kw, random_model, tiny_config
+from deepseek import ENGINES, engine_problem
 from model import ModelConfig, Transformer
 from svd_init import teacher_text, upcycle
 
@@ -364,6 +365,33 @@ def test_command_line(tmp_path):
     r = subprocess.run([sys.executable, "export.py", str(tmp_path / "bare"), str(tmp_path / "out2")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no RMSNorm on c_kv" in r.stderr and not os.path.exists(tmp_path / "out2")
+
+
+@pytest.mark.parametrize("engine,R,D,served", [
+    ("sglang", 160, 32, True), ("sglang", 448, 64, True), ("sglang", 512, 64, True), ("sglang", 256, 32, True),
+    ("sglang", 128, 64, False), ("sglang", 64, 32, False), ("sglang", 256, 64, False),  # "Cannot make_shape_compatible"
+    ("vllm", 256, 64, True), ("vllm", 448, 64, True), ("vllm", 512, 64, True), ("vllm", 160, 32, False),
+    ("vllm-cpu", 512, 64, True), ("vllm-cpu", 256, 64, False), ("llama.cpp", 160, 32, True),
+    ("transformers", 7, 2, True)])
+def test_each_engines_shape_rule(engine, R, D, served):
+    """deepseek.ENGINES: the shapes each engine serves, in one place (SGLang's examples are the ones its Triton decode
+    was read to pass and fail); a refusal names the rule and an exact way out."""
+    problem = engine_problem(engine, R, D)
+    assert (problem is None) == served, problem
+    if not served:
+        assert ENGINES[engine] in problem and "Fix: --head_size=" in problem
+
+
+def test_export_refuses_a_shape_the_named_engine_rejects(tmp_path):
+    random_model(CASES["kv_norm_fused_query"]).save_pretrained(tmp_path / "m")  # r_kv 12 + d_r 8
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "export.py", str(tmp_path / "m"), str(tmp_path / "out"), "--engine=vllm-cpu"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "vllm-cpu serves R + D = 576" in r.stderr and "--head_size=576" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "out")
+    r = subprocess.run([sys.executable, "export.py", str(tmp_path / "m"), str(tmp_path / "out"), "--engine=vllm-cpu",
+                        "--head_size=576"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "kv_lora_rank 512, qk_rope_head_dim 64" in r.stdout, r.stderr[-2000:]
 
 
 def test_engine_ranks_aim_a_conversion_at_a_served_shape():
