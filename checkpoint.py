@@ -99,13 +99,14 @@ def reader_for(hf: dict):
 def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> dict:
     """The state dict of folder `path` (config.json read as `hf`) for a model whose tensors have the shapes
     `expected` (name -> shape; a tied head left out), every tensor checked; dtype None keeps the stored dtypes.
-    Tensors are read one by one, straight to `device`: one copy of the weights at most."""
+    Tensors are read one by one (on the CPU, where their bytes are checked against the CRC-32 our files carry) and
+    moved to `device`: one copy of the weights at most."""
     from safetensors import safe_open
     reader = reader_for(hf)
     sd, unexpected, mis_shaped = {}, [], []
     for fname in safetensors_files(path):
         try:
-            handle = safe_open(os.path.join(path, fname), framework="pt", device=str(device))
+            handle = safe_open(os.path.join(path, fname), framework="pt", device="cpu")
         except Exception as e:  # truncated or not a safetensors file: name it
             raise BadInput(f"{os.path.join(path, fname)} cannot be read as safetensors ({e}); the file is "
                            "truncated or corrupt. Fix: copy or download it again") from None
@@ -130,7 +131,7 @@ def load_state(path, hf, expected, tied, dtype=torch.float32, device="cpu") -> d
                     if tuple(t.shape) != tuple(expected[k]):
                         mis_shaped.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k])}")
                         continue
-                    sd[k] = t.to(dtype) if dtype is not None else t
+                    sd[k] = t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
     if not sd and not unexpected and not mis_shaped:
         raise BadInput(f"{path}: its safetensors hold no tensors this model reads. Fix: copy the weights again "
                        "from where the model came from")

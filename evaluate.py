@@ -181,7 +181,7 @@ def load_docs(task, data_dir=None, limit=None, split=None):
         # EleutherAI/race holds one row per article already, its questions in a `problems` field
         try:
             docs = list(datasets.load_dataset(hub_id, config, split=split or hub_split))
-        except (ConnectionError, FileNotFoundError, OSError) as e:  # offline, no cache, or a dataset gone
+        except OSError as e:  # offline (ConnectionError), no cache, or a dataset gone (FileNotFoundError)
             raise BadInput(f"task {task}: the hub dataset {hub_id} ({config or 'default'}) cannot be read here "
                            f"({type(e).__name__}: {str(e)[:120]}). Fix: connect to the hub once (the datasets "
                            "cache keeps it), or --data_dir=DIR of local <task>.jsonl (tests/fixtures/eval holds "

@@ -308,8 +308,9 @@ def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_e
         for t, slot in enumerate(slots):
             u = U[:, t].view(n_kv, len(freqs))                                    # (n_kv, f)
             for col, out in ((freqs, slot), ([i + half for i in freqs], slot + k)):  # rotate-half: (slot, slot + k)
+                # (d,) k_r = Σ u s k; fold 1 keeps the unfolded init's own arithmetic (its bits, checked once by hand)
                 kr = WK[:, :, col].reshape(d, -1) @ (u * s).reshape(-1) if fold > 1 else WK[:, :, col[0]] @ (
-                    u * s)[:, 0]                                                  # (d,) k_r = Σ u s k
+                    u * s)[:, 0]
                 W_KR[:, out] = kr
                 K_res[:, :, col] -= kr[:, None, None] * (u / s)[None]             # k_j,i - a_j,i k_r
             A[:, freqs, slot] = u / s

@@ -311,53 +311,63 @@ def check_resume_config(path, config, model_keys, schedule_keys, log):
 
 
 def load_checkpoint(path, model, optimizer, d: Dist):
-    """Restore model, optimizer and this rank's RNG from `path` (rank 0 reads, then broadcasts). Returns meta."""
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    msd, osd = {}, {}
-    if d.master:
-        msd = load_tensors(os.path.join(path, "model.safetensors"))
-        if getattr(model.config, "tie_embeddings", False):
-            msd.setdefault("lm_head.weight", msd.get("model.embed_tokens.weight"))
-            msd.setdefault("model.embed_tokens.weight", msd.get("lm_head.weight"))
-        state = {}
-        for key, v in load_tensors(os.path.join(path, "optimizer.safetensors")).items():
-            fqn, k = key.split("::")
-            state.setdefault(fqn, {})[k] = v.reshape(()) if k == "step" else v
-        osd = {"state": state, "param_groups": meta["param_groups"]}
+    """Restore model, optimizer and this rank's RNG from `path`: rank 0 reads the model and optimizer (then
+    broadcasts), every rank its RNG, each tensor checked against the CRC-32 its file carries. -> (meta, "") or, where
+    any rank could not read its share, (None, why) with nothing restored (every rank learns it: one tiny all-reduce)."""
+    from safetensors import SafetensorError
+    msd, osd, problem = {}, {}, ""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        rng_file = os.path.join(path, f"rng-rank{d.rank}.safetensors")  # a rank the writer did not have: rank 0's
+        rng = load_tensors(rng_file if os.path.exists(rng_file) else os.path.join(path, "rng-rank0.safetensors"))
+        if d.master:
+            msd = load_tensors(os.path.join(path, "model.safetensors"))
+            if getattr(model.config, "tie_embeddings", False):
+                msd.setdefault("lm_head.weight", msd.get("model.embed_tokens.weight"))
+                msd.setdefault("model.embed_tokens.weight", msd.get("lm_head.weight"))
+            state = {}
+            for key, v in load_tensors(os.path.join(path, "optimizer.safetensors")).items():
+                fqn, k = key.split("::")
+                state.setdefault(fqn, {})[k] = v.reshape(()) if k == "step" else v
+            osd = {"state": state, "param_groups": meta["param_groups"]}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if host_sum(float(bool(problem))) > 0:
+        return None, problem or "a tensor another rank read"
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, msd, options=opts)
     set_optimizer_state_dict(model, optimizer, osd, options=opts)
-    rng_file = os.path.join(path, f"rng-rank{d.rank}.safetensors")  # a rank the writer did not have: rank 0's
-    rng = load_tensors(rng_file if os.path.exists(rng_file) else os.path.join(path, "rng-rank0.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return meta
+    return meta, ""
 
 
 def resume_step(resume, out_dir, model, optimizer, d: Dist, log):
-    """With resume (prepare_out_dir's answer): restore the newest complete checkpoint in out_dir and return its
-    step; else 0."""
-    path = resumable_checkpoint(out_dir, log) if resume else None
-    if path is None:
+    """With resume (prepare_out_dir's answer): restore the newest checkpoint in out_dir that reads whole and return
+    its step (a newer damaged one is named and passed over); else 0. The bytes are read once, by the load itself."""
+    if not resume:
         return 0
-    step = load_checkpoint(path, model, optimizer, d)["step"]
-    log.print(f"resume: {path} (step {step})")
-    return step
+    for path in reversed(checkpoints(out_dir)):
+        problem = checkpoint_problem(path)  # headers: every rank decides alike
+        if problem is None:
+            meta, problem = load_checkpoint(path, model, optimizer, d)
+            if meta is not None:
+                log.print(f"resume: {path} (step {meta['step']})")
+                return meta["step"]
+        log.print(f"WARNING: {path} cannot be read ({problem}); resuming from the one before it")
+    raise BadInput(f"no checkpoint in {out_dir} can be read. Fix: start afresh with --resume=False (the files are "
+                   "moved aside, not deleted)")
 
 
-def resumable_checkpoint(out_dir, log=None):
-    """The newest checkpoint in out_dir that can be read (a newer unreadable one is named, with log), or None where
-    there is none; raises where there are checkpoints and none can be read. Every rank decides alike (the same files,
-    the same checks), so no rank waits on a broadcast another skipped."""
+def resumable_checkpoint(out_dir):
+    """The newest checkpoint in out_dir whose files open (headers), or None where there is none; raises where there
+    are checkpoints and none opens. For the pre-flight check of its settings; resume_step reads the tensors."""
     found = checkpoints(out_dir)
     for path in reversed(found):
-        problem = checkpoint_problem(path)
-        if problem is None:
+        if checkpoint_problem(path) is None:
             return path
-        if log is not None:
-            log.print(f"WARNING: {path} cannot be read ({problem}); resuming from the one before it")
     if found:
         raise BadInput(f"no checkpoint in {out_dir} can be read (the newest: {checkpoint_problem(found[-1])}). "
                        "Fix: start afresh with --resume=False (the files are moved aside, not deleted)")
@@ -365,15 +375,16 @@ def resumable_checkpoint(out_dir, log=None):
 
 
 def checkpoint_problem(path):
-    """Why the checkpoint at `path` cannot be resumed from (its meta.json or a safetensors file unreadable, truncated,
-    missing, or a tensor's bytes not those written: the CRC-32 each file carries), or None. Reads every byte, so a
-    resume reads its checkpoint twice: the price of falling back to the one before instead of failing mid-load."""
-    from safetensors import SafetensorError
+    """Why the checkpoint at `path` cannot be resumed from (its meta.json or a safetensors header unreadable,
+    truncated or missing), or None. Headers only, so cheap on every rank; a tensor's bytes are checked against their
+    CRC-32 when load_checkpoint reads them."""
+    from safetensors import SafetensorError, safe_open
     try:
         with open(os.path.join(path, "meta.json")) as f:
             json.load(f)["step"]
         for name in ("model.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"):
-            load_tensors(os.path.join(path, name))
+            with safe_open(os.path.join(path, name), "pt") as g:
+                g.keys()
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         return f"{type(e).__name__}: {e}"
     return None
