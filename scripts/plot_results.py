@@ -17,10 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
+from folders import check_only  # noqa: E402
 
 results = "results"
 out_dir = "docs/figures"
 configure(globals())
+check_only(out_dir, [r"kl_at_init\.png", r"distill_tiny\.png"], "out_dir")  # it replaces its own figures only
 
 
 def rows(path):
