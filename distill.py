@@ -55,6 +55,7 @@ kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's
 head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for export.py
 rope_ladder = "highest"    # rorope settings as in svd_init.py
 rope_fold: int | None = None
+refit = True
 rank_alloc = "auto"
 calib_tokens = 8192        # rorope: calibration tokens, a seeded choice of train sequences of calib_seq_len
 calib_seq_len = 0          # 0: seq_len
@@ -116,7 +117,7 @@ require(config, micro_batch=(1, None), seq_len=(1, None), tokens_per_step=(1, No
 # settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
 MODEL_KEYS = ("init_from", "student_from", "model_config", "mla_layers", "q_rank", "kv_rank", "q_energy", "kv_energy",
               "qk_nope_dim", "qk_rope_dim", "init", "kv_budget", "head_size", "rope_ladder", "rope_fold",
-              "rank_alloc", "calib_tokens",
+              "refit", "rank_alloc", "calib_tokens",
               "calib_seq_len", "latent_norm", "latent_norm_init", "allow_qk_overlap", "teacher", "kl_weight",
               "ce_weight", "loss_on", "ild", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
 SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
@@ -144,7 +145,8 @@ if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks
                                         kv_energy=kv_energy)
 mla_settings = dict(mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy, kv_energy=kv_energy,
                     qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap,
-                    kv_budget=kv_budget, rope_ladder=rope_ladder, rank_alloc=rank_alloc, rope_fold=rope_fold)
+                    kv_budget=kv_budget, rope_ladder=rope_ladder, rank_alloc=rank_alloc, rope_fold=rope_fold,
+                    refit=refit)
 converting = not student_from and init_from != "scratch" and any(
     v is not None for v in (q_rank, q_energy, kv_rank, kv_energy, kv_budget))
 if not student_from and init_from != "scratch" and not converting and teacher_from == init_from and kl_weight > 0:

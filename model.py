@@ -293,6 +293,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, input_pos=None, mask=None):
         B, T, _ = x.shape
+        return self.o_proj(self.heads(x, rope, input_pos, mask).reshape(B, T, self.H * self.d_h))
+
+    def heads(self, x, rope, input_pos=None, mask=None):
+        """Each head's output before o_proj, (B, T, H, d_h)."""
+        B, T, _ = x.shape
         cos, sin = rope["gqa"]
         q = apply_rope(self.q_proj(x).view(B, T, self.H, self.d_h), cos, sin)     # (B, T, H, d_h)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.d_h), cos, sin)  # (B, T, n_kv, d_h)
@@ -303,7 +308,7 @@ class Attention(nn.Module):
         else:                   # with a cache: an explicit mask (is_causal would align it top-left: wrong here)
             k, v = self.cache.update(input_pos, k, v)                              # (B, n_kv, S, d_h)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.d_h))
+        return y.transpose(1, 2)
 
 
 class MLAttention(nn.Module):
@@ -345,12 +350,24 @@ class MLAttention(nn.Module):
 
     def forward(self, x, rope, input_pos=None, mask=None):
         B, T, _ = x.shape
+        return self.o_proj(self.heads(x, rope, input_pos, mask).reshape(B, T, self.H * self.d_v))
+
+    def project(self, x, rope):
+        """The queries and what the cache holds: q_nope (B, T, H, d_qk), q_rope (B, T, H, d_r), c_kv (B, T, r_kv),
+        k_rope (B, T, d_r)."""
+        B, T, _ = x.shape
         cos, sin = rope["mla"]
         c_q = self.q_norm(self.W_DQ(x))                                            # (B, T, r_q)
         q_nope = self.W_UQ(c_q).view(B, T, self.H, self.d_qk)                      # (B, T, H, d_qk)
         q_rope = apply_rope(self.W_QR(c_q).view(B, T, self.H, self.d_r), cos, sin)  # (B, T, H, d_r)
         c_kv = self.kv_norm(self.W_DKV(x))                                         # (B, T, r_kv)
         k_rope = apply_rope(self.W_KR(x).view(B, T, 1, self.d_r), cos, sin)[:, :, 0]  # (B, T, d_r), one per token
+        return q_nope, q_rope, c_kv, k_rope
+
+    def heads(self, x, rope, input_pos=None, mask=None):
+        """Each head's output before o_proj, (B, T, H, d_v)."""
+        T = x.shape[1]
+        q_nope, q_rope, c_kv, k_rope = self.project(x, rope)
         if input_pos is not None:
             c_kv, k_rope = self.cache.update(input_pos, c_kv, k_rope)              # (B, S, r_kv), (B, S, d_r)
         path = self.path if self.path != "auto" else ("latent" if T == 1 and input_pos is not None else "naive")
@@ -359,8 +376,7 @@ class MLAttention(nn.Module):
             y = self._latent(q_nope, q_rope, kv, mask)
         else:
             y = (self._absorbed if path == "absorbed" else self._naive)(q_nope, q_rope, c_kv, k_rope, mask)
-        # y: (B, T, H, d_v)
-        return self.o_proj(y.reshape(B, T, self.H * self.d_v))
+        return y                                                                   # (B, T, H, d_v)
 
     def _latent(self, q_nope, q_rope, kv, mask):
         """The absorbed path as one multi-query SDPA call over the latent cache kv (B, S, r_kv + d_r): decode."""
@@ -384,9 +400,14 @@ class MLAttention(nn.Module):
         return y.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        W_UV = self.W_UV.weight.view(self.H, self.d_v, self.r_kv)
+        o_lat = self.mixed_latent(q_nope, q_rope, c_kv, k_rope, mask)              # (B, H, T, r_kv)
+        return torch.einsum("bhtr,hdr->bthd", o_lat, W_UV)                         # (B, T, H, d_v)
+
+    def mixed_latent(self, q_nope, q_rope, c_kv, k_rope, mask=None):
+        """Each head's attention-weighted latent (B, H, T, r_kv): what W_UV turns into the head's output."""
         # q_nope . k_nope = q_nope . (c_kv W_UK) = (q_nope W_UK^T) . c_kv: the query moves into latent space
         W_UK = self.W_UK.weight.view(self.H, self.d_qk, self.r_kv)
-        W_UV = self.W_UV.weight.view(self.H, self.d_v, self.r_kv)
         q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, W_UK)                       # (B, H, T, r_kv)
         scores = (torch.einsum("bhtr,bsr->bhts", q_lat, c_kv)
                   + torch.einsum("bthd,bsd->bhts", q_rope, k_rope))  # (B, H, T, S)
@@ -395,8 +416,7 @@ class MLAttention(nn.Module):
             T, S = scores.shape[-2:]
             mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
         p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhts,bsr->bhtr", p, c_kv)                            # (B, H, T, r_kv)
-        return torch.einsum("bhtr,hdr->bthd", o_lat, W_UV)                         # (B, T, H, d_v)
+        return torch.einsum("bhts,bsr->bhtr", p, c_kv)                             # (B, H, T, r_kv)
 
 
 class Block(nn.Module):

@@ -329,6 +329,67 @@ def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_e
     return W_KR, A, W, G
 
 
+@torch.no_grad()
+def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_size=4, ridge=1e-2):
+    """Closed-form refits of W_UV and W_O in the MLA `layers` of `student` (in place), so each layer's attention
+    output is what the teacher's was, as nearly as a linear map of what the student's attention now mixes can make it.
+    The factorisations above fit weights; this fits outputs, after the approximate attention. Layer by layer in order
+    over the calibration ids (N, T), the student on its own hidden states (those of the layers already refitted), the
+    teacher on its own: a layer also makes up for what the layers before it lost.
+      1. Per head h: W_UV,h = argmin E|W_UV,h z_h - o_h|², z_h (r_kv) the student's attention-weighted latent, o_h (d_h)
+         the teacher's head output: least squares, one (r_kv, r_kv) system per head.
+      2. Per layer: W_O = argmin E|W_O u - y|², u (H d_v) the student's head outputs after step 1, y (d) the teacher's
+         attention output: least squares over all heads together, so heads make up for one another.
+    Where r_kv <= d_v, W_UV,h is invertible and the two steps equal one joint fit of every W_O,h W_UV,h from all z_h
+    (measured the same KL: docs/init.md), at the cost of o_proj-sized normal equations instead of (H r_kv)-sized ones.
+    Both are ridge regressions toward the weights the factorisation gave, + lam |W - W0|² with lam = ridge times the
+    mean eigenvalue: a direction the calibration barely excites keeps its init instead of being fitted to noise (which
+    made a student fragile in bfloat16 at 1e-6, and overfitted a narrow calibration: docs/init.md), and an exact init
+    stays exact."""
+    dev = student.lm_head.weight.device
+    T = ids.shape[1]
+    pos = torch.arange(T, device=dev)
+    rope_s, rope_t = student._rope(pos), teacher._rope(pos)
+    batches = [ids[b:b + batch_size].to(dev) for b in range(0, len(ids), batch_size)]
+    hs = [student.model.embed_tokens(x) for x in batches]                      # the student's residual stream
+    ht = [teacher.model.embed_tokens(x) for x in batches]                      # and the teacher's, (B, T, d) each
+
+    def solve(G, R, W0):  # argmin_W |Z W - Y|² + lam |W - W0|²: G = ZᵀZ (.., n, n), R = ZᵀY (.., n, m)
+        lam = ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+        return torch.linalg.solve(G + lam * eye, R + lam * W0.double())
+
+    with _bypassed(student, layers):  # latent norms are fitted afterwards, to the refitted layer
+        for i, (bS, bT) in enumerate(zip(student.model.layers, teacher.model.layers)):
+            if i in layers:
+                a, at = bS.self_attn, bT.self_attn
+                H, r, d_v = a.H, a.r_kv, a.d_v
+                G = torch.zeros(H, r, r, dtype=torch.float64, device=dev)
+                R = torch.zeros(H, r, d_v, dtype=torch.float64, device=dev)
+                ys = []
+                for xs, xt in zip(hs, ht):  # 1. W_UV per head
+                    z = a.mixed_latent(*a.project(bS.input_layernorm(xs), rope_s))   # (B, H, T, r_kv)
+                    z = z.transpose(1, 2).flatten(0, 1).double()                      # (B T, H, r_kv)
+                    o = at.heads(bT.input_layernorm(xt), rope_t)                      # (B, T, H, d_h)
+                    ys.append(at.o_proj(o.flatten(2)))                                # (B, T, d)
+                    o = o.flatten(0, 1).double()
+                    G += torch.einsum("nhr,nhs->hrs", z, z)
+                    R += torch.einsum("nhr,nhd->hrd", z, o)
+                W0 = a.W_UV.weight.view(H, d_v, r).transpose(1, 2)                    # (H, r_kv, d_v)
+                a.W_UV.weight.copy_(solve(G, R, W0).transpose(1, 2).reshape(H * d_v, r))  # (H d_v, r_kv)
+                G = torch.zeros(H * d_v, H * d_v, dtype=torch.float64, device=dev)
+                R = torch.zeros(H * d_v, ys[0].shape[-1], dtype=torch.float64, device=dev)
+                for xs, y in zip(hs, ys):  # 2. W_O over all heads
+                    u = a.heads(bS.input_layernorm(xs), rope_s).flatten(2).flatten(0, 1).double()  # (B T, H d_v)
+                    G += u.T @ u
+                    R += u.T @ y.flatten(0, 1).double()
+                W = solve(G, R, a.o_proj.weight.T).T.to(a.o_proj.weight.dtype).contiguous()
+                # a new tensor: with upcycle(copy=False) o_proj.weight is the teacher's own, which must not change
+                a.o_proj.weight = torch.nn.Parameter(W, requires_grad=a.o_proj.weight.requires_grad)
+            hs = [bS(x, rope_s) for x in hs]
+            ht = [bT(x, rope_t) for x in ht]
+
+
 def allocate_ranks(spectra: dict, total: int):
     """Water-filling: per-layer ranks r_l >= 1 with sum r_l <= total minimising sum_l sum_{j > r_l} s_lj^2 for
     spectra {layer: singular values, descending}. Each layer's gains s_lj^2 fall with j, so taking the largest gains

@@ -50,7 +50,7 @@ from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoi
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
 from ops import token_kl
 from rorope import (FOLDS, NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calibrate,
-                    calibrate_latent_norms, fold_problem, rope_pairs)
+                    calibrate_latent_norms, fold_problem, refit_values, rope_pairs)
 
 # The factorisation whitens by C + RIDGE * mean(diag C) * I, not by C: the latent's scale per direction is then
 # bounded by construction (|c| <= |x| / sqrt(RIDGE * mean(diag C)) for ANY input x, RMS-normed as attention inputs
@@ -187,7 +187,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
             report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
             weight_errors=None, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
-            rope_fold=None, log=None) -> Transformer:
+            rope_fold=None, refit=True, log=None) -> Transformer:
     """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
     every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
     `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
@@ -200,7 +200,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
     {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
     q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd". rope_fold (rorope): fold 1, 2, 4 or 8 adjacent
-    frequencies into the shared key (rorope.py); None: the calibration KL picks it beside d_r.
+    frequencies into the shared key (rorope.py); None: the calibration KL picks it beside d_r. refit (rorope): then
+    W_UV and W_O refitted in closed form to the teacher's attention outputs on `calib` (rorope.refit_values).
     latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q and c_kv (serving engines need them: deepseek.py),
     set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
@@ -221,6 +222,9 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         raise BadInput(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
                        "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
     check_kv_balance(kv_balance)
+    if not isinstance(refit, bool):
+        raise BadInput(f"refit={refit!r}: True (W_UV and W_O refitted to the teacher's outputs, init='rorope') or "
+                       "False")
     layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
     if q_rank is None and q_energy is None:
@@ -328,10 +332,15 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         student, rows = build(d_r_c, fold, *split(d_r_c, fold, False), r_kv)
         if score(student, f"d_r {d_r_c}, fold {fold}, without the cost weights") < kl:
             best = (None, student, rows)
+    student = best[1]
+    if refit:  # 3. the chosen student's W_UV and W_O fitted to what the teacher's attention outputs
+        refit_values(student, model, calib, layers)
+        if log is not None:
+            score(student, "W_UV and W_O refitted")
     if report is not None:
         report.extend(best[2])
-    calibrate_latent_norms(best[1], calib, layers, latent_norm_init)
-    return best[1]
+    calibrate_latent_norms(student, calib, layers, latent_norm_init)
+    return student
 
 
 def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c, theta, whiten,
@@ -630,6 +639,7 @@ if __name__ == "__main__":
     rope_ladder = "highest"    # rorope, d_r < d_h, no folding: keep the d_r/2 "highest" frequencies, or every c-th
     rope_fold: int | None = None  # rorope: fold 1, 2, 4 or 8 adjacent frequencies into the shared key; None: the
                                # calibration KL picks (1: exact rotation, no folding)
+    refit = True               # rorope: then W_UV and W_O refitted to the teacher's attention outputs
     rank_alloc = "auto"        # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
     whiten = True              # rorope ingredients (for ablations): activation-aware factorisation ...
     weight_errors: bool | None = None  # ... key / value errors weighted by their cost (None: with and without,
@@ -699,7 +709,7 @@ if __name__ == "__main__":
                       latent_norm=latent_norm, latent_norm_init=latent_norm_init,
                       allow_qk_overlap=allow_qk_overlap, seed=seed, report=report,
                       copy=False, kv_budget=kv_budget, calib=calib, rope_ladder=rope_ladder, rank_alloc=rank_alloc,
-                      rope_fold=rope_fold,
+                      rope_fold=rope_fold, refit=refit,
                       whiten=whiten, weight_errors=weight_errors, kv_balance=kv_balance,
                       log=print).eval()  # the teacher's untouched tensors are shared, not duplicated
     print(f"upcycled {init_from} in {time.time() - t0:.1f} s ({init} init)")

@@ -55,12 +55,12 @@ seed = 0
 norms = False              # also the latent-norm table: the whole init at 50% with latent_norm kv / both
 out = ""                   # also write the rows as JSON lines here
 whole_only = False         # only the last row (the whole init) at each budget: the side-by-side column
-pick: list = []            # or only these rows, by number (0: Algorithm 1 ... 6: the whole); [] = all
+pick: list = []            # or only these rows, by number (0: Algorithm 1 ... 7: the whole); [] = all
 others: list = []          # other converters' student folders, scored on the same held-out tokens
 write_calib = ""           # write the calibration sequences as text (JSON lines) for another converter, then go on
 config = configure(globals())
 require(config, calib_tokens=(1, None), calib_seq_len=(2, None), held_out_seqs=(1, None), seed=(0, None))
-N_ROWS = 7  # the rows of the table below
+N_ROWS = 8  # the rows of the table below
 if pick and (whole_only or not all(isinstance(i, int) and 0 <= i < N_ROWS for i in pick)):
     raise BadInput(f"pick={pick!r}: row numbers in [0, {N_ROWS}) (0: Algorithm 1, {N_ROWS - 1}: the whole), "
                    "without whole_only")
@@ -141,11 +141,13 @@ rows = [("Algorithm 1 (init=svd, d_qk = d_r = d_h/2)", lambda b: dict(init="svd"
         ("+ key/value errors weighted by their cost", lambda b: dict(init="rorope", kv_rank=min(b - r_d, cap),
                                                                       qk_rope_dim=r_d, weight_errors=True)),
         ("+ budget: d_r and per-layer r_kv chosen", lambda b: dict(init="rorope", kv_budget=None, rope_fold=1,
-                                                                    weight_errors=True)),
+                                                                    weight_errors=True, refit=False)),
         ("+ frequency folding, chosen beside d_r", lambda b: dict(init="rorope", kv_budget=None, rope_fold=rope_fold,
-                                                                   weight_errors=True)),
-        ("+ with or without the cost weights, chosen (the whole)", lambda b: dict(init="rorope", kv_budget=None,
-                                                                                   rope_fold=rope_fold))]
+                                                                   weight_errors=True, refit=False)),
+        ("+ with or without the cost weights, chosen", lambda b: dict(init="rorope", kv_budget=None,
+                                                                       rope_fold=rope_fold, refit=False)),
+        ("+ W_UV, W_O refitted to the teacher's outputs (the whole)", lambda b: dict(init="rorope", kv_budget=None,
+                                                                                      rope_fold=rope_fold))]
 assert len(rows) == N_ROWS
 rows = rows[-1:] if whole_only else [rows[i] for i in sorted(set(pick))] if pick else rows
 results = {}

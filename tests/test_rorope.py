@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from conftest import random_model, tiny_config
 from data import calibration_ids
 from model import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
-from rorope import _rorope_layer, _truncate, _weighted_svd, allocate_ranks, rope_groups, rope_pairs
+from rorope import _rorope_layer, _truncate, _weighted_svd, allocate_ranks, refit_values, rope_groups, rope_pairs
 from svd_init import kl_per_token, teacher_text, upcycle
 from tokenizer import Tokenizer
 
@@ -164,6 +164,7 @@ def test_bad_input_is_named():
         (dict(kv_rank=8, qk_rope_dim=4, rope_fold=2, calib=ok), r"c = d_h/d_r = 4.*rope_fold in \[1, 4, 8\]"),
         (dict(kv_rank=8, qk_rope_dim=6, rope_fold=2, calib=ok), "c = d_h/d_r = 2.66667"),
         (dict(kv_budget=15, rope_fold=2, calib=ok), r"d_r \[2\] fit this budget"),
+        (dict(kv_rank=8, refit="yes", calib=ok), "refit='yes': True"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -241,3 +242,46 @@ def test_error_weights_unset_keep_the_better_of_with_and_without(stories):
     same = lambda a, b: all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert same(auto, cost) != same(auto, plain)
     assert kl(auto) == min(kl(cost), kl(plain))
+
+
+def test_refit_solves_its_ridge_regressions_on_each_layers_own_inputs():
+    """rorope.refit_values: after it, each converted layer's W_O is the ridge regression (toward its init W0) from the
+    student's head outputs to the teacher's attention output, each model on its own residual stream (the student's
+    through the layers already refitted: sequential), and each head's W_UV the one from its attention-weighted latent
+    to the teacher's head output. Checked from outside the refit's loop (forward_hidden's layer states) by the
+    normal equations uᵀ(u W - y) + lam (W - W0) = 0 over all calibration sequences."""
+    src = random_model(tiny_config()).double()
+    calib = calib_for(src, 16, 32)
+    student = upcycle(src, init="rorope", q_rank=64, kv_rank=8, qk_rope_dim=8, calib=calib, refit=False).eval()
+    layers = list(range(src.config.n_layers))
+    init = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def residuals(student, ridge):  # relative normal-equation residuals, per layer: W_O, then each head's W_UV
+        rope_s, rope_t = student._rope(torch.arange(32)), src._rope(torch.arange(32))
+        lam = lambda G: ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)
+        with torch.no_grad():
+            hs, ht = student.forward_hidden(calib, layer_states=True), src.forward_hidden(calib, layer_states=True)
+        out = []
+        for i in layers:
+            a, at = student.model.layers[i].self_attn, src.model.layers[i].self_attn
+            xs, xt = student.model.layers[i].input_layernorm(hs[i]), src.model.layers[i].input_layernorm(ht[i])
+            p = f"model.layers.{i}.self_attn."
+            with torch.no_grad():
+                u, o = a.heads(xs, rope_s).flatten(2).flatten(0, 1), at.heads(xt, rope_t).flatten(0, 1)
+                z = a.mixed_latent(*a.project(xs, rope_s)).transpose(1, 2).flatten(0, 1)       # (N, H, r_kv)
+                y = at.o_proj(o.flatten(1))
+                G, W_O = u.T @ u, a.o_proj.weight
+                g_o = G @ W_O.T - u.T @ y + lam(G) * (W_O - init[p + "o_proj.weight"]).T
+                out.append((g_o.norm() / (u.T @ y).norm()).item())
+                W_UV = a.W_UV.weight.view(a.H, a.d_v, a.r_kv)
+                W0_UV = init[p + "W_UV.weight"].view(a.H, a.d_v, a.r_kv)
+                Gz = torch.einsum("nhr,nhs->hrs", z, z)
+                for h in range(a.H):
+                    g_v = Gz[h] @ W_UV[h].T - z[:, h].T @ o[:, h] + lam(Gz[h]) * (W_UV[h] - W0_UV[h]).T
+                    out.append((g_v.norm() / (z[:, h].T @ o[:, h]).norm()).item())
+        return out
+
+    before = residuals(student, 1e-4)
+    refit_values(student, src, calib, layers, ridge=1e-4)
+    after = residuals(student, 1e-4)
+    assert min(before) > 1e-3 and max(after) < 1e-8, (before, after)
