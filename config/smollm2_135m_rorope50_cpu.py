@@ -5,6 +5,7 @@ from config.smollm2_135m_kv160_cpu import *  # noqa: F401,F403
 init = 'rorope'
 q_rank = None              # full r_q
 qk_nope_dim = None         # d_qk = d_h
+refit = False              # as config/smollm2_135m_rorope50.py: docs/init.md's run predates the refit
 calib_tokens = 8192
 calib_seq_len = 512
 out_dir = "out/smollm2_135m_rorope50_cpu"

@@ -187,7 +187,7 @@ PAPER_KV = {"llama1b_kv512": 53.1, "llama1b_random_kv512": 53.1, "llama1b_kv256"
 def load_cfg(path):
     ns = dict(init_from="", mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
               qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False,
-              kv_budget=None, calib_tokens=8192, calib_seq_len=0)
+              kv_budget=None, calib_tokens=8192, calib_seq_len=0, refit=True)
     ns["__annotations__"] = dict(mla_layers=list | None, q_rank=int | None, kv_rank=int | None,
                                  q_energy=float | None, kv_energy=float | None, qk_nope_dim=int | None,
                                  qk_rope_dim=int | None, kv_budget=float | None)
