@@ -24,6 +24,9 @@ are linear in x, so their second moments are Wᵀ C W. In the paper's orientatio
           Optimum: the SVD of C^½ W G; W_DKV = W G V_r / S_r (= C^-½ U_r, without inverting C) and B by
           C-weighted least squares (B = W_DKVᵀ C W). W_Q alike with G = I.
   Budget  the same weighted singular values say what each unit of rank buys in each layer: water-filling.
+  Refit   (refit_values; the one step that needs more than C) the chosen student's W_UV and W_O refitted by least
+          squares to the teacher's attention outputs, layer by layer on the calibration tokens: the factorisations
+          fit weights, this fits what each layer outputs after its approximate attention.
 
 The calibration statistics, the latent-norm fitting and the rank allocator are here too. svd_init.py assembles the
 student from these pieces; nothing here imports svd_init, so the two read apart.

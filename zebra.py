@@ -256,12 +256,14 @@ def converted_layers(student_cfg: ModelConfig, teacher_cfg: ModelConfig):
 def compose(source: Transformer, mla_layers, calib=None, conv_init="identity", seed=0, log=None, gains=None,
             **mla_settings):
     """The hybrid: `mla_layers` upcycled to MLA by svd_init.upcycle(**mla_settings), every other GQA layer Mamba2
-    (with `gains` from fit_gains, or ones)."""
+    (with `gains` from fit_gains, or ones). No refit of W_UV, W_O unless asked (refit=True): it fits each MLA layer
+    to a stream whose other layers are still attention, which the Mamba2 layers then replace (not measured here)."""
     mla_layers = sorted(int(i) for i in mla_layers)
     mamba = [i for i in range(source.config.n_layers) if i not in mla_layers and source.config.layer_type(i) == "gqa"]
     model = source
     if mla_layers:
-        model = upcycle(source, mla_layers=mla_layers, calib=calib, seed=seed, log=log, **mla_settings)
+        model = upcycle(source, mla_layers=mla_layers, calib=calib, seed=seed, log=log, **{"refit": False,
+                                                                                              **mla_settings})
     if not mamba:
         return model
     return mamba_from_attention(model, mamba, conv_init, seed, copy=model is source,

@@ -4,7 +4,8 @@ The figures of docs/, drawn from the results files the runs already wrote (nothi
     ~/venvs/plot/bin/python scripts/plot_results.py        # matplotlib in its own venv: not a project requirement
 
     docs/figures/kl_at_init.png   KL(teacher || student) at init against the cache fraction, SmolLM2-135M-Instruct:
-                                  Algorithm 1, ours (init="rorope"), TransMLA, under calibrations A and B
+                                  Algorithm 1, ours (init="rorope") before and after its refit, TransMLA, under
+                                  calibrations A and B
                                   (results/side_by_side_calib{A,B}.jsonl, written by scripts/init_ablation.py --out)
     docs/figures/distill_tiny.png held-out KL during README command one (results/distill_tiny_kv8.jsonl: the run's own
                                   out/tiny_kv8/distill.jsonl, copied)
@@ -57,10 +58,12 @@ if panels:
         rs = rows(path)
         series = {
             "Algorithm 1 (paper)": [r for r in rs if r.get("row", "").startswith("Algorithm 1")],
+            'ours, before the refit of W_UV, W_O': [r for r in rs if r.get("row", "") ==
+                                                    "+ with or without the cost weights, chosen"],
             'ours, init="rorope" (the whole)': [r for r in rs if "(the whole)" in r.get("row", "")],
             "TransMLA (best shape per budget)": [r for r in rs if r.get("other", "").startswith("TransMLA")],
         }
-        for (name, rr), style in zip(series.items(), ("s:", "o-", "^--")):
+        for (name, rr), style in zip(series.items(), ("s:", "o:", "o-", "^--")):
             best = {}
             for r in rr:  # one point per cache fraction: the best of the shapes measured there
                 best[r["cache_pct"]] = min(best.get(r["cache_pct"], float("inf")), r["kl"])
