@@ -336,7 +336,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     if refit:  # 3. the chosen student's W_UV and W_O fitted to what the teacher's attention outputs
         refit_values(student, model, calib, layers)
         if log is not None:
-            score(student, "W_UV and W_O refitted")
+            score(student, "W_UV and W_O refitted (in-sample: the refit saw these tokens)")
     if report is not None:
         report.extend(best[2])
     calibrate_latent_norms(student, calib, layers, latent_norm_init)

@@ -285,3 +285,15 @@ def test_refit_solves_its_ridge_regressions_on_each_layers_own_inputs():
     refit_values(student, src, calib, layers, ridge=1e-4)
     after = residuals(student, 1e-4)
     assert min(before) > 1e-3 and max(after) < 1e-8, (before, after)
+
+
+def test_refit_with_shared_tensors_leaves_the_teacher_alone():
+    """upcycle(copy=False) shares the teacher's untouched tensors with the student (convert-and-save); the refit
+    writes a new o_proj instead of the shared one, so the teacher's weights and outputs do not change."""
+    src = random_model(tiny_config()).double().eval()
+    calib = calib_for(src, 8, 32)
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    student = upcycle(src, init="rorope", q_rank=64, kv_rank=8, qk_rope_dim=8, calib=calib, copy=False).eval()
+    assert all(torch.equal(before[k], v) for k, v in src.state_dict().items())
+    o = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(student.state_dict()[o], src.state_dict()[o])  # the student's was refitted
