@@ -439,7 +439,11 @@ class Block(nn.Module):
         return self.mamba if "mamba" in self._modules else self.self_attn
 
     def forward(self, x, rope, input_pos=None, mask=None):
-        x = x + self.mixer(self.input_layernorm(x), rope, input_pos, mask)
+        return self.finish(x, self.mixer(self.input_layernorm(x), rope, input_pos, mask))
+
+    def finish(self, x, y):
+        """The rest of the layer, given its mixer's output y on x: the residual add, then the MLP's."""
+        x = x + y
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -49,8 +49,9 @@ from errors import BadInput
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
 from ops import token_kl
-from rorope import (FOLDS, NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calibrate,
-                    calibrate_latent_norms, fold_problem, refit_values, rope_pairs)
+from rorope import (FOLDS, NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks,
+                    calib_logprobs, calibrate, calibrate_latent_norms, fold_problem, layer_moments, native_bf16,
+                    refit_values, rope_pairs)
 
 # The factorisation whitens by C + RIDGE * mean(diag C) * I, not by C: the latent's scale per direction is then
 # bounded by construction (|c| <= |x| / sqrt(RIDGE * mean(diag C)) for ANY input x, RMS-normed as attention inputs
@@ -247,13 +248,22 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     _check_calib_size(n_tok, q_rank, kv_rank, cfg)
     src = model.state_dict()
     f64 = lambda k: src[k].double().T  # paper orientation, float64
-    ridge = {i: C + RIDGE * C.diagonal().mean() * torch.eye(d, dtype=C.dtype, device=C.device)
-             for i, (C, _) in stats.items()}
-    q_svd = {}
-    for i in layers:  # the query's factorisation does not depend on d_r
+    ridge = {}
+    for i, (C, _) in stats.items():  # in place: not a second (d, d) float64 matrix per layer
+        C.diagonal().add_(RIDGE * C.diagonal().mean())
+        ridge[i] = C
+    q_fac = {}
+    for i in layers:  # the query's factorisation does not depend on d_r: once a layer
         W_Q = f64(f"model.layers.{i}.self_attn.q_proj.weight")
         full = q_rank is not None and q_rank == min(d, H * d_h)  # nothing to truncate: no SVD (exact, and fast)
-        q_svd[i] = (W_Q, None if full else _weighted_svd(W_Q, ridge[i], None, whiten))
+        q_usv = None if full else _weighted_svd(W_Q, ridge[i], None, whiten)
+        r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
+        if q_usv is None:  # full r_q: the identity on whichever side is smaller
+            eye = torch.eye(r_q, dtype=W_Q.dtype, device=W_Q.device)
+            W_DQ, B_q = (eye, W_Q) if r_q == W_Q.shape[0] else (W_Q, eye)
+        else:
+            W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)     # (d, r_q), (r_q, H d_h)
+        q_fac[i] = (W_DQ, B_q, energy_kept(q_usv[1], r_q) if q_usv else 1.0)
     if d_r is not None:
         candidates = [d_r]
     else:  # budget, no d_r given: the largest ones that leave every layer some latent; the calibration KL decides
@@ -270,34 +280,40 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     if not candidates:  # a fold given, and a budget whose d_r it does not fit
         raise BadInput(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
                        f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
+    moments = {}
+
     def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
         pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
         parts = {}
         for i in layers:
             # converted per use: no float64 copy of every layer held across the candidates
-            kvo = [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "kvo"]
-            W_KR, A, W, G = _rorope_layer(q_svd[i][0], *kvo, ridge[i], stats[i][1], cfg, pairs, weights, kv_balance,
-                                          fold)
+            qkvo = [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "qkvo"]
+            if i not in moments:  # what does not depend on the candidate: once a layer
+                moments[i] = layer_moments(*qkvo, ridge[i], stats[i][1], cfg, kv_balance)
+            W_KR, A, W, G = _rorope_layer(*qkvo, ridge[i], stats[i][1], cfg, pairs, weights, kv_balance, fold,
+                                          moments[i])
             parts[i] = dict(W_KR=W_KR, A=A, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
         return pairs, parts
 
     def build(d_r_c, fold, pairs, parts, r_kv):
         exponent = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[1]
         theta = cfg.rope_theta ** exponent if exponent != 1.0 else 0.0
-        student, rows = _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c,
-                                      theta, whiten, latent_norm, copy, fold)
+        student, rows = _build_rorope(model, src, layers, parts, q_fac, ridge, r_kv, pairs, d_r_c, theta, whiten,
+                                      latent_norm, copy, fold)
         for row in rows:
             row["rope_fold"] = fold
         return student, rows
 
     lp_t = None
 
+    bf16 = native_bf16(model.lm_head.weight.device)  # scores only rank: bfloat16 where the hardware has it
+
     def score(student, what):  # KL on the first 4 calibration sequences, latent norms bypassed (fitted to the best)
         nonlocal lp_t, idx
         if lp_t is None:
             idx = calib[:4].to(model.lm_head.weight.device)
-            lp_t = model(idx).float().log_softmax(-1)
-        kl = _calib_kl(lp_t, student, idx, layers)
+            lp_t = calib_logprobs(model, idx, bf16)
+        kl = _calib_kl(lp_t, student, idx, layers, bf16)
         say(f"rorope: {what}: KL on the calibration tokens {kl:.4f}")
         return kl
 
@@ -343,23 +359,19 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     return student
 
 
-def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energy, pairs, d_r_c, theta, whiten,
-                  latent_norm, copy, fold=1):
-    """The rorope student for one choice of d_r and per-layer r_kv. -> (student, report rows)."""
+def _build_rorope(model, src, layers, parts, q_fac, ridge, r_kv, pairs, d_r_c, theta, whiten, latent_norm, copy,
+                  fold=1):
+    """The rorope student for one choice of d_r and per-layer r_kv, from the query's factors q_fac {layer: (W_DQ,
+    B_q, energy kept)}. -> (student, report rows)."""
     cfg = model.config
     d_h, H, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     new_sd, ranks, rep = {}, {}, []
     for i in layers:
         p = f"model.layers.{i}.self_attn."
         W_KR, A, W, G, usv = (parts[i][k] for k in ("W_KR", "A", "W", "G", "usv"))
-        W_Q, q_usv = q_svd[i]
-        r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
+        W_DQ, B_q, q_kept = q_fac[i]
+        r_q = B_q.shape[0]
         ranks[i] = (r_q, r_kv[i])
-        if q_usv is None:  # full r_q: the identity on whichever side is smaller
-            eye = torch.eye(r_q, dtype=W_Q.dtype, device=W_Q.device)
-            W_DQ, B_q = (eye, W_Q) if r_q == W_Q.shape[0] else (W_Q, eye)
-        else:
-            W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)     # (d, r_q), (r_q, H d_h)
         W_DKV, B_kv = _truncate(W, ridge[i], G, usv, r_kv[i], whiten)           # (d, r_kv), (r_kv, 2 n_kv d_h)
         c = math.sqrt((d_h + d_r_c) / d_h)  # MLA divides scores by √(d_qk + d_r) = √(d_h + d_r), Llama by √d_h
         Bq = B_q.view(r_q, H, d_h)
@@ -375,9 +387,9 @@ def _build_rorope(model, src, layers, parts, q_svd, ridge, r_kv, q_rank, q_energ
         for name, Wt in weights.items():
             new_sd[p + name + ".weight"] = Wt.T.contiguous().to(dt)
         new_sd[p + "o_proj.weight"] = src[p + "o_proj.weight"].clone() if copy else src[p + "o_proj.weight"]
-        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv[i], dt, W_Q.device))
+        new_sd.update(_norm_placeholders(p, latent_norm, r_q, r_kv[i], dt, B_q.device))
         n_attn = sum(v.numel() for k, v in new_sd.items() if k.startswith(p))
-        rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=energy_kept(q_usv[1], r_q) if q_usv else 1.0,
+        rep.append(dict(layer=i, r_q=r_q, r_kv=r_kv[i], q_energy=q_kept,
                         kv_energy=energy_kept(usv[1], r_kv[i]), params=n_attn,
                         src_params=sum(src[p + f"{x}_proj.weight"].numel() for x in "qkvo"),
                         cache=r_kv[i] + d_r_c, src_cache=2 * n_kv * d_h))

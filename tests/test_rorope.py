@@ -11,7 +11,8 @@ from torch.testing import assert_close
 from conftest import random_model, tiny_config
 from data import calibration_ids
 from model import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
-from rorope import _rorope_layer, _truncate, _weighted_svd, allocate_ranks, refit_values, rope_groups, rope_pairs
+from rorope import (_calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calib_logprobs, refit_values,
+                    rope_groups, rope_pairs)
 from svd_init import kl_per_token, teacher_text, upcycle
 from tokenizer import Tokenizer
 
@@ -80,6 +81,18 @@ def test_whitened_factorisation_beats_plain_svd_on_anisotropic_inputs():
     P1, B1 = _truncate(W, I, None, _weighted_svd(W, I, None, False), r, False)
     P2, B2 = _truncate(W, I, None, _weighted_svd(W, I, None, True), r, True)
     assert_close(P2 @ B2, P1 @ B1, rtol=0, atol=1e-10)
+    # whitened, S and V come from the Gram matrix's eigendecomposition: the same factors as the SVD of C^½ W G
+    G = torch.randn(out, out, dtype=torch.float64)
+    e, Q = torch.linalg.eigh(C)
+    root = (Q * e.sqrt()) @ Q.T
+    by_svd = _truncate(W, C, G, torch.linalg.svd(root @ W @ G, full_matrices=False), r, True)
+    by_gram = _truncate(W, C, G, _weighted_svd(W, C, G, True), r, True)
+    scale = (by_svd[0] @ by_svd[1]).abs().max().item()
+    assert_close(by_gram[0] @ by_gram[1], by_svd[0] @ by_svd[1], rtol=0, atol=1e-9 * scale)
+    assert_close(_weighted_svd(W, C, G, True)[1], torch.linalg.svdvals(root @ W @ G), rtol=1e-9, atol=0)
+    # and an unwhitened SVD gives other factors: the check can fail
+    wrong = _truncate(W, C, G, torch.linalg.svd(W @ G, full_matrices=False), r, True)
+    assert (wrong[0] @ wrong[1] - by_svd[0] @ by_svd[1]).abs().max().item() > 1e-3 * scale
 
 
 def test_budget_allocation_is_exact_and_beats_uniform():
@@ -297,3 +310,26 @@ def test_refit_with_shared_tensors_leaves_the_teacher_alone():
     assert all(torch.equal(before[k], v) for k, v in src.state_dict().items())
     o = "model.layers.0.self_attn.o_proj.weight"
     assert not torch.equal(student.state_dict()[o], src.state_dict()[o])  # the student's was refitted
+
+
+def test_bfloat16_scores_rank_candidates_as_float32_does():
+    """upcycle ranks its candidates in bfloat16 where the hardware has it (rorope.native_bf16): the score must stay
+    the float32 KL to bfloat16's precision (logits and softmax in float32), and order two students as float32 does,
+    on any machine (the test forces bfloat16)."""
+    src = random_model(tiny_config(n_layers=2)).eval()
+    calib = calib_for(src, n=6, T=32)
+    layers = list(range(2))
+    idx = calib[:4]
+    lp32, lp16 = calib_logprobs(src, idx), calib_logprobs(src, idx, bf16=True)
+    scores = []
+    for kv_rank in (2, 48):  # a worse and a better student
+        student = upcycle(src, init="rorope", kv_rank=kv_rank, qk_rope_dim=4, rope_fold=1, calib=calib,
+                          refit=False).eval()
+        kl32, kl16 = _calib_kl(lp32, student, idx, layers), _calib_kl(lp16, student, idx, layers, bf16=True)
+        assert abs(kl16 - kl32) < 0.1 * kl32, (kv_rank, kl16, kl32)
+        scores.append((kl32, kl16))
+    (worse32, worse16), (better32, better16) = scores
+    assert better32 < 0.8 * worse32 and better16 < worse16, scores
+    # the teacher against itself in bfloat16: a KL far below the students', and not zero (bfloat16 did run)
+    self16 = _calib_kl(lp32, src, idx, [], bf16=True)
+    assert 0 < self16 < 0.01 * better32, (self16, better32)

@@ -101,6 +101,27 @@ def test_ids_equal_transformers(pair):
     assert ours.add_bos == (name != "bytebpe")      # ChatML/SmolLM2 style adds no BOS; Llama 2 and Llama 3 do
 
 
+def test_a_tokenizer_json_that_truncates_or_pads_encodes_whole_texts(tmp_path):
+    """A tokenizer.json saved with truncation and padding on (TransMLA's exports: 512 tokens) encodes every token,
+    as transformers does by default; the file as written would cut the text (the test can fail)."""
+    import shutil
+
+    from tokenizers import Tokenizer as HF
+    src = os.path.join(TOK_FIXTURES, "bytebpe")
+    shutil.copytree(src, tmp_path / "tok")
+    path = tmp_path / "tok" / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<unk>"}
+    path.write_text(json.dumps(spec))
+    text = " ".join(TEXTS)
+    whole = Tokenizer.from_pretrained(src).encode(text)
+    assert len(whole) > 8
+    assert Tokenizer.from_pretrained(str(tmp_path / "tok")).encode(text) == whole
+    assert len(HF.from_file(str(path)).encode(text, add_special_tokens=False).ids) == 64  # the file truncates + pads
+
+
 CONVS = [MSGS, MSGS[1:], MSGS[1:3], [{"role": "user", "content": "Hi"}]]
 
 
