@@ -305,7 +305,6 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         return student, rows
 
     lp_t = None
-
     bf16 = native_bf16(model.lm_head.weight.device)  # scores only rank: bfloat16 where the hardware has it
 
     def score(student, what):  # KL on the first 4 calibration sequences, latent norms bypassed (fitted to the best)
