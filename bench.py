@@ -22,6 +22,7 @@ from errors import BadInput
 from mamba2 import Mamba2, ssd_sequential
 from model import Attention, KVCache, MLAttention, ModelConfig, Transformer, rope_cos_sin, rope_inv_freq
 from ops import latent_attention, linear_kl, naive_linear_kl
+from rorope import native_bf16
 from svd_init import kl_per_token, teacher_text, upcycle
 
 
@@ -245,7 +246,8 @@ def conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="sv
     dt = time.time() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     n = sum(p.numel() for p in student.parameters())
-    ncal = f", {calib.numel()} calibration tokens" if calib is not None else ""
+    ncal = "" if calib is None else (f", {calib.numel()} calibration tokens, candidates scored in "
+                                     f"{'bfloat16' if native_bf16(device) else 'float32'}")  # the machine decides
     what = "Llama-3.2-1B-shaped" if shape is None else f"d {cfg.dim}"
     print(f"converted a random {what} model ({cfg.n_layers} layers, init {init}, r_q {q_rank}, r_kv {kv_rank}, "
           f"d_qk {qk_nope_dim}, d_r {qk_rope_dim}{ncal}) on {device} with {torch.get_num_threads()} threads: "
