@@ -52,7 +52,8 @@ HUB_SETS = {
 # the bundled SFT mix (assets/data/PROVENANCE.md): the default training and calibration text of every script
 BUNDLED_SFT = ("assets/data/sft/alpaca_en_demo.json", "assets/data/sft/self_instruct_user_oriented.jsonl",
                "assets/data/sft/fastchat_dummy_conversation.json")
-CACHE_VERSION = 3  # bump when tokenisation or packing changes: old caches are then rebuilt, never reused
+CACHE_VERSION = 4  # bump when tokenisation or packing changes: old caches are then rebuilt, never reused
+# (4: a tokenizer.json's own truncation is no longer applied; a cache built under it may hold cut documents)
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system"}
 
