@@ -288,8 +288,8 @@ def _truncate(W, C, G, usv, r, whiten):
 
 def layer_moments(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, kv_balance):
     """What _rorope_layer needs of one layer whatever the candidate (d_r, fold): each KV group's query energy per
-    frequency w (n_kv, d_h/2), the key moments per frequency Kf (d_h/2, n_kv, n_kv), and the cost weights G (or
-    their square roots' blocks). Computed once a layer: the (d, d) products are most of a candidate's cost."""
+    frequency w (n_kv, d_h/2), the key moments per frequency Kf (d_h/2, n_kv, n_kv), and G, the block-diagonal
+    square root of the cost weights. Computed once a layer: the (d, d) products are most of a candidate's cost."""
     d, H, n_kv, d_h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     g, half = H // n_kv, d_h // 2
     grp = torch.arange(H, device=C.device) // g                                   # head -> its KV group
@@ -442,28 +442,32 @@ def native_bf16(device) -> bool:
     return dev.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def _each_sequence(model: Transformer, idx, bf16, f):
-    """[f(j, log-probs (T, V) float32 of sequence j) for each sequence j of idx (N, T)]: one forward for the batch,
-    the vocabulary projection a sequence at a time (a 128K vocabulary makes whole-batch float32 logits gigabytes).
-    bf16: bfloat16 autocast with the weights cast per use, not cached (a cached copy is another half of the model)."""
-    head = lambda h, W: [f(j, F.linear(x, W).float().log_softmax(-1)) for j, x in enumerate(h)]
+def _each_sequence(model: Transformer, idx, bf16, f, batch_size=4):
+    """[f(j, log-probs (T, V) float32 of sequence j) for each sequence j of idx (N, T)]: one forward per batch_size
+    sequences, the vocabulary projection a sequence at a time (a 128K vocabulary makes whole-batch float32 logits
+    gigabytes). bf16: bfloat16 autocast with the weights cast per use, not cached (a cached copy is another half of
+    the model)."""
+    out = []
     with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-        return model(idx, head_fn=head)
+        for b in range(0, len(idx), batch_size):
+            out += model(idx[b:b + batch_size], head_fn=lambda h, W: [
+                f(b + j, F.linear(x, W).float().log_softmax(-1)) for j, x in enumerate(h)])
+    return out
 
 
 @torch.no_grad()
-def calib_logprobs(model: Transformer, idx, bf16=False):
-    """The teacher's side of _calib_kl: the log-probs (T, V) float32 of each sequence of idx (N, T)."""
-    return _each_sequence(model, idx, bf16, lambda j, lp: lp)
+def calib_logprobs(model: Transformer, idx, bf16=False, batch_size=4):
+    """The teacher's side of calib_kl: the log-probs (T, V) float32 of each sequence of idx (N, T)."""
+    return _each_sequence(model, idx, bf16, lambda j, lp: lp, batch_size)
 
 
 @torch.no_grad()
-def _calib_kl(lp_t, student, idx, layers, bf16=False):
+def calib_kl(lp_t, student, idx, layers, bf16=False, batch_size=4):
     """KL(teacher || student) per token on idx (N, T), from the teacher's log-probs lp_t (calib_logprobs, computed
     once per upcycle), with the latent norms of `layers` bypassed (they are fitted after the choice). bf16: the
     forward in bfloat16 autocast (logits and softmax in float32), for a score whose only use is to rank candidates;
     from SmolLM2's 23 candidates at 25% it picked the student float32 picks, each score within 0.011 nats of float32's
     (two 0.004 apart swapped places); a forward ran 1.5x (SmolLM2) to 3.5x (1B-shaped) faster (docs/init.md)."""
     with _bypassed(student, layers):  # no dropout here: train and eval mode compute the same
-        kl = _each_sequence(student, idx, bf16, lambda j, lp: token_kl(lp_t[j], lp).mean())
+        kl = _each_sequence(student, idx, bf16, lambda j, lp: token_kl(lp_t[j], lp).mean(), batch_size)
     return torch.stack(kl).mean().item()

@@ -49,7 +49,7 @@ from errors import BadInput
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
 from ops import token_kl
-from rorope import (FOLDS, NORM_INITS, _calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks,
+from rorope import (FOLDS, NORM_INITS, calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks,
                     calib_logprobs, calibrate, calibrate_latent_norms, fold_problem, layer_moments, native_bf16,
                     refit_values, rope_pairs)
 
@@ -312,7 +312,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         if lp_t is None:
             idx = calib[:4].to(model.lm_head.weight.device)
             lp_t = calib_logprobs(model, idx, bf16)
-        kl = _calib_kl(lp_t, student, idx, layers, bf16)
+        kl = calib_kl(lp_t, student, idx, layers, bf16)
         say(f"rorope: {what}: KL on the calibration tokens {kl:.4f}")
         return kl
 
