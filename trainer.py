@@ -5,6 +5,7 @@ atomic resumable checkpoints (safetensors + JSON, never pickle), and rank-0 logg
 
 Nothing here runs by itself; see distill.py.
 """
+import faulthandler
 import json
 import math
 import os
@@ -52,6 +53,7 @@ def init_distributed(device="auto"):
     is then the same for 1 and N processes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    faulthandler.enable()  # a worker that dies in native code (SIGSEGV, SIGABRT) prints its Python stack first
     if "RANK" in os.environ:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         _term_when_parent_dies()

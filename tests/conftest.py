@@ -1,8 +1,10 @@
 """Shared test settings: offline hubs (a hub id must fail fast, never hang), deterministic CPU torch."""
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -77,9 +79,26 @@ def run_script(script, cfg, nproc=1, extra=(), check=True):
                                                     f"--nproc_per_node={nproc}"]
     r = subprocess.run(launcher + [script, cfg, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
+    if check and nproc > 1 and _worker_signalled(r):
+        # Seen once in ~40 CI runs (and never in 30 local repeats): a gloo worker of torch 2.13 dying with SIGSEGV
+        # inside a CPU FSDP2 step of a run that is otherwise fine. One retry, announced; a second crash fails.
+        warnings.warn(f"{script}: a worker was killed by a signal; retrying once\n{_fatal_stack(r)}")
+        r = subprocess.run(launcher + [script, cfg, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)  # the same command: a fresh start moves the crashed run's files aside
     if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.returncode == 0, _fatal_stack(r) + r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def _worker_signalled(r):
+    return r.returncode != 0 and re.search(r"exitcode\s*:\s*-(11|6|7)\b", r.stderr) is not None
+
+
+def _fatal_stack(r):
+    """faulthandler's report of a worker that died in native code (trainer.init_distributed enables it): the
+    Python stack where it happened, which the tail of stderr alone loses behind the launcher's traceback."""
+    i = r.stderr.find("Fatal Python error")
+    return r.stderr[i:i + 3000] + "\n...\n" if i >= 0 else ""
 
 
 def read_log(out_dir, name, kind):
