@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import checkpoint
 from errors import BadInput
 from folders import read_config_json, resolve_checkpoint
-from ops import latent_attention
+from ops import attend, latent_attention
 from mamba2 import Mamba2
 from tokenizer import Tokenizer, load_vocab_decoder
 
@@ -394,9 +394,9 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, self.d_r)], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, *, *)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            y = attend(q, k, v, is_causal=True, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            y = attend(q, k, v, attn_mask=mask, scale=self.scale)
         return y.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):

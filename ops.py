@@ -167,6 +167,18 @@ def reply_logps(token_logps, targets):
     return (token_logps.view(targets.shape) * (targets != -100)).sum(-1)
 
 
+def attend(q, k, v, **kw):
+    """F.scaled_dot_product_attention(q, k, v, **kw) where v's head dim may be smaller than q's and k's (MLA: d_v
+    against d_qk + d_r). torch's fused CPU kernel needs one head dim for all three; otherwise its math fallback runs,
+    3-10x slower forward and ~2x forward + backward (docs/mla.md). So on CPU v is zero-padded to q's head dim and the
+    output cut back: the same numbers (the padded output columns are zeros). On CUDA the memory-efficient kernel
+    takes unequal dims as they are, so nothing is padded there."""
+    d_v, d = v.shape[-1], q.shape[-1]
+    if q.device.type != "cpu" or d_v == d:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, F.pad(v, (0, d - d_v)), **kw)[..., :d_v]
+
+
 def latent_attention(q, kv, r_kv, scale, mask=None):
     """q (B, T, H, r_kv + d_r): the queries moved into latent space ([q_nope W_UK ; q_rope]); kv (B, S, r_kv + d_r):
     the latent cache; mask (T, S) bool, True = may attend (None: causal, the T queries being the last T of S).
@@ -178,7 +190,9 @@ def latent_attention(q, kv, r_kv, scale, mask=None):
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     rows = q.reshape(B, 1, T * H, D)                                  # heads folded into the query length
     key = kv[:, None]                                                 # (B, 1, S, r_kv + d_r): one KV head
-    value = kv[:, None, :, :r_kv]                                     # (B, 1, S, r_kv): a view, not a copy
+    # the value is the latent, kv[..., :r_kv]. On CPU the whole row serves as the value and the output is cut back
+    # (attend's reason, without attend's copy: the extra columns need not be zeros, they are dropped)
+    value = key if q.device.type == "cpu" else kv[:, None, :, :r_kv]  # a view, not a copy
     row_mask = mask.repeat_interleave(H, dim=0)                       # (T H, S): row t*H + h is token t's
-    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=row_mask, scale=scale)
-    return out.view(B, T, H, r_kv)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=row_mask, scale=scale)[..., :r_kv]
+    return out.reshape(B, T, H, r_kv)

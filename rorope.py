@@ -42,9 +42,29 @@ from ops import token_kl
 
 
 @torch.no_grad()
-def calibrate(model: Transformer, ids, layers, batch_size=4):
+def layer_inputs(model: Transformer, ids, layers, each, batch_size=4):
+    """One forward over token ids (N, T), batch_size sequences at a time: each(i, b, x) for every layer i in
+    `layers`, x (B, T, d) the attention input of batch b (the input_layernorm output)."""
+    dev = model.lm_head.weight.device
+
+    def hook(i):
+        return lambda _mod, args: each(i, b, args[0])
+
+    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i)) for i in layers]
+    try:
+        for b, start in enumerate(range(0, len(ids), batch_size)):
+            model.forward_hidden(ids[start:start + batch_size].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def calibrate(model: Transformer, ids, layers, batch_size=4, inputs=None):
     """E[x xᵀ] (d, d) and E[x] (d,) in float64 of the attention input x (the input_layernorm output) of each layer
-    in `layers`, over calibration token ids (N, T). Returns ({layer: (C, mean)}, number of tokens)."""
+    in `layers`, over calibration token ids (N, T). Returns ({layer: (C, mean)}, number of tokens). inputs: a dict
+    to fill with each layer's inputs, {layer: [x (B, T, d) of each batch]}, for refit_values (N T d numbers a layer,
+    in the model's dtype), so the refit never runs the teacher again."""
     if not torch.is_tensor(ids) or ids.dtype != torch.long or ids.dim() != 2 or ids.numel() == 0:
         raise BadInput("calib must be a non-empty LongTensor (N, T) of token ids (svd_init.py and distill.py take "
                        "it from their data: calib_data / sft_data, calib_tokens)")
@@ -54,20 +74,14 @@ def calibrate(model: Transformer, ids, layers, batch_size=4):
     stats = {i: [torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(d, dtype=torch.float64, device=dev)]
              for i in layers}
 
-    def hook(i):
-        def f(_mod, args):
-            x = args[0].flatten(0, 1).double()                                   # (B T, d)
-            stats[i][0].addmm_(x.T, x)
-            stats[i][1].add_(x.sum(0))
-        return f
+    def each(i, _b, x):
+        if inputs is not None:
+            inputs.setdefault(i, []).append(x)
+        x = x.flatten(0, 1).double()                                             # (B T, d)
+        stats[i][0].addmm_(x.T, x)
+        stats[i][1].add_(x.sum(0))
 
-    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i)) for i in layers]
-    try:
-        for b in range(0, len(ids), batch_size):
-            model.forward_hidden(ids[b:b + batch_size].to(dev))
-    finally:
-        for h in handles:
-            h.remove()
+    layer_inputs(model, ids, layers, each, batch_size)
     n = ids.numel()
     return {i: (C / n, m / n) for i, (C, m) in stats.items()}, n
 
@@ -353,7 +367,8 @@ def _rorope_layer(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, pairs, weight_e
 
 
 @torch.no_grad()
-def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_size=4, ridge=1e-2):
+def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_size=4, ridge=1e-2,
+                 teacher_inputs=None):
     """Closed-form refits of W_UV and W_O in the MLA `layers` of `student` (in place), so each layer's attention
     output is what the teacher's was, as nearly as a linear map of what the student's attention now mixes can make it.
     The factorisations above fit weights; this fits outputs, after the approximate attention. Layer by layer in order
@@ -368,14 +383,17 @@ def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_
     Both are ridge regressions toward the weights the factorisation gave, + lam |W - W0|² with lam = ridge times the
     mean eigenvalue: a direction the calibration barely excites keeps its init instead of being fitted to noise (which
     made a student fragile in bfloat16 at 1e-6, and overfitted a narrow calibration: docs/init.md), and an exact init
-    stays exact."""
+    stays exact. teacher_inputs: the teacher's attention inputs on ids, as calibrate(inputs=) keeps them (else one
+    teacher pass here collects them)."""
     dev = student.lm_head.weight.device
     T = ids.shape[1]
     pos = torch.arange(T, device=dev)
     rope_s, rope_t = student._rope(pos), teacher._rope(pos)
-    batches = [ids[b:b + batch_size].to(dev) for b in range(0, len(ids), batch_size)]
-    hs = [student.model.embed_tokens(x) for x in batches]                      # the student's residual stream
-    ht = [teacher.model.embed_tokens(x) for x in batches]                      # and the teacher's, (B, T, d) each
+    if teacher_inputs is None:
+        teacher_inputs = {}
+        layer_inputs(teacher, ids, layers, lambda i, _b, x: teacher_inputs.setdefault(i, []).append(x), batch_size)
+    hs = [student.model.embed_tokens(ids[b:b + batch_size].to(dev))          # the student's residual stream,
+          for b in range(0, len(ids), batch_size)]                           # (B, T, d) each
 
     def solve(G, R, W0):  # argmin_W |Z W - Y|² + lam |W - W0|²: G = ZᵀZ (.., n, n), R = ZᵀY (.., n, m)
         lam = ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
@@ -386,18 +404,16 @@ def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_
         for i, (bS, bT) in enumerate(zip(student.model.layers, teacher.model.layers)):
             if i not in layers:
                 hs = [bS(x, rope_s) for x in hs]
-                ht = [bT(x, rope_t) for x in ht]
                 continue
             a, at = bS.self_attn, bT.self_attn
             H, r, d_v = a.H, a.r_kv, a.d_v
             G = torch.zeros(H, r, r, dtype=torch.float64, device=dev)
             R = torch.zeros(H, r, d_v, dtype=torch.float64, device=dev)
             zs, ys = [], []
-            for b, (xs, xt) in enumerate(zip(hs, ht)):  # 1. W_UV per head
+            for xs, xt in zip(hs, teacher_inputs.pop(i)):  # 1. W_UV per head
                 z = a.mixed_latent(*a.project(bS.input_layernorm(xs), rope_s))        # (B, H, T, r_kv)
-                o = at.heads(bT.input_layernorm(xt), rope_t)                          # (B, T, H, d_h)
+                o = at.heads(xt, rope_t)                                              # (B, T, H, d_h)
                 ys.append(at.o_proj(o.flatten(2)))                                    # (B, T, d)
-                ht[b] = bT.finish(xt, ys[-1])                                         # the teacher's next input
                 zs.append(z)
                 z, o = z.transpose(1, 2).flatten(0, 1).double(), o.flatten(0, 1).double()  # (B T, H, r_kv|d_h)
                 G += torch.einsum("nhr,nhs->hrs", z, z)
@@ -443,31 +459,41 @@ def native_bf16(device) -> bool:
 
 
 def _each_sequence(model: Transformer, idx, bf16, f, batch_size=4):
-    """[f(j, log-probs (T, V) float32 of sequence j) for each sequence j of idx (N, T)]: one forward per batch_size
-    sequences, the vocabulary projection a sequence at a time (a 128K vocabulary makes whole-batch float32 logits
-    gigabytes). bf16: bfloat16 autocast with the weights cast per use, not cached (a cached copy is another half of
-    the model)."""
+    """[f(j, logits (T, V) of sequence j, as the head computes them) for each sequence j of idx (N, T)]: one forward
+    per batch_size sequences, the vocabulary projection a sequence at a time (a 128K vocabulary makes whole-batch
+    float32 logits gigabytes). bf16: bfloat16 autocast (so bfloat16 logits) with the weights cast per use, not
+    cached (a cached copy is another half of the model)."""
     out = []
     with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         for b in range(0, len(idx), batch_size):
-            out += model(idx[b:b + batch_size], head_fn=lambda h, W: [
-                f(b + j, F.linear(x, W).float().log_softmax(-1)) for j, x in enumerate(h)])
+            out += model(idx[b:b + batch_size], head_fn=lambda h, W: [f(b + j, F.linear(x, W))
+                                                                      for j, x in enumerate(h)])
     return out
 
 
-@torch.no_grad()
-def calib_logprobs(model: Transformer, idx, bf16=False, batch_size=4):
-    """The teacher's side of calib_kl: the log-probs (T, V) float32 of each sequence of idx (N, T)."""
-    return _each_sequence(model, idx, bf16, lambda j, lp: lp, batch_size)
+def _logprobs(logits):
+    return logits.float().log_softmax(-1)                                         # softmax in float32
 
 
 @torch.no_grad()
-def calib_kl(lp_t, student, idx, layers, bf16=False, batch_size=4):
-    """KL(teacher || student) per token on idx (N, T), from the teacher's log-probs lp_t (calib_logprobs, computed
-    once per upcycle), with the latent norms of `layers` bypassed (they are fitted after the choice). bf16: the
-    forward in bfloat16 autocast (logits and softmax in float32), for a score whose only use is to rank candidates;
-    from SmolLM2's 23 candidates at 25% it picked the student float32 picks, each score within 0.011 nats of float32's
-    (two 0.004 apart swapped places); a forward ran 1.5x (SmolLM2) to 3.5x (1B-shaped) faster (docs/init.md)."""
+def calib_logits(model: Transformer, idx, bf16=False, batch_size=4):
+    """The teacher's side of calib_kl: the logits (T, V) of each sequence of idx (N, T), in the head's dtype
+    (bfloat16 under bf16: half of what float32 log-probs hold, 1 GiB at a 128K vocabulary and 2048 tokens; the
+    log-softmax at each use gives the same bits)."""
+    return _each_sequence(model, idx, bf16, lambda j, z: z, batch_size)
+
+
+@torch.no_grad()
+def calib_kl(logits_t, student, idx, layers, bf16=False, batch_size=4):
+    """KL(teacher || student) per token on idx (N, T), from the teacher's logits (calib_logits, computed once per
+    upcycle), with the latent norms of `layers` bypassed (they are fitted after the choice). bf16: the forward in
+    bfloat16 autocast (log-softmax in float32), for a score whose only use is to rank candidates; from SmolLM2's 23
+    candidates at 25% it picked the student float32 picks, each score within 0.011 nats of float32's (two 0.004
+    apart swapped places); a forward ran 1.5x (SmolLM2) to 3.5x (1B-shaped) faster (docs/init.md)."""
+    def seq_kl(j, z, rows=128):  # float32 log-probs of `rows` tokens at a time: (T, V) float32 is 1/4 GiB at 128K
+        return sum(token_kl(_logprobs(logits_t[j][a:a + rows]), _logprobs(z[a:a + rows])).sum()
+                   for a in range(0, len(z), rows)) / len(z)
+
     with _bypassed(student, layers):  # no dropout here: train and eval mode compute the same
-        kl = _each_sequence(student, idx, bf16, lambda j, lp: token_kl(lp_t[j], lp).mean(), batch_size)
+        kl = _each_sequence(student, idx, bf16, seq_kl, batch_size)
     return torch.stack(kl).mean().item()

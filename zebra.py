@@ -42,7 +42,7 @@ from errors import BadInput
 from mamba2 import ssm_init
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, read_model_config, resolve_dtype
-from rorope import calib_kl, calib_logprobs
+from rorope import calib_kl, calib_logits
 from svd_init import _assemble, kv_budget_numbers, upcycle
 
 CONV_INITS = ("identity", "random")
@@ -205,14 +205,14 @@ def uniform_layers(n_layers, n_mla):
 def layer_sensitivity(model: Transformer, calib, conv_init="identity", seed=0, batch_size=4, gains=None):
     """{layer: KL(model || model with only that layer as its Mamba2 init)} per token on calib (N, T) ids."""
     ids = calib.to(model.lm_head.weight.device)
-    lp_t = calib_logprobs(model, ids, batch_size=batch_size)
+    logits_t = calib_logits(model, ids, batch_size=batch_size)
     out = {}
     for i in range(model.config.n_layers):
         if model.config.layer_type(i) != "gqa":
             continue
         one = mamba_from_attention(model, [i], conv_init, seed, copy=False,
                                    gains=None if gains is None else {i: gains[i]}).eval()
-        out[i] = calib_kl(lp_t, one, ids, [], batch_size=batch_size)
+        out[i] = calib_kl(logits_t, one, ids, [], batch_size=batch_size)
     return out
 
 

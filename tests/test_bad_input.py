@@ -482,9 +482,9 @@ def test_a_source_with_nan_weights_is_named_not_a_linalg_error():
     from conftest import random_model
     from svd_init import upcycle
     m = random_model(tiny_config())
-    with torch.no_grad():
-        m.model.layers[2].self_attn.k_proj.weight[3, 5] = float("nan")
-    for init in ("svd", "rorope"):
+    for init, x in (("svd", "nan"), ("rorope", "nan"), ("svd", "inf"), ("svd", "-inf")):
+        with torch.no_grad():
+            m.model.layers[2].self_attn.k_proj.weight[3, 5] = float(x)
         with pytest.raises(ValueError, match=r"model.layers.2.self_attn.k_proj.weight holds NaN or Inf"):
             upcycle(m, init=init, kv_rank=8, calib=torch.randint(0, 96, (4, 32)))
 

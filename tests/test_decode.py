@@ -1,11 +1,11 @@
 """The latent decode (ops.latent_attention): equal to the einsum reference for several ranks, d_qk / d_r splits
-and hybrids; one SDPA call reading the latent cache; the compiled decode step equals eager."""
+and hybrids; ops.attend (a value narrower than the query, padded on CPU) equal to the reference, gradients too; one SDPA call reading the latent cache; the compiled decode step equals eager."""
 import pytest
 import torch
 from torch.testing import assert_close
 
 from conftest import mla_kw, random_model, tiny_config
-from ops import latent_attention
+from ops import attend, latent_attention
 from model import MLAttention
 
 
@@ -27,6 +27,28 @@ def test_latent_attention_equals_reference(r_kv, d_r, T, S):
     assert out.shape == (B, T, H, r_kv)
     assert_close(out, reference(q, kv, r_kv, 0.3, mask), rtol=1e-5, atol=1e-5)
     assert_close(latent_attention(q, kv, r_kv, 0.3), out)                # default mask: the causal one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_with_a_narrower_value_equals_reference(dtype, masked):
+    torch.manual_seed(0)
+    B, H, T, d, d_v = 2, 3, 7, 12, 5                                  # MLA's shape: d_v < d_qk + d_r
+    q, k, v = (torch.randn(B, H, T, n, dtype=dtype, requires_grad=True) for n in (d, d, d_v))
+    mask = torch.rand(T, T) < 0.7
+    mask |= torch.eye(T, dtype=torch.bool)                            # every row sees something
+    kw = dict(attn_mask=mask) if masked else dict(is_causal=True)
+    out = attend(q, k, v, scale=0.4, **kw)
+    allowed = mask if masked else torch.ones(T, T, dtype=torch.bool).tril()
+    p = (torch.einsum("bhtd,bhsd->bhts", q, k) * 0.4).masked_fill(~allowed, float("-inf")).softmax(-1)
+    ref = torch.einsum("bhts,bhsd->bhtd", p, v)
+    assert out.shape == (B, H, T, d_v)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert_close(out, ref, **tol)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, b, **tol)
 
 
 @pytest.mark.parametrize("kw", [mla_kw([0, 1, 2, 3], kv_rank=[3, 7, 12, 20], d_qk=4, d_r=12),

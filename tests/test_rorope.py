@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from conftest import random_model, tiny_config
 from data import calibration_ids
 from model import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
-from rorope import (calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calib_logprobs, refit_values,
+from rorope import (calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calib_logits, refit_values,
                     rope_groups, rope_pairs)
 from svd_init import kl_per_token, teacher_text, upcycle
 from tokenizer import Tokenizer
@@ -320,16 +320,16 @@ def test_bfloat16_scores_rank_candidates_as_float32_does():
     calib = calib_for(src, n=6, T=32)
     layers = list(range(2))
     idx = calib[:4]
-    lp32, lp16 = calib_logprobs(src, idx), calib_logprobs(src, idx, bf16=True)
+    z32, z16 = calib_logits(src, idx), calib_logits(src, idx, bf16=True)
     scores = []
     for kv_rank in (2, 48):  # a worse and a better student
         student = upcycle(src, init="rorope", kv_rank=kv_rank, qk_rope_dim=4, rope_fold=1, calib=calib,
                           refit=False).eval()
-        kl32, kl16 = calib_kl(lp32, student, idx, layers), calib_kl(lp16, student, idx, layers, bf16=True)
+        kl32, kl16 = calib_kl(z32, student, idx, layers), calib_kl(z16, student, idx, layers, bf16=True)
         assert abs(kl16 - kl32) < 0.1 * kl32, (kv_rank, kl16, kl32)
         scores.append((kl32, kl16))
     (worse32, worse16), (better32, better16) = scores
     assert better32 < 0.8 * worse32 and better16 < worse16, scores
     # the teacher against itself in bfloat16: a KL far below the students', and not zero (bfloat16 did run)
-    self16 = calib_kl(lp32, src, idx, [], bf16=True)
+    self16 = calib_kl(z32, src, idx, [], bf16=True)
     assert 0 < self16 < 0.01 * better32, (self16, better32)
