@@ -70,6 +70,15 @@ def _check_served(head_size, fix):
                        f"{', '.join(map(str, ENGINE_HEAD_SIZES))} only; {fix}")
 
 
+def llama3_unscaled(rot_dim, theta, scaling):
+    """How many of the highest frequencies of a rot_dim-dim rotary at theta Llama 3's scaling leaves unchanged:
+    those of wavelength below original_max_position_embeddings / high_freq_factor (model.rope_inv_freq). A rotary
+    whose frequencies are all among them is the same function with or without the scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))  # as the model's
+    short = 2 * math.pi / inv_freq < scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    return int(short.sum())
+
+
 def engine_shape(cfg, head_size=0):
     """(kv_lora_rank R, qk_rope_head_dim D) of the export: the model's own (largest r_kv, d_r) unpadded, or a served
     head size R + D = head_size with D = 64, or a ValueError with the rule and the nearest shape that is exact."""
@@ -195,11 +204,19 @@ def export_config(cfg, head_size=0) -> dict:
                        f"{HF_LATENT_EPS}), then distil")
     scaling = cfg.rope_scaling
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "llama3":
+    if kind == "llama3" and llama3_unscaled(cfg.qk_rope_dim, cfg.qk_rope_theta or cfg.rope_theta, scaling) == \
+            cfg.qk_rope_dim // 2:
+        scaling = None  # every frequency the shared key keeps is one Llama 3 leaves alone: the same rotary without it
+    elif kind == "llama3":
+        n = llama3_unscaled(cfg.head_dim, cfg.rope_theta, scaling)
+        fix = (f"convert so that the shared key keeps only frequencies the scaling leaves alone (this source has "
+               f"{n}: init='rorope' with rope_ladder='highest', rope_fold=1, qk_rope_dim <= {2 * n}), and the export "
+               "writes no rope_scaling; or" if n else "(this source's scaling touches every frequency, so no "
+               "conversion avoids it)")
         warnings.warn("Llama 3 RoPE scaling is exact in transformers' DeepseekV3, but vLLM and SGLang turn any "
                       "rope_scaling of a DeepSeek model into DeepSeek-YaRN: served there, long-context positions "
-                      "would rotate differently. Fix for serving: export a model without rope_scaling, or check the "
-                      "engine's output against ours at your context length", UserWarning, stacklevel=3)
+                      f"would rotate differently. Fix for serving: {fix} check the engine's output against ours at "
+                      "your context length", UserWarning, stacklevel=3)
     q_fused = cfg.latent_norm != "both"
     R, D = engine_shape(cfg, head_size)
     eos = list(cfg.eos_id)

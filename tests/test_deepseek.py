@@ -30,6 +30,10 @@ CASES = {  # name -> config; every layer MLA (the format has no GQA layers)
     "d_r_equals_d_h": tiny_config(**mla_kw(range(4), d_qk=16, d_r=16, latent_norm="kv")),
     "ladder_subset": tiny_config(**mla_kw(range(4), d_qk=16, d_r=4, latent_norm="kv"), qk_rope_theta=10000.0 ** 0.25),
     "llama3_scaling": tiny_config(**mla_kw(range(4), latent_norm="kv"), rope_theta=500000.0, rope_scaling=LLAMA3),
+    # the source's 8 frequencies: wavelengths 6 to 3e5 positions, the 2 below 256 / 4 unscaled; the key keeps those 2
+    "llama3_unscaled_kept": tiny_config(**mla_kw(range(4), d_qk=16, d_r=4, latent_norm="kv"), rope_theta=500000.0,
+                                        qk_rope_theta=500000.0 ** 0.25,
+                                        rope_scaling={**LLAMA3, "original_max_position_embeddings": 256}),
 }
 
 
@@ -57,6 +61,7 @@ def test_export_logits_equal_transformers(case, tmp_path):
     m = moderate(random_model(CASES[case]))
     said = export(m, tmp_path / "ds")
     assert any("YaRN" in w for w in said) == (case == "llama3_scaling")  # the serving caveat, only where it applies
+    assert ("rope_scaling" in json.load(open(tmp_path / "ds" / "config.json"))) == (case == "llama3_scaling")
     ref = reference(tmp_path / "ds")
     assert type(ref).__name__ == "DeepseekV3ForCausalLM"
     ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -69,6 +74,27 @@ def test_export_logits_equal_transformers(case, tmp_path):
     back = Transformer.from_pretrained(tmp_path / "ds").eval()
     with torch.no_grad():
         assert (back(ids) - ours).abs().max().item() <= 1e-5 * scale
+
+
+def test_llama3_unscaled_counts_the_frequencies_the_scaling_leaves_alone():
+    from deepseek import llama3_unscaled
+    from model import rope_inv_freq
+    for rot_dim, theta, ctx in ((64, 500000.0, 8192), (128, 500000.0, 8192), (16, 500000.0, 256), (16, 500000.0, 16),
+                                (32, 10000.0, 2048)):
+        sc = {**LLAMA3, "factor": 32.0, "original_max_position_embeddings": ctx}
+        same = rope_inv_freq(rot_dim, theta, sc) == rope_inv_freq(rot_dim, theta)    # highest frequency first
+        n = llama3_unscaled(rot_dim, theta, sc)
+        assert same[:n].all() and not same[n:].any(), (rot_dim, theta, ctx, n, same)
+    llama3 = {**LLAMA3, "factor": 32.0, "original_max_position_embeddings": 8192}
+    assert llama3_unscaled(64, 500000.0, llama3) == 15 and llama3_unscaled(128, 500000.0, llama3) == 29  # 1B; 3B, 8B
+
+
+def test_a_kept_scaled_frequency_is_warned_with_the_setting_that_avoids_it(tmp_path):
+    cfg = tiny_config(**mla_kw(range(4), d_qk=16, d_r=8, latent_norm="kv"), rope_theta=500000.0,
+                      qk_rope_theta=500000.0 ** 0.5, rope_scaling={**LLAMA3, "original_max_position_embeddings": 256})
+    said = [w for w in export(random_model(cfg), tmp_path / "ds") if "YaRN" in w]   # 4 kept, 2 of them unscaled
+    assert len(said) == 1 and "this source has 2" in said[0] and "qk_rope_dim <= 4" in said[0], said
+    assert "rope_scaling" in json.load(open(tmp_path / "ds" / "config.json"))
 
 
 def test_exported_config_fields(tmp_path):
@@ -178,7 +204,7 @@ def test_refusals(what, tmp_path):
 
 
 ENGINE_CASES = ["kv_norm_fused_query", "both_norms_factorised_query", "per_layer_ranks_kv", "ladder_subset",
-                "llama3_scaling"]
+                "llama3_scaling", "llama3_unscaled_kept"]
 
 
 def _rms_norm_in_float64(self, x):
