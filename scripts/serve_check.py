@@ -38,11 +38,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from configurator import configure  # noqa: E402
+from configurator import configure, require  # noqa: E402
 from deepseek import DS_TYPES  # noqa: E402
 from errors import BadInput  # noqa: E402
 from folders import check_results_file, read_config_json, resolve_checkpoint, write_results_file  # noqa: E402
 from model import Transformer  # noqa: E402
+from ops import token_kl  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = [
@@ -164,16 +165,52 @@ def last_logits(llm):
     return torch.from_numpy(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy())
 
 
+def quantize(gguf, qtype, threads):
+    """llama.cpp's own quantizer (llama_model_quantize, what its llama-quantize tool runs) from the f32 GGUF, beside
+    it. -> (the quantized GGUF's path, {tensor type: how many tensors}) as its log reports them."""
+    import ctypes
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.nthread = threads
+    out = gguf.replace(".f32.gguf", f".{qtype}.gguf")
+    with StderrCapture() as cap:
+        rc = llama_cpp.llama_model_quantize(gguf.encode(), out.encode(), ctypes.byref(params))
+    if rc:
+        raise BadInput(f"llama.cpp's quantizer failed on {gguf} ({qtype}, code {rc}):\n{cap.text[-2000:]}")
+    kinds = {}
+    for t in re.findall(r"converting to (\w+)|size = .*?(?:type|->) (\w+)", cap.text):
+        kinds[t[0] or t[1]] = kinds.get(t[0] or t[1], 0) + 1
+    return out, kinds
+
+
+def _overrides(folder):
+    """llama.cpp's deepseek2 takes a query without factorisation (q_lora_rank null) only at DeepSeek-V2-Lite's
+    layer counts (26, 27); elsewhere it demands the key, which the converter writes only when it is set: say it is
+    0 (llama-cli: --override-kv deepseek2.attention.q_lora_rank=int:0)."""
+    hf = read_config_json(folder)
+    return {"deepseek2.attention.q_lora_rank": 0} if hf.get("model_type") in DS_TYPES and \
+        hf.get("q_lora_rank") is None else None
+
+
+def text_logprobs(folder, gguf, ids, threads):
+    """Log-probs (N, V) float64 at every position of ids, from one llama.cpp evaluation that keeps all logits."""
+    from llama_cpp import Llama
+    with StderrCapture():
+        llm = Llama(model_path=gguf, n_ctx=len(ids) + 8, n_batch=512, n_threads=threads, logits_all=True,
+                    verbose=False, seed=0, kv_overrides=_overrides(folder))
+        llm.eval(ids)
+    lp = torch.from_numpy(llm.scores[:len(ids)].copy()).double().log_softmax(-1)
+    del llm
+    gc.collect()
+    return lp
+
+
 def llamacpp_run(folder, gguf, prompts, n_new, eot, n_ctx, contexts, threads):
     """Greedy replies with top-5 logprobs (a step at a time from llama.cpp's logits), the KV buffer it reports at
     n_ctx, and decode tokens/s after a prefill of each context length."""
     from llama_cpp import Llama
-    hf = read_config_json(folder)
-    # llama.cpp's deepseek2 takes a query without factorisation (q_lora_rank null) only at DeepSeek-V2-Lite's layer
-    # counts (26, 27); elsewhere it demands the key, which the converter writes only when it is set: say it is 0
-    # (llama-cli: --override-kv deepseek2.attention.q_lora_rank=int:0)
-    overrides = {"deepseek2.attention.q_lora_rank": 0} if hf.get("model_type") in DS_TYPES and \
-        hf.get("q_lora_rank") is None else None
+    overrides = _overrides(folder)
     with StderrCapture() as cap:
         llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_threads=threads, logits_all=False, verbose=True,
                     seed=0, kv_overrides=overrides)
@@ -223,12 +260,22 @@ if __name__ == "__main__":
     gguf_dir = ""              # llama.cpp: where the temporary GGUF files go ("" = the system's temporary folder)
     contexts = "2048,8192"     # llama.cpp: decode speed after a prefill of these many tokens
     threads = 2
+    quant = ""                 # llama.cpp: also quantize both GGUFs with llama.cpp's own quantizer, e.g. "Q8_0,Q4_K_M",
+                               # and measure each against its f32 GGUF (replies, KL on held-out text, cache, speed)
+    held_out = "assets/data/corpus/c4_demo.jsonl"  # llama.cpp with quant: the held-out text of the KL ...
+    held_out_tokens = 512      # ... its first this many tokens
     out = ""                   # results JSON ("" = out/serve_check_<engine>.json)
     config = configure(globals())
     if engine not in ("vllm", "llama.cpp"):
         raise BadInput(f"engine={engine!r}: use 'vllm' or 'llama.cpp'")
     if not model:
         raise BadInput("serve_check.py needs --model=FOLDER (a DeepSeek-format export: python export.py ...)")
+    require(config, held_out_tokens=(2, None), threads=(1, None))
+    quants = [q.strip() for q in str(quant).split(",") if q.strip()]
+    if quants and engine != "llama.cpp":
+        raise BadInput(f"quant={quant!r} quantizes GGUFs: it needs --engine=llama.cpp")
+    if quants and not os.path.isfile(held_out):
+        raise BadInput(f"held_out={held_out!r} is not a file (a .jsonl of {{'text': ...}} rows, or plain text)")
     try:
         __import__("vllm" if engine == "vllm" else "llama_cpp")
     except ImportError as e:
@@ -237,6 +284,13 @@ if __name__ == "__main__":
     if engine == "llama.cpp" and not os.path.isfile(converter):
         raise BadInput(f"converter={converter!r} is not a file. Fix: --converter=PATH/convert_hf_to_gguf.py from "
                        "llama-cpp-python's source distribution (this script's docstring)")
+    if quants:
+        import llama_cpp
+        missing = [q for q in quants if not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q}")]
+        if missing:
+            have = sorted(k[len("LLAMA_FTYPE_MOSTLY_"):] for k in dir(llama_cpp) if k.startswith("LLAMA_FTYPE_MOSTLY_"))
+            raise BadInput(f"quant: {', '.join(missing)} is not a quantization type of this llama.cpp "
+                           f"(llama-cpp-python {llama_cpp.__version__}). Fix: one of {', '.join(have)}")
     out = out or f"out/serve_check_{engine.replace('.', '')}.json"
     check_results_file(out)  # refused now, not after the engines ran
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_space_gib))
@@ -251,6 +305,10 @@ if __name__ == "__main__":
             tok = Tokenizer.from_name("", folder)
             prompts = [tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
                        for p in PROMPTS]
+            if quants:  # the held-out text: the file's documents in order, as one token stream
+                with open(held_out) as f:
+                    rows = [json.loads(ln)["text"] if held_out.endswith(".jsonl") else ln for ln in f if ln.strip()]
+                held = tok.encode("\n\n".join(rows))[:held_out_tokens]
         mine = ours(folder, prompts, max_new_tokens, tok.eot_id)
         if engine == "vllm":
             theirs, info = vllm_run(folder, prompts, max_new_tokens, tok.eot_id, max_model_len, rotary_workaround)
@@ -263,6 +321,24 @@ if __name__ == "__main__":
                 gguf = convert(folder, converter, work)
                 n_ctx = max(ctxs) + max_new_tokens + 64
                 theirs, info = llamacpp_run(folder, gguf, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs, threads)
+                if quants:
+                    lp32 = text_logprobs(folder, gguf, held, threads)
+                    info["file_mib"], info["quantized"] = os.path.getsize(gguf) / 2**20, {}
+                for qt in quants:
+                    qg, kinds = quantize(gguf, qt, threads)
+                    q_res, q_info = llamacpp_run(folder, qg, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs,
+                                                 threads)
+                    q_info.update(compare(mine, q_res), tensor_types=kinds, file_mib=os.path.getsize(qg) / 2**20,
+                                  greedy_equal_f32=sum(a["tokens"] == b["tokens"] for a, b in zip(theirs, q_res)),
+                                  kl_to_f32=token_kl(lp32, text_logprobs(folder, qg, held, threads)).mean().item())
+                    info["quantized"][qt] = q_info
+                    os.remove(qg)
+                    print(f"  {role} {qt}: {q_info['file_mib']:.1f} MiB (f32 {info['file_mib']:.1f}); greedy replies "
+                          f"equal the f32 GGUF's on {q_info['greedy_equal_f32']}/{len(prompts)}; KL to the f32 GGUF "
+                          f"{q_info['kl_to_f32']:.4f} nats/token on {len(held)} held-out tokens; KV buffer "
+                          f"{q_info['kv_buffer_mib']:.1f} MiB; decode " + ", ".join(
+                              f"{v:.1f} tokens/s at {k:,}" for k, v in q_info["decode_tokens_per_s"].items())
+                          + f"; tensor types {kinds}", flush=True)
             import llama_cpp
             info["version"] = f"llama-cpp-python {llama_cpp.__version__}"
         info.update(compare(mine, theirs))

@@ -43,6 +43,15 @@ def test_an_engine_that_is_not_installed_is_named_with_the_fix(engine, module, t
     assert f"{engine} is not importable here" in r.stderr and "the python of the venv" in r.stderr
 
 
+def test_quantization_needs_llama_cpp_and_held_out_text(tmp_path):
+    for extra, said in ((["--engine=vllm", "--quant=Q8_0"], "needs --engine=llama.cpp"),
+                        (["--engine=llama.cpp", "--quant=Q8_0", "--held_out=/nonexistent.jsonl"], "is not a file"),
+                        (["--engine=llama.cpp", "--held_out_tokens=1"], "held_out_tokens=1: must be >= 2")):
+        r = subprocess.run([sys.executable, "scripts/serve_check.py", f"--model={tmp_path}", *extra], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-2000:])
+
+
 def test_vllm_serves_a_padded_tiny_student(tmp_path):
     """The tiny teacher's student (r_kv 8 + d_r 16) zero-padded to 512 + 64, served by vLLM beside the teacher:
     greedy replies equal ours on all 8 prompts, and vLLM reports a cache for both."""
