@@ -42,9 +42,10 @@ from ops import token_kl
 
 
 @torch.no_grad()
-def layer_inputs(model: Transformer, ids, layers, each, batch_size=4):
+def layer_inputs(model: Transformer, ids, layers, each, batch_size=4, last=None):
     """One forward over token ids (N, T), batch_size sequences at a time: each(i, b, x) for every layer i in
-    `layers`, x (B, T, d) the attention input of batch b (the input_layernorm output)."""
+    `layers`, x (B, T, d) the attention input of batch b (the input_layernorm output); last(b, h) with the final
+    normed hidden states h (B, T, d) of batch b."""
     dev = model.lm_head.weight.device
 
     def hook(i):
@@ -53,18 +54,22 @@ def layer_inputs(model: Transformer, ids, layers, each, batch_size=4):
     handles = [model.model.layers[i].self_attn.register_forward_pre_hook(hook(i)) for i in layers]
     try:
         for b, start in enumerate(range(0, len(ids), batch_size)):
-            model.forward_hidden(ids[start:start + batch_size].to(dev))
+            h = model.forward_hidden(ids[start:start + batch_size].to(dev))
+            if last is not None:
+                last(b, h)
     finally:
         for h in handles:
             h.remove()
 
 
 @torch.no_grad()
-def calibrate(model: Transformer, ids, layers, batch_size=4, inputs=None):
+def calibrate(model: Transformer, ids, layers, batch_size=4, inputs=None, first_hidden=None):
     """E[x xᵀ] (d, d) and E[x] (d,) in float64 of the attention input x (the input_layernorm output) of each layer
     in `layers`, over calibration token ids (N, T). Returns ({layer: (C, mean)}, number of tokens). inputs: a dict
     to fill with each layer's inputs, {layer: [x (B, T, d) of each batch]}, for refit_values (N T d numbers a layer,
-    in the model's dtype), so the refit never runs the teacher again."""
+    in the model's dtype), so the refit never runs the teacher again. first_hidden: a list to which the first
+    batch's final hidden states (B, T, d) are appended (head_logits: the teacher's side of the candidates' scores,
+    without another teacher forward)."""
     if not torch.is_tensor(ids) or ids.dtype != torch.long or ids.dim() != 2 or ids.numel() == 0:
         raise BadInput("calib must be a non-empty LongTensor (N, T) of token ids (svd_init.py and distill.py take "
                        "it from their data: calib_data / sft_data, calib_tokens)")
@@ -81,7 +86,8 @@ def calibrate(model: Transformer, ids, layers, batch_size=4, inputs=None):
         stats[i][0].addmm_(x.T, x)
         stats[i][1].add_(x.sum(0))
 
-    layer_inputs(model, ids, layers, each, batch_size)
+    keep_first = None if first_hidden is None else (lambda b, h: first_hidden.append(h) if b == 0 else None)
+    layer_inputs(model, ids, layers, each, batch_size, keep_first)
     n = ids.numel()
     return {i: (C / n, m / n) for i, (C, m) in stats.items()}, n
 
@@ -275,16 +281,16 @@ def _sqrtm(M):
     return (V * e.clamp_min(0).sqrt()) @ V.T
 
 
-def _weighted_svd(W, C, G, whiten):
+def _weighted_svd(W, C, G, whiten, gram=None):
     """SVD of the matrix whose rank-r truncation error is the cost: C^½ W G (E||x ΔW G||²) or, unwhitened, W G.
     Whitened, only S and V are needed (_truncate), and they come from the eigendecomposition of its Gram matrix
-    (W G)ᵀ C (W G): no C^½, and ~3x faster than the SVD at d = 2048; S is resolved to ~1e-8 of S[0] (float64's
-    square root), finer than any direction a truncation keeps. -> (U or None, S, Vh)."""
+    (W G)ᵀ C (W G) (or `gram`, already computed): no C^½, and ~3x faster than the SVD at d = 2048; S is resolved to
+    ~1e-8 of S[0] (float64's square root), finer than any direction a truncation keeps. -> (U or None, S, Vh)."""
     A = W if G is None else W @ G
     if not whiten:
         return torch.linalg.svd(A, full_matrices=False)
     k = min(A.shape)
-    e, V = torch.linalg.eigh(A.T @ (C @ A))                 # ascending
+    e, V = torch.linalg.eigh(A.T @ (C @ A) if gram is None else gram)  # ascending
     return None, e.flip(0)[:k].clamp_min(0).sqrt(), V.flip(1).T[:k]
 
 
@@ -300,15 +306,19 @@ def _truncate(W, C, G, usv, r, whiten):
     return P, P.T @ C @ W                            # C-weighted least squares: argmin_B E||x (W - P B)||²
 
 
-def layer_moments(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, kv_balance):
+def layer_moments(W_Q, W_K, W_V, W_O, C, mean, cfg: ModelConfig, kv_balance, gram_q=None):
     """What _rorope_layer needs of one layer whatever the candidate (d_r, fold): each KV group's query energy per
     frequency w (n_kv, d_h/2), the key moments per frequency Kf (d_h/2, n_kv, n_kv), and G, the block-diagonal
-    square root of the cost weights. Computed once a layer: the (d, d) products are most of a candidate's cost."""
+    square root of the cost weights. Computed once a layer: the (d, d) products are most of a candidate's cost.
+    gram_q: W_Qᵀ C W_Q where the query's factorisation computed it (its diagonal blocks are E[q_h q_hᵀ])."""
     d, H, n_kv, d_h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     g, half = H // n_kv, d_h // 2
     grp = torch.arange(H, device=C.device) // g                                   # head -> its KV group
     WQ, WK, WV = W_Q.view(d, H, d_h), W_K.view(d, n_kv, d_h), W_V.view(d, n_kv, d_h)
-    Sq = torch.einsum("dhi,dhj->hij", WQ, (C @ W_Q).view(d, H, d_h))             # (H, d_h, d_h) E[q_h q_hᵀ]
+    if gram_q is None:
+        Sq = torch.einsum("dhi,dhj->hij", WQ, (C @ W_Q).view(d, H, d_h))         # (H, d_h, d_h) E[q_h q_hᵀ]
+    else:
+        Sq = gram_q.view(H, d_h, H, d_h).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # its (h, h) blocks
     e_q = Sq.diagonal(dim1=1, dim2=2).reshape(n_kv, g, d_h).sum(1)                # (n_kv, d_h) query energy
     w = e_q[:, :half] + e_q[:, half:]                                             # (n_kv, d_h/2) per frequency
     Kc = torch.einsum("dji,dmi->ijm", WK, (C @ W_K).view(d, n_kv, d_h))          # (d_h, n_kv, n_kv)
@@ -481,6 +491,14 @@ def calib_logits(model: Transformer, idx, bf16=False, batch_size=4):
     (bfloat16 under bf16: half of what float32 log-probs hold, 1 GiB at a 128K vocabulary and 2048 tokens; the
     log-softmax at each use gives the same bits)."""
     return _each_sequence(model, idx, bf16, lambda j, z: z, batch_size)
+
+
+@torch.no_grad()
+def head_logits(model: Transformer, h, bf16=False):
+    """calib_logits from final hidden states h (B, T, d) already computed (calibrate's first_hidden): the head alone,
+    a sequence at a time, in bfloat16 autocast under bf16."""
+    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        return [F.linear(x, model.lm_head.weight) for x in h]
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoi
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
 from ops import token_kl
 from rorope import (FOLDS, NORM_INITS, calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks,
-                    calib_logits, calibrate, calibrate_latent_norms, fold_problem, layer_moments, native_bf16,
+                    calibrate, head_logits, calibrate_latent_norms, fold_problem, layer_moments, native_bf16,
                     refit_values, rope_pairs)
 
 # The factorisation whitens by C + RIDGE * mean(diag C) * I, not by C: the latent's scale per direction is then
@@ -60,6 +60,7 @@ from rorope import (FOLDS, NORM_INITS, calib_kl, _rorope_layer, _truncate, _weig
 # float32 and was another model in bfloat16 (issue 33). 1e-2 costs nothing measurable where the calibration is rich
 # (docs/init.md, "Latent norms").
 RIDGE = 1e-2
+SCORED = 4  # rorope: the candidates are scored on this many calibration sequences (the first; calibrate's batch)
 
 
 # -----------------------------------------------------------------------------
@@ -246,7 +247,8 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         return student
     say = log or (lambda *a: None)
     teacher_inputs = {} if refit else None  # kept for the refit: N T d numbers a layer
-    stats, n_tok = calibrate(model, calib, layers, inputs=teacher_inputs)
+    first = []  # the final hidden states of the sequences the candidates are scored on
+    stats, n_tok = calibrate(model, calib, layers, batch_size=SCORED, inputs=teacher_inputs, first_hidden=first)
     _check_calib_size(n_tok, q_rank, kv_rank, cfg)
     src = model.state_dict()
     f64 = lambda k: src[k].double().T  # paper orientation, float64
@@ -255,11 +257,14 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     for i, (C, _) in stats.items():  # in place: not a second (d, d) float64 matrix per layer
         C.diagonal().add_(RIDGE * C.diagonal().mean())
         ridge[i] = C
-    q_fac = {}
-    for i in layers:  # the query's factorisation does not depend on d_r: once a layer
-        W_Q = f64(f"model.layers.{i}.self_attn.q_proj.weight")
+    q_fac, moments = {}, {}
+    for i in layers:  # what no candidate (d_r, fold) changes: the query's factors, the moments; once a layer
+        W_Q, W_K, W_V, W_O = (f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "qkvo")
         full = q_rank is not None and q_rank == min(d, H * d_h)  # nothing to truncate: no SVD (exact, and fast)
-        q_usv = None if full else _weighted_svd(W_Q, ridge[i], None, whiten)
+        gram = W_Q.T @ (ridge[i] @ W_Q) if whiten and not full else None      # shared by the two below
+        moments[i] = layer_moments(W_Q, W_K, W_V, W_O, ridge[i], stats[i][1], cfg, kv_balance, gram)
+        q_usv = None if full else _weighted_svd(W_Q, ridge[i], None, whiten, gram)
+        del gram, W_K, W_V, W_O
         r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
         if q_usv is None:  # full r_q: the identity on whichever side is smaller
             eye = torch.eye(r_q, dtype=W_Q.dtype, device=W_Q.device)
@@ -284,7 +289,6 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     if not candidates:  # a fold given, and a budget whose d_r it does not fit
         raise BadInput(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
                        f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
-    moments = {}
 
     def split(d_r_c, fold, weights):  # each layer's RoRoPE split and its weighted factorisation
         pairs = rope_pairs(d_h, d_r_c, rope_ladder if fold == 1 else "every")[0]
@@ -292,8 +296,6 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         for i in layers:
             # converted per use: no float64 copy of every layer held across the candidates
             qkvo = [f64(f"model.layers.{i}.self_attn.{x}_proj.weight") for x in "qkvo"]
-            if i not in moments:  # what does not depend on the candidate: once a layer
-                moments[i] = layer_moments(*qkvo, ridge[i], stats[i][1], cfg, kv_balance)
             W_KR, A, W, G = _rorope_layer(*qkvo, ridge[i], stats[i][1], cfg, pairs, weights, kv_balance, fold,
                                           moments[i])
             parts[i] = dict(W_KR=W_KR, A=A, W=W, G=G, usv=_weighted_svd(W, ridge[i], G, whiten))
@@ -311,11 +313,11 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     logits_t = None
     bf16 = native_bf16(model.lm_head.weight.device)  # scores only rank: bfloat16 where the hardware has it
 
-    def score(student, what):  # KL on the first 4 calibration sequences, latent norms bypassed (fitted to the best)
+    def score(student, what):  # KL on the first SCORED calibration sequences, latent norms bypassed (fitted later)
         nonlocal logits_t, idx
-        if logits_t is None:
-            idx = calib[:4].to(model.lm_head.weight.device)
-            logits_t = calib_logits(model, idx, bf16)
+        if logits_t is None:  # the teacher's side from the calibration's float32 forward: the head alone
+            idx = calib[:SCORED].to(model.lm_head.weight.device)
+            logits_t = head_logits(model, first.pop(), bf16)
         kl = calib_kl(logits_t, student, idx, layers, bf16)
         say(f"rorope: {what}: KL on the calibration tokens {kl:.4f}")
         return kl
@@ -353,7 +355,7 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             best = (None, student, rows)
     student = best[1]
     if refit:  # 3. the chosen student's W_UV and W_O fitted to what the teacher's attention outputs
-        refit_values(student, model, calib, layers, teacher_inputs=teacher_inputs)
+        refit_values(student, model, calib, layers, SCORED, teacher_inputs=teacher_inputs)  # calibrate's batches
         if log is not None:
             score(student, "W_UV and W_O refitted (in-sample: the refit saw these tokens)")
     if report is not None:

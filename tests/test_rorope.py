@@ -11,8 +11,8 @@ from torch.testing import assert_close
 from conftest import random_model, tiny_config
 from data import calibration_ids
 from model import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
-from rorope import (calib_kl, _rorope_layer, _truncate, _weighted_svd, allocate_ranks, calib_logits, refit_values,
-                    rope_groups, rope_pairs)
+from rorope import (calib_kl, calib_logits, calibrate, head_logits, _rorope_layer, _truncate, _weighted_svd,
+                    allocate_ranks, refit_values, rope_groups, rope_pairs)
 from svd_init import kl_per_token, teacher_text, upcycle
 from tokenizer import Tokenizer
 
@@ -310,6 +310,20 @@ def test_refit_with_shared_tensors_leaves_the_teacher_alone():
     assert all(torch.equal(before[k], v) for k, v in src.state_dict().items())
     o = "model.layers.0.self_attn.o_proj.weight"
     assert not torch.equal(student.state_dict()[o], src.state_dict()[o])  # the student's was refitted
+
+
+def test_the_calibration_pass_gives_the_teachers_scoring_logits():
+    """upcycle takes the teacher's side of the candidates' scores from calibrate's forward (first_hidden, then
+    head_logits) instead of a second teacher forward: the same logits as calib_logits, and the refit's teacher
+    inputs are the attention inputs of every batch."""
+    src = random_model(tiny_config(n_layers=2)).eval()
+    calib = calib_for(src, n=6, T=32)
+    first, inputs = [], {}
+    calibrate(src, calib, [0, 1], batch_size=4, inputs=inputs, first_hidden=first)
+    assert len(first) == 1 and first[0].shape == (4, 32, src.config.dim)
+    for a, b in zip(head_logits(src, first[0]), calib_logits(src, calib[:4])):
+        assert torch.equal(a, b)
+    assert [x.shape[0] for x in inputs[1]] == [4, 2]                         # batches of 4, then the rest
 
 
 def test_bfloat16_scores_rank_candidates_as_float32_does():
