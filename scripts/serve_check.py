@@ -165,22 +165,35 @@ def last_logits(llm):
     return torch.from_numpy(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy())
 
 
-def quantize(gguf, qtype, threads):
+def quantize(folder, gguf, qtype, threads):
     """llama.cpp's own quantizer (llama_model_quantize, what its llama-quantize tool runs) from the f32 GGUF, beside
-    it. -> (the quantized GGUF's path, {tensor type: how many tensors}) as its log reports them."""
+    it. -> (the quantized GGUF's path, {tensor type: how many tensors}). The quantizer reads the model's settings
+    without load-time overrides, so a key _overrides supplies is first written into a copy (gguf-py's own
+    gguf_new_metadata); the quantized file then carries it."""
     import ctypes
+    import gguf as gg
     import llama_cpp
+    src, extra = gguf, _overrides(folder) or {}
+    if extra:
+        from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+        reader = gg.GGUFReader(gguf, "r")
+        src = gguf.replace(".f32.gguf", ".keyed.f32.gguf")
+        writer = gg.GGUFWriter(src, arch=reader.fields[gg.Keys.General.ARCHITECTURE].contents(),
+                               endianess=reader.endianess)
+        copy_with_new_metadata(reader, writer, {k: MetadataDetails(gg.GGUFValueType.UINT32, v)
+                                                for k, v in extra.items()}, [])
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     params.nthread = threads
     out = gguf.replace(".f32.gguf", f".{qtype}.gguf")
-    with StderrCapture() as cap:
-        rc = llama_cpp.llama_model_quantize(gguf.encode(), out.encode(), ctypes.byref(params))
+    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(params))
+    if src != gguf:
+        os.remove(src)
     if rc:
-        raise BadInput(f"llama.cpp's quantizer failed on {gguf} ({qtype}, code {rc}):\n{cap.text[-2000:]}")
+        raise BadInput(f"llama.cpp's quantizer failed on {gguf} ({qtype}, code {rc}): its log above says why")
     kinds = {}
-    for t in re.findall(r"converting to (\w+)|size = .*?(?:type|->) (\w+)", cap.text):
-        kinds[t[0] or t[1]] = kinds.get(t[0] or t[1], 0) + 1
+    for t in gg.GGUFReader(out, "r").tensors:
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
     return out, kinds
 
 
@@ -325,7 +338,7 @@ if __name__ == "__main__":
                     lp32 = text_logprobs(folder, gguf, held, threads)
                     info["file_mib"], info["quantized"] = os.path.getsize(gguf) / 2**20, {}
                 for qt in quants:
-                    qg, kinds = quantize(gguf, qt, threads)
+                    qg, kinds = quantize(folder, gguf, qt, threads)
                     q_res, q_info = llamacpp_run(folder, qg, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs,
                                                  threads)
                     q_info.update(compare(mine, q_res), tensor_types=kinds, file_mib=os.path.getsize(qg) / 2**20,
