@@ -12,16 +12,21 @@ what those venvs already hold (torch, safetensors, tokenizers, jinja2, tiktoken)
     python deepseek.py STUDENT out/s-576 --head_size=576
     ~/venvs/vllm/bin/python scripts/serve_check.py --engine=vllm --model=out/s-576 --source=DIR
 
-    # llama.cpp: llama-cpp-python builds it (cmake, a C++ compiler; ~15 min on 2 cores); its source distribution
-    # holds llama.cpp's own converter, convert_hf_to_gguf.py, and gguf-py
-    python3 -m venv ~/venvs/llamacpp && ~/venvs/llamacpp/bin/pip install torch==2.13.0 && ~/venvs/llamacpp/bin/pip \
-        install llama-cpp-python transformers sentencepiece tiktoken jinja2 safetensors
+    # llama.cpp: llama-cpp-python builds it (cmake, a C++ compiler; ~5-15 min on 2 cores); its source distribution
+    # holds llama.cpp's own converter, convert_hf_to_gguf.py, and gguf-py. On a CPU with AMX, build without it: the
+    # native build's AMX kernels die with SIGILL on any quantized model here (GGUF f32 runs either way), and refuse
+    # the MLA student's 3-D attn_k_b in Q8_0 (GGML_ASSERT(*cur_backend_id != -1) when the context is created)
+    python3 -m venv ~/venvs/llamacpp && ~/venvs/llamacpp/bin/pip install torch==2.13.0 && \
+        CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+        -DGGML_AMX_BF16=OFF" \
+        ~/venvs/llamacpp/bin/pip install llama-cpp-python transformers sentencepiece tiktoken jinja2 safetensors
     ~/venvs/llamacpp/bin/pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/sd && tar xzf \
         /tmp/sd/llama_cpp_python-*.tar.gz -C /tmp/sd && ~/venvs/llamacpp/bin/pip install \
         /tmp/sd/llama_cpp_python-*/vendor/llama.cpp/gguf-py
     python deepseek.py STUDENT out/s-ds                     # llama.cpp's deepseek2 takes any rank: no padding
     ~/venvs/llamacpp/bin/python scripts/serve_check.py --engine=llama.cpp --model=out/s-ds --source=DIR \
-        --converter=/tmp/sd/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
+        --converter=/tmp/sd/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py [--quant=Q8_0,Q4_K_M]
 
 Prints a table per model and writes the numbers with the settings to `out` (JSON).
 """
