@@ -196,10 +196,44 @@ def quantize(folder, gguf, qtype, threads):
         os.remove(src)
     if rc:
         raise BadInput(f"llama.cpp's quantizer failed on {gguf} ({qtype}, code {rc}): its log above says why")
+    return out, tensor_types(out)
+
+
+def tensor_types(path):
+    """{tensor type: how many tensors} of a GGUF."""
+    import gguf as gg
     kinds = {}
-    for t in gg.GGUFReader(out, "r").tensors:
+    for t in gg.GGUFReader(path, "r").tensors:
         kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-    return out, kinds
+    return kinds
+
+
+def keep_f32(qgguf, gguf, parts):
+    """Rewrite the quantized GGUF qgguf in place with every tensor whose name contains one of `parts` taken from the
+    f32 GGUF instead (gguf-py's reader and writer, as its gguf_new_metadata copies a file). -> how many were kept."""
+    import gguf as gg
+    q, f = gg.GGUFReader(qgguf, "r"), gg.GGUFReader(gguf, "r")
+    full = {t.name: t for t in f.tensors}
+    tensors = [full[t.name] if any(p in t.name for p in parts) else t for t in q.tensors]
+    out = qgguf + ".tmp"
+    w = gg.GGUFWriter(out, arch=q.fields[gg.Keys.General.ARCHITECTURE].contents(), endianess=q.endianess)
+    for field in q.fields.values():
+        if field.name == gg.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        kind = field.types[0]
+        w.add_key_value(field.name, field.contents(), kind,
+                        sub_type=field.types[-1] if kind == gg.GGUFValueType.ARRAY else None)
+    for t in tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in tensors:
+        w.write_tensor_data(t.data)
+    w.close()
+    del q, f
+    os.replace(out, qgguf)
+    return sum(t is full.get(t.name) for t in tensors)
 
 
 def _overrides(folder):
@@ -280,6 +314,8 @@ if __name__ == "__main__":
     threads = 2
     quant = ""                 # llama.cpp: also quantize both GGUFs with llama.cpp's own quantizer, e.g. "Q8_0,Q4_K_M",
                                # and measure each against its f32 GGUF (replies, KL on held-out text, cache, speed)
+    keep = ""                  # with quant: tensors whose names contain one of these (comma-separated) are put back
+                               # in f32, e.g. "attn_kv_a_mqa,attn_k_b,attn_v_b" (the student's latent path)
     held_out = "assets/data/corpus/c4_demo.jsonl"  # llama.cpp with quant: the held-out text of the KL ...
     held_out_tokens = 512      # ... its first this many tokens
     out = ""                   # results JSON ("" = out/serve_check_<engine>.json)
@@ -292,6 +328,9 @@ if __name__ == "__main__":
     quants = [q.strip() for q in str(quant).split(",") if q.strip()]
     if quants and engine != "llama.cpp":
         raise BadInput(f"quant={quant!r} quantizes GGUFs: it needs --engine=llama.cpp")
+    keeps = [k.strip() for k in str(keep).split(",") if k.strip()]
+    if keeps and not quants:
+        raise BadInput(f"keep={keep!r} keeps tensors of a quantized GGUF in f32: it needs --quant")
     if quants and not os.path.isfile(held_out):
         raise BadInput(f"held_out={held_out!r} is not a file (a .jsonl of {{'text': ...}} rows, or plain text)")
     try:
@@ -344,6 +383,9 @@ if __name__ == "__main__":
                     info["file_mib"], info["quantized"] = os.path.getsize(gguf) / 2**20, {}
                 for qt in quants:
                     qg, kinds = quantize(folder, gguf, qt, threads)
+                    if keeps:
+                        kept = keep_f32(qg, gguf, keeps)
+                        kinds = {**tensor_types(qg), "kept in F32": kept}
                     q_res, q_info = llamacpp_run(folder, qg, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs,
                                                  threads)
                     q_info.update(compare(mine, q_res), tensor_types=kinds, file_mib=os.path.getsize(qg) / 2**20,
