@@ -394,7 +394,7 @@ def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_
     mean eigenvalue: a direction the calibration barely excites keeps its init instead of being fitted to noise (which
     made a student fragile in bfloat16 at 1e-6, and overfitted a narrow calibration: docs/init.md), and an exact init
     stays exact. teacher_inputs: the teacher's attention inputs on ids, as calibrate(inputs=) keeps them (else one
-    teacher pass here collects them)."""
+    teacher pass here collects them: every converted layer's at once, N T d numbers each)."""
     dev = student.lm_head.weight.device
     T = ids.shape[1]
     pos = torch.arange(T, device=dev)

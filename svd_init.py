@@ -203,7 +203,9 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
     q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd". rope_fold (rorope): fold 1, 2, 4 or 8 adjacent
     frequencies into the shared key (rorope.py); None: the calibration KL picks it beside d_r. refit (rorope): then
-    W_UV and W_O refitted in closed form to the teacher's attention outputs on `calib` (rorope.refit_values).
+    W_UV and W_O refitted in closed form to the teacher's attention outputs on `calib` (rorope.refit_values), from
+    the teacher's attention inputs kept during calibration: N T d numbers a converted layer in the model's dtype,
+    held until the refit (256 MiB at the 1B shape and 2048 tokens; 2.3 GB for SmolLM2's 30 layers at 32K tokens).
     latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q and c_kv (serving engines need them: deepseek.py),
     set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""

@@ -170,23 +170,45 @@ def last_logits(llm):
     return torch.from_numpy(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy())
 
 
-def quantize(folder, gguf, qtype, threads):
-    """llama.cpp's own quantizer (llama_model_quantize, what its llama-quantize tool runs) from the f32 GGUF, beside
-    it. -> (the quantized GGUF's path, {tensor type: how many tensors}). The quantizer reads the model's settings
-    without load-time overrides, so a key _overrides supplies is first written into a copy (gguf-py's own
-    gguf_new_metadata); the quantized file then carries it."""
-    import ctypes
+def copy_gguf(src, out, keys=None, tensors_from=None, parts=()):
+    """A copy of the GGUF src at out, with integer metadata `keys` added and every tensor whose name contains one of
+    `parts` taken from the GGUF tensors_from instead (gguf-py's reader and writer, the way its gguf_new_metadata
+    copies a file). -> how many tensors were taken."""
     import gguf as gg
+    r = gg.GGUFReader(src, "r")
+    other = {t.name: t for t in gg.GGUFReader(tensors_from, "r").tensors} if tensors_from else {}
+    tensors = [other[t.name] if any(p in t.name for p in parts) else t for t in r.tensors]
+    w = gg.GGUFWriter(out, arch=r.fields[gg.Keys.General.ARCHITECTURE].contents(), endianess=r.endianess)
+    for field in r.fields.values():
+        if field.name == gg.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        kind = field.types[0]
+        w.add_key_value(field.name, field.contents(), kind,
+                        sub_type=field.types[-1] if kind == gg.GGUFValueType.ARRAY else None)
+    for k, v in (keys or {}).items():
+        w.add_key_value(k, v, gg.GGUFValueType.UINT32)
+    for t in tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in tensors:
+        w.write_tensor_data(t.data)
+    w.close()
+    return sum(t is other.get(t.name) for t in tensors)
+
+
+def quantize(folder, gguf, qtype, threads, keep=()):
+    """llama.cpp's own quantizer (llama_model_quantize, what its llama-quantize tool runs) from the f32 GGUF, beside
+    it; then the tensors whose names contain one of `keep` put back from the f32 GGUF. The quantizer reads the
+    model's settings without load-time overrides, so a key _overrides supplies is first written into a copy (the
+    quantized file then carries it). -> (the quantized GGUF's path, {tensor type: how many tensors})."""
+    import ctypes
     import llama_cpp
-    src, extra = gguf, _overrides(folder) or {}
+    src, extra = gguf, _overrides(folder)
     if extra:
-        from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-        reader = gg.GGUFReader(gguf, "r")
         src = gguf.replace(".f32.gguf", ".keyed.f32.gguf")
-        writer = gg.GGUFWriter(src, arch=reader.fields[gg.Keys.General.ARCHITECTURE].contents(),
-                               endianess=reader.endianess)
-        copy_with_new_metadata(reader, writer, {k: MetadataDetails(gg.GGUFValueType.UINT32, v)
-                                                for k, v in extra.items()}, [])
+        copy_gguf(gguf, src, keys=extra)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     params.nthread = threads
@@ -196,44 +218,14 @@ def quantize(folder, gguf, qtype, threads):
         os.remove(src)
     if rc:
         raise BadInput(f"llama.cpp's quantizer failed on {gguf} ({qtype}, code {rc}): its log above says why")
-    return out, tensor_types(out)
-
-
-def tensor_types(path):
-    """{tensor type: how many tensors} of a GGUF."""
-    import gguf as gg
     kinds = {}
-    for t in gg.GGUFReader(path, "r").tensors:
-        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-    return kinds
-
-
-def keep_f32(qgguf, gguf, parts):
-    """Rewrite the quantized GGUF qgguf in place with every tensor whose name contains one of `parts` taken from the
-    f32 GGUF instead (gguf-py's reader and writer, as its gguf_new_metadata copies a file). -> how many were kept."""
+    if keep:
+        kinds["kept in F32"] = copy_gguf(out, out + ".tmp", tensors_from=gguf, parts=keep)
+        os.replace(out + ".tmp", out)
     import gguf as gg
-    q, f = gg.GGUFReader(qgguf, "r"), gg.GGUFReader(gguf, "r")
-    full = {t.name: t for t in f.tensors}
-    tensors = [full[t.name] if any(p in t.name for p in parts) else t for t in q.tensors]
-    out = qgguf + ".tmp"
-    w = gg.GGUFWriter(out, arch=q.fields[gg.Keys.General.ARCHITECTURE].contents(), endianess=q.endianess)
-    for field in q.fields.values():
-        if field.name == gg.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue  # written by the writer itself
-        kind = field.types[0]
-        w.add_key_value(field.name, field.contents(), kind,
-                        sub_type=field.types[-1] if kind == gg.GGUFValueType.ARRAY else None)
-    for t in tensors:
-        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for t in tensors:
-        w.write_tensor_data(t.data)
-    w.close()
-    del q, f
-    os.replace(out, qgguf)
-    return sum(t is full.get(t.name) for t in tensors)
+    for t in gg.GGUFReader(out, "r").tensors:
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    return out, kinds
 
 
 def _overrides(folder):
@@ -382,10 +374,7 @@ if __name__ == "__main__":
                     lp32 = text_logprobs(folder, gguf, held, threads)
                     info["file_mib"], info["quantized"] = os.path.getsize(gguf) / 2**20, {}
                 for qt in quants:
-                    qg, kinds = quantize(folder, gguf, qt, threads)
-                    if keeps:
-                        kept = keep_f32(qg, gguf, keeps)
-                        kinds = {**tensor_types(qg), "kept in F32": kept}
+                    qg, kinds = quantize(folder, gguf, qt, threads, keeps)
                     q_res, q_info = llamacpp_run(folder, qg, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs,
                                                  threads)
                     q_info.update(compare(mine, q_res), tensor_types=kinds, file_mib=os.path.getsize(qg) / 2**20,
