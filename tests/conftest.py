@@ -80,8 +80,8 @@ def run_script(script, cfg, nproc=1, extra=(), check=True):
     r = subprocess.run(launcher + [script, cfg, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     if check and nproc > 1 and _worker_signalled(r):
-        # Seen once in ~40 CI runs (and never in 30 local repeats): a gloo worker of torch 2.13 dying with SIGSEGV
-        # inside a CPU FSDP2 step of a run that is otherwise fine. One retry, announced; a second crash fails.
+        # Seen once, in stop 42's CI (and never in 26 local repeats, 18 of them beside a CPU burner): a gloo worker of
+        # torch 2.13 dying with SIGSEGV inside a CPU FSDP2 step of a run that is otherwise fine. One retry, announced; a second crash fails.
         warnings.warn(f"{script}: a worker was killed by a signal; retrying once\n{_fatal_stack(r)}")
         r = subprocess.run(launcher + [script, cfg, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)  # the same command: a fresh start moves the crashed run's files aside
