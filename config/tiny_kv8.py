@@ -4,7 +4,7 @@
 # (8 + 16) / (2 x 4 x 32) = 9.4% of the teacher's: the ratio of the paper's Llama-3.2-1B kv64. The paper's
 # Algorithm 1 at the same cache: --init=svd --q_rank=240 --qk_nope_dim=16 (measured worse; docs/training.md,
 # the ablation table).
-#   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_kv8.py      (about 2 minutes on 2 CPU cores; 2.5 with the install)
+#   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_kv8.py      (2.5 minutes on 2 CPU cores from a fresh clone, the install included)
 init_from = "assets/models/tiny_teacher"
 init = "rorope"
 kv_rank = 8
