@@ -12,6 +12,7 @@ file because it imports both ops.py and model.py, which imports ops.py: beside t
 """
 import resource
 import sys
+import threading
 import time
 
 import torch
@@ -225,9 +226,20 @@ def conversion_bench(device, q_rank, kv_rank, qk_nope_dim, qk_rope_dim, init="sv
     with torch.device("meta"):
         src = Transformer(cfg)
     src.to_empty(device=device)
-    with torch.no_grad():
-        for p in src.parameters():
-            p.normal_(0, 0.02)
+    params = list(src.parameters())
+
+    def draw(k, n):  # N(0, 0.02) weights: one generator per thread (a single normal_ runs on one core)
+        g = torch.Generator(device=device).manual_seed(k)
+        with torch.no_grad():
+            for p in params[k::n]:
+                p.normal_(0, 0.02, generator=g)
+
+    n = torch.get_num_threads() if device == "cpu" else 1
+    workers = [threading.Thread(target=draw, args=(k, n)) for k in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
     src._init_rope(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.startswith("cuda"):

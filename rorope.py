@@ -294,8 +294,9 @@ def _weighted_svd(W, C, G, whiten, gram=None):
     return None, e.flip(0)[:k].clamp_min(0).sqrt(), V.flip(1).T[:k]
 
 
-def _truncate(W, C, G, usv, r, whiten):
-    """The rank-r factors (down (d, r), up (r, out)) of W under the cost of _weighted_svd."""
+def _truncate(W, C, G, usv, r, whiten, gram=None):
+    """The rank-r factors (down (d, r), up (r, out)) of W under the cost of _weighted_svd (gram: its Wᵀ C W, G None,
+    where the caller has it: the up factor from it, half the float64 products)."""
     U, S, Vh = usv
     if not whiten:
         P = U[:, :r]
@@ -303,6 +304,8 @@ def _truncate(W, C, G, usv, r, whiten):
     keep = S[:r] > S[0] * 1e-7                       # directions the calibration never excites stay zero
     Sr = torch.where(keep, S[:r], torch.ones_like(S[:r]))
     P = ((W if G is None else W @ G) @ Vh[:r].T / Sr) * keep   # = C^-½ U_r, since C^½ W G V_r = U_r S_r
+    if gram is not None and G is None:               # Pᵀ C W = diag(keep / S_r) V_rᵀ (Wᵀ C W)
+        return P, (Vh[:r] @ gram) / Sr[:, None] * keep[:, None]
     return P, P.T @ C @ W                            # C-weighted least squares: argmin_B E||x (W - P B)||²
 
 
@@ -412,6 +415,8 @@ def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_
 
     with _bypassed(student, layers):  # latent norms are fitted afterwards, to the refitted layer
         for i, (bS, bT) in enumerate(zip(student.model.layers, teacher.model.layers)):
+            if i > max(layers):  # nothing after the last converted layer is refitted
+                break
             if i not in layers:
                 hs = [bS(x, rope_s) for x in hs]
                 continue
@@ -441,7 +446,8 @@ def refit_values(student: Transformer, teacher: Transformer, ids, layers, batch_
             W = solve(G, R, a.o_proj.weight.T).T.to(a.o_proj.weight.dtype).contiguous()
             # a new tensor: with upcycle(copy=False) o_proj.weight is the teacher's own, which must not change
             a.o_proj.weight = torch.nn.Parameter(W, requires_grad=a.o_proj.weight.requires_grad)
-            hs = [bS.finish(xs, a.o_proj(u)) for xs, u in zip(hs, us)]               # the student's next input
+            if i < max(layers):
+                hs = [bS.finish(xs, a.o_proj(u)) for xs, u in zip(hs, us)]           # the student's next input
 
 
 def allocate_ranks(spectra: dict, total: int):

@@ -266,13 +266,14 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
         gram = W_Q.T @ (ridge[i] @ W_Q) if whiten and not full else None      # shared by the two below
         moments[i] = layer_moments(W_Q, W_K, W_V, W_O, ridge[i], stats[i][1], cfg, kv_balance, gram)
         q_usv = None if full else _weighted_svd(W_Q, ridge[i], None, whiten, gram)
-        del gram, W_K, W_V, W_O
+        del W_K, W_V, W_O
         r_q = q_rank if q_rank is not None else energy_rank(q_usv[1], q_energy)
         if q_usv is None:  # full r_q: the identity on whichever side is smaller
             eye = torch.eye(r_q, dtype=W_Q.dtype, device=W_Q.device)
             W_DQ, B_q = (eye, W_Q) if r_q == W_Q.shape[0] else (W_Q, eye)
         else:
-            W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten)     # (d, r_q), (r_q, H d_h)
+            W_DQ, B_q = _truncate(W_Q, ridge[i], None, q_usv, r_q, whiten, gram)  # (d, r_q), (r_q, H d_h)
+        del gram
         # W_DQ only ever leaves in the model's dtype: kept so (the same bits, 1/3 of the float64 kept across candidates)
         q_fac[i] = (W_DQ.to(W_Q_dtype(i)), B_q, energy_kept(q_usv[1], r_q) if q_usv else 1.0)
     if d_r is not None:

@@ -90,6 +90,13 @@ def test_whitened_factorisation_beats_plain_svd_on_anisotropic_inputs():
     scale = (by_svd[0] @ by_svd[1]).abs().max().item()
     assert_close(by_gram[0] @ by_gram[1], by_svd[0] @ by_svd[1], rtol=0, atol=1e-9 * scale)
     assert_close(_weighted_svd(W, C, G, True)[1], torch.linalg.svdvals(root @ W @ G), rtol=1e-9, atol=0)
+    # the up factor from a Gram matrix already computed (the query's, shared with layer_moments): the same factors
+    gram = W.T @ C @ W
+    usv = _weighted_svd(W, C, None, True, gram)
+    P3, B3 = _truncate(W, C, None, usv, r, True, gram)
+    P4, B4 = _truncate(W, C, None, usv, r, True)
+    assert_close(P3, P4, rtol=0, atol=0)
+    assert_close(B3, B4, rtol=0, atol=1e-10 * B4.abs().max().item())
     # and an unwhitened SVD gives other factors: the check can fail
     wrong = _truncate(W, C, G, torch.linalg.svd(W @ G, full_matrices=False), r, True)
     assert (wrong[0] @ wrong[1] - by_svd[0] @ by_svd[1]).abs().max().item() > 1e-3 * scale
