@@ -49,6 +49,7 @@ def config_fields(hf: dict) -> dict:
         latent_norm_eps=hf.get("mla_latent_norm_eps", hf.get("rms_norm_eps", 1e-6) if hf.get("mla_latent_norm")
                                else 1e-6),
         qk_rope_theta=float(hf.get("qk_rope_theta", 0.0)), rope_fold=hf.get("qk_rope_fold", 1),
+        conversion=hf.get("mla_conversion"),
         mamba_layers=hf.get("mamba_layers", ()), ssm_d_inner=hf.get("ssm_d_inner", 0),
         ssm_d_xb=hf.get("ssm_d_xb", 0), ssm_d_state=hf.get("ssm_d_state", 0), ssm_d_conv=hf.get("ssm_d_conv", 4),
         ssm_chunk=hf.get("ssm_chunk_size", 64),
@@ -81,6 +82,8 @@ def config_json(c) -> dict:
             hf["qk_rope_theta"] = c.qk_rope_theta
         if c.rope_fold != 1:  # a record of how the init built the shared key (svd_init rorope, rope_fold)
             hf["qk_rope_fold"] = c.rope_fold
+        if c.conversion is not None:  # a record of the settings the MLA layers were built with
+            hf["mla_conversion"] = c.conversion
     if c.mamba_layers:  # Zebra-Llama: the state space layers and their shape
         hf.update({
             "architectures": ["LlamaHybridForCausalLM"], "model_type": "llama_hybrid",

@@ -14,10 +14,13 @@ line, once under torchrun, exit code 2; any other exception is a bug and keeps i
 shows them all).
 """
 import ast
+import dataclasses
 import difflib
+import inspect
 import io
 import os
 import sys
+import textwrap
 import tokenize
 import traceback
 import types
@@ -31,17 +34,48 @@ SCRIPTS = ("svd_init.py", "distill.py", "dpo.py", "evaluate.py", "zebra.py", "ex
 _TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 
 
+class Settings:
+    """A group of settings that travels as one object: a dataclass deriving from this (svd_init.Conversion). A script
+    that holds an instance at module level takes its fields as settings of its own (`--kv_rank=8`, flat names, as
+    if each were a module-level assignment), with the instance's values as defaults; configure() writes the resolved
+    values back into the instance."""
+
+
+def _groups(namespace):
+    return [v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, Settings)]
+
+
 def settings_of(namespace):
-    """A script's settings: public module-level names bound to plain values (UPPER_CASE names are constants)."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and not k.isupper() and isinstance(v, _TYPES)}
+    """A script's settings: public module-level names bound to plain values (UPPER_CASE names are constants), and
+    the fields of its Settings groups."""
+    out = {k: v for k, v in namespace.items() if not k.startswith("_") and not k.isupper() and isinstance(v, _TYPES)}
+    for g in _groups(namespace):
+        for f in dataclasses.fields(g):
+            if f.name in out:
+                raise TypeError(f"setting {f.name!r} is both a module-level name and a field of {type(g).__name__}")
+            out[f.name] = getattr(g, f.name)
+    return out
+
+
+def _annotations(namespace):
+    return {**{f.name: f.type for g in _groups(namespace) for f in dataclasses.fields(g)},
+            **namespace.get("__annotations__", {})}
+
+
+def _put(namespace, key, value):
+    owner = next((g for g in _groups(namespace) if key in {f.name for f in dataclasses.fields(g)}), None)
+    setattr(owner, key, value) if owner is not None else namespace.__setitem__(key, value)
 
 
 def pipeline_settings(root=ROOT):
-    """Every setting name of the project's scripts: assignments at module level or in the `__main__` block (ast)."""
+    """Every setting name of the project's scripts: assignments at module level or in the `__main__` block, and the
+    fields of Settings classes (ast)."""
     names = set()
     for script in SCRIPTS:
         tree = ast.parse(open(os.path.join(root, script)).read())
         body = list(tree.body) + [n for node in tree.body if isinstance(node, ast.If) for n in node.body]
+        body += [n for node in tree.body if isinstance(node, ast.ClassDef)
+                 and any(ast.unparse(b) == "Settings" for b in node.bases) for n in node.body]
         names |= {t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
         names |= {n.target.id for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
     return names
@@ -108,18 +142,25 @@ def help_text(namespace):
     """The script's docstring head, then each setting, its default and the comment beside it (read with tokenize)."""
     doc = "\n\n".join((namespace.get("__doc__") or "").strip().split("\n\n")[:2])
     comments, name = {}, None  # the setting assigned on the current logical line; its trailing comment is its help
-    toks = list(tokenize.generate_tokens(io.StringIO(open(namespace["__file__"]).read()).readline))
+    sources = [open(namespace["__file__"]).read()] + [textwrap.dedent(inspect.getsource(type(g)).split("\n    def ")[0])
+                                                      for g in _groups(namespace)]  # the fields, not the methods
+    toks = [t for src in sources for t in tokenize.generate_tokens(io.StringIO(src).readline)]
+    above = None  # (setting, its column) of the line above: a comment-only line indented past it continues it
     for i, tok in enumerate(toks):
         if tok.type == tokenize.NAME and name is None and i + 1 < len(toks) and toks[i + 1].string in "=:" and (
                 i == 0 or toks[i - 1].type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.COMMENT)):
-            name = tok.string
+            name, col = tok.string, tok.start[1]
         elif tok.type == tokenize.COMMENT and name is not None:
             comments.setdefault(name, []).append(tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.COMMENT and above is not None and tok.start[1] > above[1]:
+            comments.setdefault(above[0], []).append(tok.string.lstrip("#").strip())
         elif tok.type == tokenize.NEWLINE:
-            name = None
+            name, above = None, (name, col) if name is not None else None
+        elif tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+            above = None
     lines = [doc, "", "settings (a config file, then --key=value; values are Python literals):"]
     for k, v in settings_of(namespace).items():
-        ann = namespace.get("__annotations__", {}).get(k)
+        ann = _annotations(namespace).get(k)
         note = " ".join(comments.get(k, []))
         lines.append(f"  --{k}={v!r}" + (f" ({ann})" if ann is not None else "") + (f"\n        {note}" if note else ""))
     return "\n".join(lines)
@@ -142,7 +183,7 @@ def configure(namespace, argv=None, positional=()):
         except BrokenPipeError:  # `--help | head`: the reader has all it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
-    defaults, annotations = settings_of(namespace), namespace.get("__annotations__", {})
+    defaults, annotations = settings_of(namespace), _annotations(namespace)
     for k, v in defaults.items():  # a None default must say what it takes (else --kv_rank=abc would pass)
         _check(k, v, v, "the script", annotations.get(k))
     free, bare = list(positional), {}  # bare arguments are applied after the config files: the command line wins
@@ -160,7 +201,7 @@ def configure(namespace, argv=None, positional=()):
             allowed = _allowed(annotations.get(key)) or (type(defaults[key]),)
             if str in allowed and value is not None and not any(type(value) is t for t in allowed):
                 value = text  # --out_dir=123 is the string "123" for a string setting
-            namespace[key] = _check(key, value, defaults[key], "command line", annotations.get(key))
+            _put(namespace, key, _check(key, value, defaults[key], "command line", annotations.get(key)))
         elif free and not (arg.endswith(".py") and not os.path.isdir(arg)):
             if isinstance(defaults.get(free[0]), list):
                 bare.setdefault(free[0], []).append(os.path.expanduser(arg))
@@ -172,7 +213,7 @@ def configure(namespace, argv=None, positional=()):
             raise BadInput(f"unexpected argument {arg!r}: this script takes "
                            f"{' '.join(n.upper() for n in positional)} as bare arguments, then --key=value")
     for name, value in bare.items():
-        namespace[name] = _check(name, value, defaults[name], "command line", annotations.get(name))
+        _put(namespace, name, _check(name, value, defaults[name], "command line", annotations.get(name)))
     device = namespace.get("device")
     if isinstance(device, str) and device.startswith("cuda"):  # one line now, not a CUDA traceback later
         import torch  # only here: the configurator itself needs nothing beyond the standard library
@@ -180,7 +221,7 @@ def configure(namespace, argv=None, positional=()):
             raise BadInput(f"device={device!r}, but this torch sees no GPU (torch {torch.__version__}, "
                            "torch.cuda.is_available() is False). Fix: --device=cpu (or auto), or install the "
                            "torch build for your CUDA / ROCm")
-    return {k: namespace[k] for k in defaults}
+    return settings_of(namespace)
 
 
 def _apply_file(path, namespace, defaults, annotations):
@@ -202,7 +243,7 @@ def _apply_file(path, namespace, defaults, annotations):
             if key in others:
                 continue  # another script's setting (e.g. distill.py's lr in a file svd_init.py reads)
             raise _unknown(key, defaults, path)
-        namespace[key] = _check(key, value, defaults[key], path, annotations.get(key))
+        _put(namespace, key, _check(key, value, defaults[key], path, annotations.get(key)))
 
 
 def require(config, **bounds):

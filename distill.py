@@ -18,18 +18,18 @@ kl_weight=0, ce_weight=1). Settings below; a config file, then --key=value, over
 """
 import os
 import time
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 from configurator import configure, require
 from data import BUNDLED_SFT, PackedData, build_cache, check_sources
-from deepseek import engine_ranks
 from errors import BadInput
 from folders import check_apart, resolve_checkpoint
 from ops import linear_kl
 from model import ModelConfig, Transformer, read_model_config, resolve_dtype
-from svd_init import check_settings, upcycle
+from svd_init import Conversion, upcycle
 from tokenizer import Tokenizer, check_tokenizer_for
 from zebra import converted_layers, ild_errors
 from trainer import (RunLog, StopRequest, barrier, check_finite, check_resume_config, check_train_settings,
@@ -43,25 +43,11 @@ from trainer import (RunLog, StopRequest, barrier, check_finite, check_resume_co
 init_from = "assets/models/tiny_teacher"   # HF Llama folder / hub id the student is built from; "scratch": random
 student_from = ""          # an already converted (MLA) folder: skips upcycling
 model_config = {}          # ModelConfig fields for init_from="scratch"
-mla_layers: list | None = None  # MLA settings as in svd_init.py; all None: no conversion (plain fine-tuning)
-q_rank: int | None = None      # fixed r_q and r_kv, or dynamic energies (q_energy, kv_energy in (0, 1])
-kv_rank: int | None = None
-q_energy: float | None = None
-kv_energy: float | None = None
-qk_nope_dim: int | None = None
-qk_rope_dim: int | None = None
-init = "svd"               # "svd" (Algorithm 1), "random", or "rorope" (calibrated on this run's own train data)
-kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers per token
-head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for export.py
-rope_ladder = "highest"    # rorope settings as in svd_init.py
-rope_fold: int | None = None
-refit = True
-rank_alloc = "auto"
+conversion = Conversion()  # svd_init.py's settings, each a setting here (--kv_rank, --init, ...; --help lists
+                           # them); none given: no conversion (plain fine-tuning). init="rorope" calibrates on this
+                           # run's own train data
 calib_tokens = 8192        # rorope: calibration tokens, a seeded choice of train sequences of calib_seq_len
 calib_seq_len = 0          # 0: seq_len
-latent_norm = "none"         # RMSNorm on "kv" (c_kv) or "both" (c_q, c_kv) latents: what serving needs
-latent_norm_init = "calibrated"  # their weights: "calibrated" per dimension, "scalar" or "ones"
-allow_qk_overlap = False
 # teacher: any Llama with the same vocabulary; "" = init_from (self-distillation); "none" = no teacher (CE only;
 # with a teacher and kl_weight = 0 it is still used to measure the held-out KL)
 teacher = ""
@@ -115,11 +101,9 @@ require(config, micro_batch=(1, None), seq_len=(1, None), tokens_per_step=(1, No
 # -----------------------------------------------------------------------------
 
 # settings that must match a checkpoint to resume from it, and those a resumed run may change (with a warning)
-MODEL_KEYS = ("init_from", "student_from", "model_config", "mla_layers", "q_rank", "kv_rank", "q_energy", "kv_energy",
-              "qk_nope_dim", "qk_rope_dim", "init", "kv_budget", "head_size", "rope_ladder", "rope_fold",
-              "refit", "rank_alloc", "calib_tokens",
-              "calib_seq_len", "latent_norm", "latent_norm_init", "allow_qk_overlap", "teacher", "kl_weight",
-              "ce_weight", "loss_on", "ild", "sft_data", "tokenizer", "val_every", "seq_len", "tokens_per_step", "seed")
+MODEL_KEYS = ("init_from", "student_from", "model_config", *(f.name for f in fields(Conversion)), "calib_tokens",
+              "calib_seq_len", "teacher", "kl_weight", "ce_weight", "loss_on", "ild", "sft_data", "tokenizer",
+              "val_every", "seq_len", "tokens_per_step", "seed")
 SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip")
 
 d = init_distributed(device)
@@ -136,19 +120,10 @@ if not ild and kl_weight == 0 and ce_weight == 0:
 if (kl_weight > 0 or ild) and (teacher == "none" or teacher_from == "scratch"):
     raise BadInput(f"{'ild=True' if ild else 'kl_weight > 0'} needs a teacher: set teacher= to a model folder or "
                    "hub id")
-if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks); a conversion, so not student_from
-    if student_from or init_from == "scratch":
-        raise BadInput("head_size converts the source's attention; the student here is not converted "
-                       "(student_from / scratch). Fix: drop head_size")
-    kv_rank, qk_rope_dim = engine_ranks(read_model_config(resolve_checkpoint(init_from)), head_size, mla_layers,
-                                        latent_norm, kv_rank=kv_rank, qk_rope_dim=qk_rope_dim, kv_budget=kv_budget,
-                                        kv_energy=kv_energy)
-mla_settings = dict(mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy, kv_energy=kv_energy,
-                    qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init, allow_qk_overlap=allow_qk_overlap,
-                    kv_budget=kv_budget, rope_ladder=rope_ladder, rank_alloc=rank_alloc, rope_fold=rope_fold,
-                    refit=refit)
-converting = not student_from and init_from != "scratch" and any(
-    v is not None for v in (q_rank, q_energy, kv_rank, kv_energy, kv_budget))
+converting = not student_from and init_from != "scratch" and conversion.converts()
+if conversion.head_size and not converting:  # an engine's head size converts the source's attention
+    raise BadInput("head_size converts the source's attention; the student here is not converted "
+                   "(student_from / scratch). Fix: drop head_size")
 if not student_from and init_from != "scratch" and not converting and teacher_from == init_from and kl_weight > 0:
     raise BadInput("nothing to distil: with no MLA settings and no student_from, the student is an exact copy of "
                    f"its teacher {init_from}. Fix: give a config (e.g. config/tiny_kv8.py) or MLA settings "
@@ -161,14 +136,14 @@ check_apart(out_dir, "out_dir", {**{f"{k} folder": v for k, v in folders.items()
                                  **{f"sft_data[{i}]": s for i, s in enumerate(sft_data)}}, {"data_cache": data_cache})
 check_apart(data_cache, "data_cache", {f"{k} folder": v for k, v in folders.items()})
 configs = {k: read_model_config(v) for k, v in folders.items()}
-calibrating = converting and (init == "rorope" or latent_norm != "none")
+calibrating = converting and conversion.calibrates()
 stu_cfg = configs.get("student") or ModelConfig(**model_config)
 if seq_len > stu_cfg.max_seq_len:  # before the conversion's checks, which would name calib_seq_len
     raise BadInput(f"seq_len={seq_len} is beyond the model's {stu_cfg.max_seq_len} positions "
                    "(max_position_embeddings). Fix: a seq_len <= that")
-if converting:
-    check_settings(configs["student"], **mla_settings, calib_tokens=calib_tokens if calibrating else None,
-                   calib_seq_len=calib_seq_len or seq_len, latent_norm=latent_norm, latent_norm_init=latent_norm_init)
+if converting:  # completed as the command lines complete it (head_size -> r_kv and d_r; unset ranks: full)
+    conversion = conversion.checked(configs["student"], calib_tokens=calib_tokens if calibrating else None,
+                                    calib_seq_len=calib_seq_len or seq_len)
 if ild and "student" in configs and not converting:  # the layers ILD trains; converting: known after upcycling
     converted_layers(configs["student"], configs["teacher"])
 if "teacher" in configs and configs["teacher"].vocab_size != stu_cfg.vocab_size:
@@ -240,11 +215,10 @@ else:
         student = source  # no MLA settings: fine-tune the source as it is
     else:
         calib = None
-        if init == "rorope" or latent_norm != "none":  # calibration: this run's own train data, the same on all ranks
+        if calibrating:  # calibration: this run's own train data, the same on all ranks
             calib = PackedData(cache, "train", calib_seq_len or seq_len).sample(calib_tokens, seed)
             log.print(f"calibration: {calib.numel()} tokens ({len(calib)} train sequences, seed {seed})")
-        student = upcycle(source, **mla_settings, latent_norm=latent_norm, latent_norm_init=latent_norm_init,
-                          seed=seed, copy=False, calib=calib,
+        student = upcycle(source, conversion, seed=seed, copy=False, calib=calib,
                           log=log.print if d.master else None)
     del source
 kv_src = tmodel.kv_cache_elements_per_token() if tmodel is not None else None

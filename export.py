@@ -76,7 +76,6 @@ if check:
                            "Please report it, with the source folder's config.json")
     # 2. the numbers: the export in its own dtype, as it is served, against the source model in float32, on
     # text the source writes itself (a low-precision copy of an ill-conditioned model passes step 1 and fails here)
-    from ops import kl_and_agreement
     # the model as read, in float32 (compare_with_transformers cast it); re-read only where --dtype rounded it
     src = Transformer.from_pretrained(folder, dtype=torch.float32).eval() if dtype else model.float()
     start = torch.full((4, 1), src.config.bos_id or 0, dtype=torch.long)

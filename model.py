@@ -26,7 +26,7 @@ Cache per token and layer: GQA 2 n_kv d_h numbers, MLA r_kv + d_r.
 Shapes are commented with short letters: B batch, T query length, S key length (the cache), V vocab.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -84,6 +84,9 @@ class ModelConfig:
     latent_norm: str = "none"          # RMSNorm on the latents: "none", "kv" (on c_kv) or "both" (c_q and c_kv).
                                        # DeepSeek has both; serving engines need "kv" at least (deepseek.py)
     latent_norm_eps: float = 1e-6      # DeepSeek's (HF DeepseekV3 computes its latent norms with 1e-6)
+    conversion: dict | None = field(default=None, compare=False)  # the svd_init.Conversion the MLA layers were
+                                       # built by (config.json: "mla_conversion"). A record only: the forward does not
+                                       # read it, and two configs that differ only here are the same model
     # --- Mamba2 (Zebra-Llama): which layers are state space layers instead of attention (mamba2.py) ---
     mamba_layers: tuple = ()           # indices; disjoint from mla_layers. Every other layer is GQA or MLA
     ssm_d_inner: int = 0               # 0: n_heads d_h (C and z; as Q)

@@ -42,9 +42,12 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass, fields, replace
 
 import torch
 
+from configurator import Settings
+from deepseek import engine_ranks
 from errors import BadInput
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
@@ -182,39 +185,127 @@ def _assemble(model, layers, new_sd, new_cfg, copy):
 
 
 # -----------------------------------------------------------------------------
+# One conversion's settings: what upcycle() builds, what the command lines take (svd_init.py, distill.py, zebra.py:
+# each field is a --key=value setting there), what config.json records ("mla_conversion")
+
+@dataclass
+class Conversion(Settings):
+    mla_layers: list | None = None  # None: all layers; a list of indices makes a hybrid
+    q_rank: int | None = None  # fixed r_q ...
+    kv_rank: int | None = None  # ... and r_kv, or dynamic:
+    q_energy: float | None = None  # delta_q in (0, 1]
+    kv_energy: float | None = None  # delta_kv in (0, 1]
+    qk_nope_dim: int | None = None  # d_qk (None: d_h / 2; rorope: d_h)
+    qk_rope_dim: int | None = None  # d_r (None: d_h / 2; rorope under kv_budget: chosen by the calibration)
+    init: str = "svd"  # "svd" (Algorithm 1), "random" (its baseline) or "rorope" (needs calibration)
+    kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers/token
+    head_size: int = 0  # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for export.py
+    rope_ladder: str = "highest"  # rorope, d_r < d_h, no folding: keep the d_r/2 "highest" frequencies, or "every"
+                                  # c-th one
+    rope_fold: int | None = None  # rorope: fold 1, 2, 4 or 8 adjacent frequencies into the shared key; None: the
+                                  # calibration KL picks (1: exact rotation, no folding)
+    refit: bool = True  # rorope: then W_UV and W_O refitted to the teacher's attention outputs
+    rank_alloc: str = "auto"  # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
+    whiten: bool = True  # rorope ingredients (for ablations): activation-aware factorisation ...
+    weight_errors: bool | None = None  # ... key / value errors weighted by their cost (None: with and without, the
+                                       # calibration KL picks) ...
+    kv_balance: float = 1.0  # ... and the weight of key errors against value errors
+    latent_norm: str = "none"  # RMSNorm on "kv" (c_kv) or "both" (c_q, c_kv) latents: what serving needs
+    latent_norm_init: str = "calibrated"  # their weights: "calibrated" per dimension, "scalar" or "ones"
+    allow_qk_overlap: bool = False  # Algorithm 1 with d_qk + d_r > d_h (the paper's d_qk = d_r = d_h rows)
+
+    def converts(self) -> bool:
+        """Whether these settings convert anything (a rank, an energy, a budget or a head size given)."""
+        return self.head_size > 0 or any(v is not None for v in (self.q_rank, self.q_energy, self.kv_rank,
+                                                                  self.kv_energy, self.kv_budget))
+
+    def calibrates(self) -> bool:
+        """Whether this conversion needs calibration token ids (its init, or its latent norms' fit)."""
+        return self.init == "rorope" or self.latent_norm != "none"
+
+    def checked(self, cfg: ModelConfig, calib_tokens=None, calib_seq_len=None) -> "Conversion":
+        """These settings checked against a source config alone (no weights needed), and completed as the command
+        lines complete them: head_size -> r_kv and d_r (deepseek.engine_ranks), an unset r_q / r_kv -> full rank.
+        Scripts call it before any work, so a bad rank fails in a second, not after the data is tokenised.
+        calib_tokens / calib_seq_len (given when the run calibrates): the calibration must fit the model's positions
+        and this machine's memory."""
+        c = replace(self)
+        if c.head_size:
+            c.kv_rank, c.qk_rope_dim = engine_ranks(cfg, c.head_size, c.mla_layers, c.latent_norm, kv_rank=c.kv_rank,
+                                                    qk_rope_dim=c.qk_rope_dim, kv_budget=c.kv_budget,
+                                                    kv_energy=c.kv_energy)
+            c.head_size = 0
+        layers = list(range(cfg.n_layers)) if c.mla_layers is None else c.mla_layers
+        if not isinstance(layers, (list, tuple)):
+            raise BadInput(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
+        if c.q_rank is None and c.q_energy is None:
+            c.q_rank = min(cfg.dim, cfg.n_heads * cfg.head_dim)
+        if c.kv_rank is None and c.kv_energy is None and c.kv_budget is None:
+            c.kv_rank = min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)
+        d_qk, d_r = _defaults(cfg, c)
+        _check_settings(cfg, c, list(layers), d_qk, d_r)
+        if c.init == "rorope" and calib_tokens is not None:
+            _check_calib_size(calib_tokens, c.q_rank, c.kv_rank, cfg)
+        if calib_seq_len is not None and not 1 <= calib_seq_len <= cfg.max_seq_len:
+            raise BadInput(f"calib_seq_len={calib_seq_len} is beyond the model's {cfg.max_seq_len} positions "
+                           f"(max_position_embeddings). Fix: --calib_seq_len={min(512, cfg.max_seq_len)} or less")
+        if calib_tokens is not None:
+            need = calib_bytes(cfg, calib_tokens, len(layers), latent_norm_kind(c.latent_norm), c.latent_norm_init,
+                               c.kv_rank)
+            free = _available_memory() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each calibrates
+            if need > 0.8 * free:
+                fit = int(calib_tokens * 0.8 * free / need)
+                raise BadInput(f"calib_tokens={calib_tokens} would hold about {need / 2**30:.1f} GiB during "
+                               f"calibration, more than this machine's {free / 2**30:.1f} GiB available per process. "
+                               f"Fix: calib_tokens <= {fit} (8192-32768 is plenty: see docs/init.md, calibration "
+                               "sizes)")
+        return c
+
+
+# -----------------------------------------------------------------------------
 # upcycle(): every init behind one call; init="rorope" is built here from rorope.py's pieces
 
 @torch.no_grad()
-def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-            qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False, seed=0,
-            report=None, copy=True, kv_budget=None, calib=None, rope_ladder="highest", whiten=True,
-            weight_errors=None, kv_balance=1.0, rank_alloc="auto", latent_norm_init="calibrated",
-            rope_fold=None, refit=True, log=None) -> Transformer:
+def upcycle(model: Transformer, conversion: Conversion | None = None, *, calib=None, seed=0, report=None, copy=True,
+            log=None, **settings) -> Transformer:
     """A new Transformer whose layers `mla_layers` (default all) are MLA initialised from `model`'s attention;
     every other tensor is cloned (training the result never touches `model`), or with copy=False shared with
     `model` (for convert-and-save: no second copy of the weights in memory; train neither while they share).
 
-    init: "svd" Algorithm 1 as the paper writes it; "random" its baseline; "rorope" the activation-aware init
-    above, which needs `calib` (a LongTensor (N, T) of token ids) and has d_qk = d_h (whiten / weight_errors
-    switch its ingredients off, for ablations; weight_errors=None builds the chosen shape with and without the cost
-    weights and keeps the better). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
-    delta in (0, 1]), or kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
+    The settings: a Conversion, or its fields as keywords (`upcycle(model, kv_rank=8, init="rorope")`), or both (the
+    keywords replace the Conversion's fields). init: "svd" Algorithm 1 as the paper writes it; "random" its baseline;
+    "rorope" the activation-aware init above, which needs `calib` (a LongTensor (N, T) of token ids) and has d_qk = d_h
+    (whiten / weight_errors switch its ingredients off, for ablations; weight_errors=None builds the chosen shape with
+    and without the cost weights and keeps the better). Ranks: fixed (q_rank, kv_rank), dynamic (q_energy, kv_energy:
+    delta in (0, 1]), kv_budget (a fraction of the converted layers' source cache, or numbers per token): per-
     layer r_kv uniform or water-filled (rank_alloc; "auto" builds both) and, when qk_rope_dim is unset, d_r in
-    {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates. q_rank=None with no
-    q_energy: full rank. d_qk, d_r default to d_h / 2 each for "svd". rope_fold (rorope): fold 1, 2, 4 or 8 adjacent
-    frequencies into the shared key (rorope.py); None: the calibration KL picks it beside d_r. refit (rorope): then
-    W_UV and W_O refitted in closed form to the teacher's attention outputs on `calib` (rorope.refit_values), from
-    the teacher's attention inputs kept during calibration: N T d numbers a converted layer in the model's dtype,
-    held until the refit (256 MiB at the 1B shape and 2048 tokens; 2.3 GB for SmolLM2's 30 layers at 32K tokens).
-    latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q and c_kv (serving engines need them: deepseek.py),
-    set by calibrate_latent_norms (latent_norm_init) on `calib`, which every init then needs.
+    {d_h, d_h/2, d_h/4}; the KL on 4 calibration sequences picks among the candidates; or head_size (an engine's
+    r_kv + d_r, deepseek.engine_ranks). q_rank=None with no q_energy: full rank. d_qk, d_r default to d_h / 2 each for
+    "svd". rope_fold (rorope): fold 1, 2, 4 or 8 adjacent frequencies into the shared key (rorope.py); None: the
+    calibration KL picks it beside d_r. refit (rorope): then W_UV and W_O refitted in closed form to the teacher's
+    attention outputs on `calib` (rorope.refit_values), from the teacher's attention inputs kept during calibration:
+    N T d numbers a converted layer in the model's dtype, held until the refit (256 MiB at the 1B shape and 2048
+    tokens; 2.3 GB for SmolLM2's 30 layers at 32K tokens). latent_norm "kv" / "both" adds RMSNorms on c_kv / on c_q
+    and c_kv (serving engines need them: deepseek.py), set by calibrate_latent_norms (latent_norm_init) on `calib`,
+    which every init then needs. seed: init="random"'s draw. The student's config records the conversion
+    (`conversion`, config.json's "mla_conversion").
     If `report` is a list, one dict per converted layer is appended (ranks, energy kept, parameters, cache)."""
+    unknown = sorted(set(settings) - {f.name for f in fields(Conversion)})
+    if unknown:
+        raise TypeError(f"upcycle() got {', '.join(unknown)}: not a Conversion setting (those are "
+                        f"{', '.join(f.name for f in fields(Conversion))})")
+    c = replace(conversion or Conversion(), **settings)
     cfg = model.config
-    latent_norm = latent_norm_kind(latent_norm)  # True / False as "both" / "none"
-    if latent_norm != "none" and latent_norm_init != "ones" and calib is None:
-        raise BadInput(f"latent_norm={latent_norm!r} is initialised from calibration data: pass calib (token ids "
+    if c.head_size:  # an engine's head size fixes r_kv and d_r
+        c.kv_rank, c.qk_rope_dim = engine_ranks(cfg, c.head_size, c.mla_layers, c.latent_norm, kv_rank=c.kv_rank,
+                                                qk_rope_dim=c.qk_rope_dim, kv_budget=c.kv_budget,
+                                                kv_energy=c.kv_energy)
+        c.head_size = 0
+    c.latent_norm = latent_norm_kind(c.latent_norm)  # True / False as "both" / "none"
+    if c.latent_norm != "none" and c.latent_norm_init != "ones" and calib is None:
+        raise BadInput(f"latent_norm={c.latent_norm!r} is initialised from calibration data: pass calib (token ids "
                        "(N, T)), or latent_norm_init='ones'")
-    if latent_norm == "both" and latent_norm_init in ("calibrated", "diagonal"):
+    if c.latent_norm == "both" and c.latent_norm_init in ("calibrated", "diagonal"):
         warnings.warn("latent_norm='both' with a calibrated basis for c_q starts close to the no-norm model but "
                       "trained badly in the tiny ablation of docs/init.md (KL 1.73 -> 1.39, against 0.19 for "
                       "latent_norm='kv'). "
@@ -226,27 +317,40 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
     if bad is not None:  # else a LinAlgError deep inside an SVD, or a NaN student
         raise BadInput(f"the source model's {bad} holds NaN or Inf: the checkpoint is damaged (or a training run "
                        "diverged). Fix: convert a finite checkpoint (an earlier one, or the original download)")
-    check_kv_balance(kv_balance)
-    if not isinstance(refit, bool):
-        raise BadInput(f"refit={refit!r}: True (W_UV and W_O refitted to the teacher's outputs, init='rorope') or "
+    check_kv_balance(c.kv_balance)
+    if not isinstance(c.refit, bool):
+        raise BadInput(f"refit={c.refit!r}: True (W_UV and W_O refitted to the teacher's outputs, init='rorope') or "
                        "False")
-    layers = list(range(cfg.n_layers)) if mla_layers is None else [int(i) for i in mla_layers]
+    layers = list(range(cfg.n_layers)) if c.mla_layers is None else [int(i) for i in c.mla_layers]
+    if c.q_rank is None and c.q_energy is None:
+        c.q_rank = min(cfg.dim, cfg.n_heads * cfg.head_dim)
+    d_qk, d_r = _defaults(cfg, c)
+    _check_settings(cfg, c, layers, d_qk, d_r)
+    budget = None if c.kv_budget is None else kv_budget_numbers(c.kv_budget, len(layers) * 2 * cfg.n_kv_heads *
+                                                                cfg.head_dim)
+    student = INITS[c.init](model, c, layers, d_qk, d_r, budget, calib, seed, report, copy, log)
+    calibrate_latent_norms(student, calib, layers, c.latent_norm_init)
+    student.config.conversion = {f.name: getattr(c, f.name) for f in fields(c)}  # as completed here
+    return student
+
+
+def _init_algorithm1(model, c: Conversion, layers, d_qk, d_r, budget, calib, seed, report, copy, log):
+    """init="svd" / "random": Algorithm 1 (under a budget: the same r_kv in every layer)."""
+    cfg = model.config
+    kv_rank = c.kv_rank if budget is None else min(budget // len(layers) - d_r,
+                                                   min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim))
+    return _algorithm1(model, layers, c.q_rank, kv_rank, c.q_energy, c.kv_energy, d_qk, d_r, c.init, c.latent_norm,
+                       seed, report, copy)
+
+
+def _init_rorope(model, c: Conversion, layers, d_qk, d_r, budget, calib, seed, report, copy, log):
+    """init="rorope": the calibrated init, assembled from rorope.py's pieces (candidates scored by the calibration
+    KL: d_r, fold, per-layer r_kv, the cost weights; then the refit)."""
+    cfg = model.config
     d_h, H, n_kv, d = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim
-    if q_rank is None and q_energy is None:
-        q_rank = min(d, H * d_h)
-    d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
-    _check_settings(cfg, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init, rope_fold)
-    budget = None
-    if kv_budget is not None:
-        budget = kv_budget_numbers(kv_budget, len(layers) * 2 * n_kv * d_h)
-        if init != "rorope":  # Algorithm 1 / random under a budget: the same r_kv in every layer
-            kv_rank = min(budget // len(layers) - d_r, min(d, 2 * n_kv * d_h))
-    if init != "rorope":
-        student = _algorithm1(model, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, latent_norm,
-                              seed, report, copy)
-        calibrate_latent_norms(student, calib, layers, latent_norm_init)
-        return student
+    q_rank, kv_rank, q_energy, kv_energy = c.q_rank, c.kv_rank, c.q_energy, c.kv_energy
+    whiten, weight_errors, kv_balance, refit = c.whiten, c.weight_errors, c.kv_balance, c.refit
+    rope_ladder, rope_fold, rank_alloc, latent_norm = c.rope_ladder, c.rope_fold, c.rank_alloc, c.latent_norm
     say = log or (lambda *a: None)
     teacher_inputs = {} if refit else None  # kept for the refit: N T d numbers a layer
     first = []  # the final hidden states of the sequences the candidates are scored on
@@ -363,7 +467,6 @@ def upcycle(model: Transformer, mla_layers=None, q_rank=None, kv_rank=None, q_en
             score(student, "W_UV and W_O refitted (in-sample: the refit saw these tokens)")
     if report is not None:
         report.extend(best[2])
-    calibrate_latent_norms(student, calib, layers, latent_norm_init)
     return student
 
 
@@ -407,14 +510,16 @@ def _build_rorope(model, src, layers, parts, q_fac, ridge, r_kv, pairs, d_r_c, t
 # -----------------------------------------------------------------------------
 # Settings, checked before any weight is read
 
-INITS = ("svd", "random", "rorope")
+INITS = {"svd": _init_algorithm1, "random": _init_algorithm1, "rorope": _init_rorope}  # upcycle's dispatch
 LADDERS = ("highest", "every")
 ALLOCS = ("auto", "uniform", "waterfill")
 
 
-def _check_settings(cfg: ModelConfig, layers, q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init,
-                    allow_qk_overlap, kv_budget=None, rope_ladder="highest", rank_alloc="auto", latent_norm="none",
-                    latent_norm_init="calibrated", rope_fold=None):
+def _check_settings(cfg: ModelConfig, c: Conversion, layers, d_qk, d_r):
+    """The Conversion `c` (with q_rank completed) against the source config; d_qk, d_r as _defaults completes them."""
+    q_rank, kv_rank, q_energy, kv_energy, init = c.q_rank, c.kv_rank, c.q_energy, c.kv_energy, c.init
+    kv_budget, rope_ladder, rank_alloc, rope_fold = c.kv_budget, c.rope_ladder, c.rank_alloc, c.rope_fold
+    latent_norm, latent_norm_init, allow_qk_overlap = c.latent_norm, c.latent_norm_init, c.allow_qk_overlap
     n = cfg.n_layers
     if not layers or len(set(layers)) != len(layers) or not all(isinstance(i, int) and 0 <= i < n for i in layers):
         raise BadInput(f"mla_layers={layers} must be distinct layer indices in [0, {n})")
@@ -505,47 +610,14 @@ def kv_budget_numbers(kv_budget, src_numbers):
     return int(kv_budget)
 
 
-def _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget):
+def _defaults(cfg, c: Conversion):
     """d_qk, d_r when unset: d_h / 2 each (Algorithm 1); rorope: d_qk = d_h, and d_r chosen later under a budget."""
     d_h = cfg.head_dim
     if cfg.mla_layers:  # adding layers to an MLA model: they share its d_qk and d_r
-        return (qk_nope_dim or cfg.qk_nope_dim), (qk_rope_dim or cfg.qk_rope_dim)
-    d_qk = qk_nope_dim if qk_nope_dim is not None else (d_h if init == "rorope" else d_h // 2)
-    d_r = qk_rope_dim if qk_rope_dim is not None else (None if init == "rorope" and kv_budget else d_h // 2)
+        return (c.qk_nope_dim or cfg.qk_nope_dim), (c.qk_rope_dim or cfg.qk_rope_dim)
+    d_qk = c.qk_nope_dim if c.qk_nope_dim is not None else (d_h if c.init == "rorope" else d_h // 2)
+    d_r = c.qk_rope_dim if c.qk_rope_dim is not None else (None if c.init == "rorope" and c.kv_budget else d_h // 2)
     return d_qk, d_r
-
-
-def check_settings(cfg: ModelConfig, mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-                   qk_nope_dim=None, qk_rope_dim=None, init="svd", allow_qk_overlap=False, kv_budget=None,
-                   rope_ladder="highest", rank_alloc="auto", calib_tokens=None, latent_norm="none",
-                   latent_norm_init="calibrated", calib_seq_len=None, rope_fold=None, **_):
-    """upcycle()'s settings checked against a source config alone (no weights needed): scripts call it before any
-    work, so a bad rank fails in a second, not after the data is tokenised. q_rank=None with no q_energy means
-    full rank here (as the command lines default it). calib_tokens / calib_seq_len (given when the run calibrates):
-    the calibration must fit the model's positions and this machine's memory."""
-    layers = list(range(cfg.n_layers)) if mla_layers is None else mla_layers
-    if not isinstance(layers, (list, tuple)):
-        raise BadInput(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
-    if q_rank is None and q_energy is None:
-        q_rank = min(cfg.dim, cfg.n_heads * cfg.head_dim)
-    if kv_rank is None and kv_energy is None and kv_budget is None:
-        kv_rank = min(cfg.dim, 2 * cfg.n_kv_heads * cfg.head_dim)
-    d_qk, d_r = _defaults(cfg, init, qk_nope_dim, qk_rope_dim, kv_budget)
-    _check_settings(cfg, list(layers), q_rank, kv_rank, q_energy, kv_energy, d_qk, d_r, init, allow_qk_overlap,
-                    kv_budget, rope_ladder, rank_alloc, latent_norm, latent_norm_init, rope_fold)
-    if init == "rorope" and calib_tokens is not None:
-        _check_calib_size(calib_tokens, q_rank, kv_rank, cfg)
-    if calib_seq_len is not None and not 1 <= calib_seq_len <= cfg.max_seq_len:
-        raise BadInput(f"calib_seq_len={calib_seq_len} is beyond the model's {cfg.max_seq_len} positions "
-                       f"(max_position_embeddings). Fix: --calib_seq_len={min(512, cfg.max_seq_len)} or less")
-    if calib_tokens is not None:
-        need = calib_bytes(cfg, calib_tokens, len(layers), latent_norm_kind(latent_norm), latent_norm_init, kv_rank)
-        free = _available_memory() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process calibrates
-        if need > 0.8 * free:
-            fit = int(calib_tokens * 0.8 * free / need)
-            raise BadInput(f"calib_tokens={calib_tokens} would hold about {need / 2**30:.1f} GiB during calibration, "
-                           f"more than this machine's {free / 2**30:.1f} GiB available per process. Fix: "
-                           f"calib_tokens <= {fit} (8192-32768 is plenty: see docs/init.md, calibration sizes)")
 
 
 def check_kv_balance(kv_balance):
@@ -646,57 +718,31 @@ if __name__ == "__main__":
     init_from = "tests/fixtures/stories260K"   # HF Llama folder or hub id
     out_dir = "out/svd_init"   # a new or empty folder, or one svd_init wrote before (anything else is refused)
     tokenizer = ""             # recorded in out_dir: "" = the source folder's own; or "bytes", "llama3", a folder
-    mla_layers: list | None = None  # None: all layers; a list of indices makes a hybrid
-    q_rank: int | None = None  # fixed r_q ...
-    kv_rank: int | None = None  # ... and r_kv, or dynamic:
-    q_energy: float | None = None  # delta_q in (0, 1]
-    kv_energy: float | None = None  # delta_kv in (0, 1]
-    qk_nope_dim: int | None = None  # d_qk (None: d_h / 2)
-    qk_rope_dim: int | None = None  # d_r (None: d_h / 2)
-    init = "svd"               # "svd" (Algorithm 1), "random" (its baseline) or "rorope" (needs calibration)
-    kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers/token
-    head_size = 0              # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for export.py
-    rope_ladder = "highest"    # rorope, d_r < d_h, no folding: keep the d_r/2 "highest" frequencies, or every c-th
-    rope_fold: int | None = None  # rorope: fold 1, 2, 4 or 8 adjacent frequencies into the shared key; None: the
-                               # calibration KL picks (1: exact rotation, no folding)
-    refit = True               # rorope: then W_UV and W_O refitted to the teacher's attention outputs
-    rank_alloc = "auto"        # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
-    whiten = True              # rorope ingredients (for ablations): activation-aware factorisation ...
-    weight_errors: bool | None = None  # ... key / value errors weighted by their cost (None: with and without,
-                               # the calibration KL picks)
-    kv_balance = 1.0           # ... and the weight of key errors against value errors
+    conversion = Conversion()  # its fields are settings here: --init, --kv_rank, --kv_budget, ... (--help lists them)
     calib_data = list(BUNDLED_SFT)  # rorope's calibration text: the bundled SFT mix
     calib_tokens = 8192        # calibration tokens (seeded choice of whole sequences; `seed`)
     calib_seq_len = 512
     data_cache = "out/data_cache"
-    latent_norm = "none"         # RMSNorm on "kv" (c_kv) or "both" (c_q, c_kv) latents: what serving needs
-    latent_norm_init = "calibrated"  # their weights: "calibrated" per dimension, "scalar" or "ones"
-    allow_qk_overlap = False
     device = "cpu"
     dtype = "float32"          # the dtype the model is loaded and saved in (the SVD itself is always float32)
     seed = 0
     config = configure(globals())
     # -----------------------------------------------------------------------------
     require(config, calib_tokens=(1, None), calib_seq_len=(1, None), seed=(0, None))
-    check_kv_balance(kv_balance)
+    check_kv_balance(conversion.kv_balance)
     folder = resolve_checkpoint(init_from)
-    calibrating = init == "rorope" or latent_norm != "none"
+    calibrating = conversion.calibrates()
     # pre-flight: output folder, settings and tokenizer, before the weights are read
     check_apart(out_dir, "out_dir", {"init_from": folder, **{f"calib_data[{i}]": c for i, c in
                                                              enumerate(calib_data)}}, {"data_cache": data_cache})
     check_replaceable(os.path.abspath(out_dir))
     check_not_in_a_live_run(out_dir)
     src_cfg = read_model_config(folder)
-    if head_size:  # an engine's head size fixes r_kv and d_r (deepseek.engine_ranks)
-        from deepseek import engine_ranks
-        kv_rank, qk_rope_dim = engine_ranks(src_cfg, head_size, mla_layers, latent_norm, kv_rank=kv_rank,
-                                            qk_rope_dim=qk_rope_dim, kv_budget=kv_budget, kv_energy=kv_energy)
-        print(f"head_size {head_size}: r_kv {kv_rank} + d_r {qk_rope_dim} in every layer")
-    check_settings(src_cfg, mla_layers, q_rank, kv_rank, q_energy, kv_energy, qk_nope_dim, qk_rope_dim, init,
-                   allow_qk_overlap, kv_budget, rope_ladder, rank_alloc, rope_fold=rope_fold,
-                   calib_tokens=calib_tokens if calibrating else None,
-                   calib_seq_len=calib_seq_len if calibrating else None,
-                   latent_norm=latent_norm, latent_norm_init=latent_norm_init)
+    asked = conversion
+    conversion = conversion.checked(src_cfg, calib_tokens=calib_tokens if calibrating else None,
+                                    calib_seq_len=calib_seq_len if calibrating else None)
+    if asked.head_size:  # an engine's head size fixed r_kv and d_r (deepseek.engine_ranks)
+        print(f"head_size {asked.head_size}: r_kv {conversion.kv_rank} + d_r {conversion.qk_rope_dim} in every layer")
     if calibrating:
         check_sources(calib_data)
     from tokenizer import Tokenizer, check_tokenizer_for
@@ -715,8 +761,6 @@ if __name__ == "__main__":
         where = calib_data
     teacher = Transformer.from_pretrained(folder, dtype=resolve_dtype(dtype, torch.device(device).type),
                                           device=device).eval()
-    if kv_rank is None and kv_energy is None and kv_budget is None:  # nothing chosen: keep the full rank
-        kv_rank = min(teacher.config.dim, 2 * teacher.config.n_kv_heads * teacher.config.head_dim)
     if calibrating and calib is None:  # no tokenizer to read text with (stories260K): text the source writes itself
         calib = teacher_text(teacher, -(-calib_tokens // calib_seq_len), calib_seq_len, seed)
         where = "text sampled from the source (it has no tokenizer to read calib_data)"
@@ -724,15 +768,9 @@ if __name__ == "__main__":
         print(f"calibration: {calib.numel()} tokens ({len(calib)} x {calib_seq_len}, seed {seed}) of {where}")
     report = []
     t0 = time.time()
-    student = upcycle(teacher, mla_layers=mla_layers, q_rank=q_rank, kv_rank=kv_rank, q_energy=q_energy,
-                      kv_energy=kv_energy, qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, init=init,
-                      latent_norm=latent_norm, latent_norm_init=latent_norm_init,
-                      allow_qk_overlap=allow_qk_overlap, seed=seed, report=report,
-                      copy=False, kv_budget=kv_budget, calib=calib, rope_ladder=rope_ladder, rank_alloc=rank_alloc,
-                      rope_fold=rope_fold, refit=refit,
-                      whiten=whiten, weight_errors=weight_errors, kv_balance=kv_balance,
+    student = upcycle(teacher, conversion, calib=calib, seed=seed, report=report, copy=False,
                       log=print).eval()  # the teacher's untouched tensors are shared, not duplicated
-    print(f"upcycled {init_from} in {time.time() - t0:.1f} s ({init} init)")
+    print(f"upcycled {init_from} in {time.time() - t0:.1f} s ({conversion.init} init)")
     print_table(report, teacher.config, student)
     if teacher.config.vocab_size <= 1024 and teacher.config.bos_id is not None:  # tiny model: measure it right away
         idx = teacher_text(teacher, 8, 128, seed)

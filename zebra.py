@@ -35,6 +35,7 @@ runs give its layers, at one run's cost. (The published loss adds the same norm 
 """
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -43,7 +44,7 @@ from mamba2 import ssm_init
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, read_model_config, resolve_dtype
 from rorope import calib_kl, calib_logits
-from svd_init import _assemble, kv_budget_numbers, upcycle
+from svd_init import Conversion, _assemble, kv_budget_numbers, upcycle
 
 CONV_INITS = ("identity", "random")
 PLACEMENTS = ("sensitivity", "uniform")
@@ -253,16 +254,16 @@ def converted_layers(student_cfg: ModelConfig, teacher_cfg: ModelConfig):
 
 
 def compose(source: Transformer, mla_layers, calib=None, conv_init="identity", seed=0, log=None, gains=None,
-            **mla_settings):
-    """The hybrid: `mla_layers` upcycled to MLA by svd_init.upcycle(**mla_settings), every other GQA layer Mamba2
-    (with `gains` from fit_gains, or ones). No refit of W_UV, W_O unless asked (refit=True): it fits each MLA layer
-    to a stream whose other layers are still attention, which the Mamba2 layers then replace (not measured here)."""
+            conversion: Conversion | None = None, **settings):
+    """The hybrid: `mla_layers` upcycled to MLA by svd_init.upcycle(conversion, **settings), every other GQA layer
+    Mamba2 (with `gains` from fit_gains, or ones). No refit of W_UV, W_O unless asked (refit=True): it fits each MLA
+    layer to a stream whose other layers are still attention, which the Mamba2 layers then replace (not measured)."""
     mla_layers = sorted(int(i) for i in mla_layers)
     mamba = [i for i in range(source.config.n_layers) if i not in mla_layers and source.config.layer_type(i) == "gqa"]
     model = source
     if mla_layers:
-        model = upcycle(source, mla_layers=mla_layers, calib=calib, seed=seed, log=log, **{"refit": False,
-                                                                                              **mla_settings})
+        model = upcycle(source, conversion or Conversion(refit=False), calib=calib, seed=seed, log=log,
+                        **{**settings, "mla_layers": mla_layers})
     if not mamba:
         return model
     return mamba_from_attention(model, mamba, conv_init, seed, copy=model is source,
@@ -281,19 +282,15 @@ if __name__ == "__main__":
     # settings (a config file, then --key=value)
     init_from = "assets/models/tiny_teacher"  # HF Llama folder or hub id
     out_dir = "out/zebra"      # a new or empty folder, or one written here before
-    mla_layers: list | None = None  # explicit MLA layers; else chosen by `placement` from one of the three below
     n_mla: int | None = None
     mla_fraction: float | None = None  # None: a quarter of the layers stay MLA, unless one of the other two is given
     cache_budget: float | None = None  # per-token cache: a fraction of the source's GQA cache, or numbers per token
     placement = "sensitivity"  # "sensitivity" (measured here) or "uniform" (the published pattern)
     conv_init = "identity"     # Mamba2's conv at init: "identity" (ours) or "random" (Mamba2's)
     ssm_gain = "calibrated"    # Mamba2's norm weights at init: "calibrated" (fit_gains, ours) or "ones" (published)
-    # MLA layers: svd_init.py's settings (init rorope needs calibration, as does placement="sensitivity")
-    init = "rorope"
-    q_rank: int | None = None
-    kv_rank: int | None = 16
-    qk_rope_dim: int | None = 16
-    latent_norm = "none"
+    # MLA layers: svd_init.py's settings (init rorope needs calibration, as does placement="sensitivity"); its
+    # mla_layers: explicit MLA layers, else chosen by `placement` from n_mla, mla_fraction or cache_budget
+    conversion = Conversion(init="rorope", kv_rank=16, qk_rope_dim=16, refit=False)
     calib_data = list(BUNDLED_SFT)
     calib_tokens = 8192
     calib_seq_len = 256
@@ -306,7 +303,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     from configurator import require
     from folders import check_apart
-    from svd_init import check_settings, kl_per_token
+    from svd_init import kl_per_token
     from tokenizer import Tokenizer, check_tokenizer_for
     require(config, calib_tokens=(1, None), calib_seq_len=(1, None), n_mla=(0, None), seed=(0, None))
     chosen = [k for k in ("mla_layers", "n_mla", "mla_fraction") if config[k] is not None]
@@ -327,7 +324,11 @@ if __name__ == "__main__":
         raise BadInput(f"conv_init={conv_init!r}: use one of {CONV_INITS}")
     if ssm_gain not in GAINS:
         raise BadInput(f"ssm_gain={ssm_gain!r}: use one of {GAINS}")
-    mla_settings = dict(init=init, q_rank=q_rank, kv_rank=kv_rank, qk_rope_dim=qk_rope_dim, latent_norm=latent_norm)
+    mla_layers, kv_rank, qk_rope_dim = conversion.mla_layers, conversion.kv_rank, conversion.qk_rope_dim
+    other = [k for k in ("kv_budget", "kv_energy", "head_size") if getattr(conversion, k)]
+    if other:  # the hybrid's cache is sized by the number of MLA layers, each at a fixed r_kv
+        raise BadInput(f"{', '.join(other)}: zebra.py's MLA layers take a fixed kv_rank (cache_budget sizes the "
+                       "hybrid by how many layers stay MLA). Fix: --kv_rank=R and drop " + " and ".join(other))
     d_r = qk_rope_dim if qk_rope_dim is not None else src_cfg.head_dim // 2
     mla_cache = (kv_rank or min(src_cfg.dim, 2 * src_cfg.n_kv_heads * src_cfg.head_dim)) + d_r
     if mla_layers is None:
@@ -340,8 +341,8 @@ if __name__ == "__main__":
         raise BadInput(f"calib_seq_len={calib_seq_len} is beyond the model's {src_cfg.max_seq_len} positions "
                        f"(max_position_embeddings). Fix: --calib_seq_len={min(256, src_cfg.max_seq_len)} or less")
     if n:
-        check_settings(src_cfg, mla_layers if mla_layers is not None else list(range(n)), calib_tokens=calib_tokens,
-                       calib_seq_len=calib_seq_len, **mla_settings)
+        conversion = replace(conversion, mla_layers=mla_layers if mla_layers is not None else list(range(n))).checked(
+            src_cfg, calib_tokens=calib_tokens, calib_seq_len=calib_seq_len)
     if mla_layers is not None:
         check_mamba_layers(src_cfg, [i for i in range(src_cfg.n_layers) if i not in mla_layers])
     check_budget(src_cfg, mla_layers if mla_layers is not None else list(range(n)), mla_cache, cache_budget)
@@ -370,7 +371,7 @@ if __name__ == "__main__":
         print("  " + "  ".join(f"{i}: {v:.3f}" for i, v in sens.items()))
         mla_layers, how = place(sens, n), "sensitivity"
     print(f"MLA layers {mla_layers} ({how}); the other {src_cfg.n_layers - len(mla_layers)} Mamba2")
-    hybrid = compose(source, mla_layers, calib, conv_init, seed, log=print, gains=gains, **mla_settings).eval()
+    hybrid = compose(source, mla_layers, calib, conv_init, seed, log=print, gains=gains, conversion=conversion).eval()
     print(f"composed in {time.time() - t0:.1f} s")
     held = PackedData(build_cache(calib_data, tok, data_cache), "val", calib_seq_len).sample(4 * calib_seq_len, seed)
     kl, _ = kl_per_token(source, hybrid, held)

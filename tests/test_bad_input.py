@@ -379,8 +379,10 @@ def test_calibration_beyond_memory_is_refused(monkeypatch):
     cfg = tiny_config()
     monkeypatch.setattr(svd_init, "_available_memory", lambda: 2**30)
     with pytest.raises(ValueError, match=r"calib_tokens=1000000000 would hold about 7.5 GiB .* Fix: calib_tokens <= "):
-        svd_init.check_settings(cfg, None, 32, 8, None, None, None, 8, "rorope", calib_tokens=10**9, calib_seq_len=64)
-    svd_init.check_settings(cfg, None, 32, 8, None, None, None, 8, "rorope", calib_tokens=8192, calib_seq_len=64)
+        svd_init.Conversion(q_rank=32, kv_rank=8, qk_rope_dim=8, init="rorope").checked(cfg, calib_tokens=10**9,
+                                                                                        calib_seq_len=64)
+    svd_init.Conversion(q_rank=32, kv_rank=8, qk_rope_dim=8, init="rorope").checked(cfg, calib_tokens=8192,
+                                                                                    calib_seq_len=64)
 
 
 # --- 16. a shared pipeline config; zebra's conflicting placements

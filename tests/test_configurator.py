@@ -68,7 +68,10 @@ def script_defaults(script):
     for n in body:
         if isinstance(n, ast.Assign) and "configure(" in ast.unparse(n.value):
             break  # what a script assigns after configure() is not a setting
-        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call) and ast.unparse(n.value.func) == "Conversion":
+            from svd_init import Conversion  # a group of settings (configurator.Settings), as the script holds it
+            out[n.targets[0].id] = Conversion(**{k.arg: ast.literal_eval(k.value) for k in n.value.keywords})
+        elif isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
             try:
                 out[n.targets[0].id] = ast.literal_eval(n.value)
             except ValueError:
@@ -82,6 +85,7 @@ def script_defaults(script):
 
 
 def test_every_config_file_loads_in_every_script():
+    import copy
     import glob
     import os
     files = glob.glob(os.path.join(os.path.dirname(__file__), "..", "config", "*.py"))
@@ -90,7 +94,7 @@ def test_every_config_file_loads_in_every_script():
         defaults = script_defaults(script)
         assert "init_from" in defaults and len(defaults) > 10
         for f in files:
-            configure(dict(defaults), [f])   # raises on a key no script knows or a wrong type
+            configure(copy.deepcopy(defaults), [f])   # raises on a key no script knows or a wrong type
 
 
 def test_none_defaults_are_typed_by_their_annotation():
@@ -118,3 +122,27 @@ def test_help_lists_settings_with_their_comments(tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "python s.py" in out and "--lr=0.1\n        the learning rate" in out and "--kv_rank=None (int | None)" in out
+
+
+def test_a_settings_group_takes_its_fields_as_settings(tmp_path, capsys):
+    from svd_init import Conversion
+    conv = Conversion(init="rorope", kv_rank=16)                      # a script's own defaults for the group
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("kv_budget = 0.5\nkv_rank = None\nlr = 0.2\n")
+    ns = dict(lr=0.1, conversion=conv)
+    config = configure(ns, [str(cfg_file), "--rope_fold=4", "--mla_layers=[0, 2]"])
+    assert (conv.kv_budget, conv.kv_rank, conv.rope_fold, conv.mla_layers, conv.init) == (0.5, None, 4, [0, 2], "rorope")
+    assert config["kv_budget"] == 0.5 and config["lr"] == 0.2 and "conversion" not in config   # flat, as saved
+    with pytest.raises(TypeError, match="kv_rank=.abc. is a str, but kv_rank takes int or None"):
+        configure(dict(conversion=Conversion()), ["--kv_rank=abc"])    # typed by the field's annotation
+    with pytest.raises(KeyError, match="Did you mean kv_budget"):
+        configure(dict(conversion=Conversion()), ["--kv_budgte=0.5"])
+    with pytest.raises(TypeError, match="both a module-level name and a field of Conversion"):
+        configure(dict(conversion=Conversion(), kv_rank=3), [])        # a script bug: one name, two meanings
+    script = tmp_path / "s.py"
+    script.write_text("conversion = None\n")
+    with pytest.raises(SystemExit):
+        configure(dict(__file__=str(script), __doc__="S.", conversion=Conversion()), ["--help"])
+    out = capsys.readouterr().out                                      # the fields' comments, from svd_init.py
+    assert "--kv_budget=None (float | None)\n        instead of kv_rank: a fraction" in out
+    assert "--rope_fold=None (int | None)\n        rorope: fold 1, 2, 4 or 8" in out and "(1: exact rotation" in out

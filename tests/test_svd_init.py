@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from conftest import STORIES, random_model, tiny_config
 from configurator import configure
 from model import Attention, MLAttention, ModelConfig, Transformer
-from svd_init import check_settings, energy_rank, kl_per_token, mla_config, teacher_text, upcycle
+from svd_init import Conversion, energy_rank, kl_per_token, mla_config, teacher_text, upcycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,12 +185,7 @@ PAPER_KV = {"llama1b_kv512": 53.1, "llama1b_random_kv512": 53.1, "llama1b_kv256"
 
 
 def load_cfg(path):
-    ns = dict(init_from="", mla_layers=None, q_rank=None, kv_rank=None, q_energy=None, kv_energy=None,
-              qk_nope_dim=None, qk_rope_dim=None, init="svd", latent_norm="none", allow_qk_overlap=False,
-              kv_budget=None, calib_tokens=8192, calib_seq_len=0, refit=True)
-    ns["__annotations__"] = dict(mla_layers=list | None, q_rank=int | None, kv_rank=int | None,
-                                 q_energy=float | None, kv_energy=float | None, qk_nope_dim=int | None,
-                                 qk_rope_dim=int | None, kv_budget=float | None)
+    ns = dict(init_from="", calib_tokens=8192, calib_seq_len=0, conversion=Conversion())  # as distill.py holds them
     return configure(ns, [path])
 
 
@@ -207,8 +202,8 @@ def test_config_files_give_the_papers_cache_sizes():
             assert 0 < s["q_energy"] <= 1 and 0 < s["kv_energy"] <= 1
             continue
         layers = s["mla_layers"] if s["mla_layers"] is not None else range(src.n_layers)
-        check_settings(src, **{k: s[k] for k in ("mla_layers", "q_rank", "kv_rank", "qk_nope_dim", "qk_rope_dim",
-                                                 "init", "kv_budget", "calib_tokens", "allow_qk_overlap")})
+        Conversion(**{k: s[k] for k in ("mla_layers", "q_rank", "kv_rank", "qk_nope_dim", "qk_rope_dim", "init",
+                                         "kv_budget", "allow_qk_overlap")}).checked(src, calib_tokens=s["calib_tokens"])
         d_qk = s["qk_nope_dim"] or (src.head_dim if s["init"] == "rorope" else None)
         q_rank = s["q_rank"] or min(src.dim, src.n_heads * src.head_dim)
         cfg = mla_config(src, {i: (q_rank, s["kv_rank"]) for i in layers}, d_qk, s["qk_rope_dim"])
@@ -256,3 +251,22 @@ def test_teacher_text_is_sampled_in_bounded_batches(stories):
     one_batch = stories.generate(torch.full((16, 1), stories.config.bos_id), 23, temperature=1.0)
     many = teacher_text(stories, 40, 24, seed=0)
     assert many.shape == (40, 24) and torch.equal(many[:16], one_batch)
+
+
+def test_a_conversion_object_and_keywords_build_the_same_student(tmp_path):
+    src = random_model(tiny_config(), seed=3)
+    kw = dict(q_rank=24, kv_rank=12, qk_nope_dim=4, qk_rope_dim=4)
+    a = upcycle(src, **kw)
+    b = upcycle(src, Conversion(**kw))
+    c = upcycle(src, Conversion(q_rank=8, kv_rank=12, qk_nope_dim=4, qk_rope_dim=4), q_rank=24)  # keywords win
+    for other in (b, c):
+        assert all(torch.equal(t, other.state_dict()[k]) for k, t in a.state_dict().items())
+    assert a.config.conversion == {**vars(Conversion(**kw)), "latent_norm": "none"}   # recorded as completed
+    a.save_pretrained(tmp_path / "s")
+    assert Transformer.from_pretrained(tmp_path / "s").config.conversion == a.config.conversion  # config.json
+    with pytest.raises(TypeError, match="kv_rnak: not a Conversion setting"):
+        upcycle(src, kv_rnak=12, q_rank=24)
+    with pytest.raises(ValueError, match="give exactly one of kv_rank"):
+        upcycle(src, q_rank=24)                                        # upcycle completes no r_kv itself ...
+    assert Conversion(q_rank=24).checked(src.config).kv_rank == min(src.config.dim, 2 * src.config.n_kv_heads *
+                                                                    src.config.head_dim)  # ... the command lines do
