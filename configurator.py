@@ -150,10 +150,10 @@ def help_text(namespace):
         if tok.type == tokenize.NAME and name is None and i + 1 < len(toks) and toks[i + 1].string in "=:" and (
                 i == 0 or toks[i - 1].type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.COMMENT)):
             name, col = tok.string, tok.start[1]
-        elif tok.type == tokenize.COMMENT and name is not None:
-            comments.setdefault(name, []).append(tok.string.lstrip("#").strip())
-        elif tok.type == tokenize.COMMENT and above is not None and tok.start[1] > above[1]:
-            comments.setdefault(above[0], []).append(tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.COMMENT and (name is not None or (above is not None and tok.start[1] > above[1])):
+            lines = comments.setdefault(name or above[0], [])
+            if tok.string.lstrip("#").strip() not in lines:  # a group defined in the script's own file: read twice
+                lines.append(tok.string.lstrip("#").strip())
         elif tok.type == tokenize.NEWLINE:
             name, above = None, (name, col) if name is not None else None
         elif tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
@@ -161,6 +161,7 @@ def help_text(namespace):
     lines = [doc, "", "settings (a config file, then --key=value; values are Python literals):"]
     for k, v in settings_of(namespace).items():
         ann = _annotations(namespace).get(k)
+        ann = None if isinstance(ann, type) else ann  # `int | None` says what a None takes; `int` says nothing new
         note = " ".join(comments.get(k, []))
         lines.append(f"  --{k}={v!r}" + (f" ({ann})" if ann is not None else "") + (f"\n        {note}" if note else ""))
     return "\n".join(lines)

@@ -35,7 +35,6 @@ This file is the format alone (config dicts and tensors, no model); model.py cal
 export.py, which sits above the model it loads.
 """
 import math
-import os
 import warnings
 
 import torch
@@ -166,6 +165,68 @@ def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
                       f"(2 x {src.n_kv_heads} x {src.head_dim} = {2 * src.n_kv_heads * src.head_dim}): served this way "
                       "the model caches more than before", UserWarning, stacklevel=2)
     return r_kv, d_r
+
+
+def engine_aim(src, engine, per_layer=None, kv_rank=None, qk_rope_dim=None, head_size=0, mla_layers=None,
+               latent_norm="kv"):
+    """(r_kv, d_r) of a conversion of the GQA config `src` that `engine` serves as it is (no padding where the
+    engine allows): vLLM's head sizes as engine_ranks lands them (head_size, or the largest one within `per_layer`);
+    else fixed kv_rank + qk_rope_dim checked against the engine's rule, or the largest r_kv + d_r within `per_layer`
+    numbers a token and layer (a kv_budget's share; d_r given, or the d_h / 2^k that fits the most, nearest d_h / 2 on
+    a tie). None for an engine that serves any shape. Refused, with the rule and the nearest shape, where none fits."""
+    if engine not in ENGINES:
+        raise BadInput(f"engine={engine!r}: use one of {', '.join(ENGINES)}")
+    if mla_layers is not None and sorted(mla_layers) != list(range(src.n_layers)):
+        raise BadInput(f"engine={engine!r} serves the DeepSeek-V3 format, which has MLA in every layer. Fix: leave "
+                       "mla_layers unset")
+    if latent_norm == "none":
+        raise BadInput(f"engine={engine!r}: every engine builds an RMSNorm on c_kv (DeepSeek's kv_a_layernorm). "
+                       "Fix: add --latent_norm=kv")
+    if _serves(engine, 1, 1) and _serves(engine, 3, 2):  # any shape (llama.cpp, transformers)
+        return None
+    D = ENGINE_ROPE_DIM
+    sizes = [h for h in ENGINE_HEAD_SIZES if _serves(engine, h - D, D)]
+    if engine.startswith("vllm") or head_size:
+        if head_size and head_size not in sizes:
+            raise BadInput(f"head_size={head_size}: {engine} serves {ENGINES[engine]}. Fix: --head_size in {sizes}")
+        if not head_size:
+            if kv_rank is not None or per_layer is None:
+                raise BadInput(f"engine={engine!r} serves head sizes {sizes} (r_kv + d_r with d_r = {D}): give "
+                               f"kv_budget (the largest served size within it is taken) or head_size in {sizes}, "
+                               "not kv_rank")
+            fit = [h for h in sizes if h <= per_layer]
+            if not fit:
+                raise BadInput(f"the budget gives {per_layer} numbers a token and layer, below {engine}'s smallest "
+                               f"head size {sizes[0]} ({ENGINES[engine]}). Fix: a kv_budget of at least "
+                               f"{sizes[0]} a layer ({sizes[0] / (2 * src.n_kv_heads * src.head_dim):.3f} of this "
+                               "source's cache), or another engine")
+            head_size = fit[-1]
+        return engine_ranks(src, head_size, None, latent_norm, qk_rope_dim=qk_rope_dim)
+    most, d_h = min(src.dim, 2 * src.n_kv_heads * src.head_dim), src.head_dim
+    if kv_rank is not None:
+        if qk_rope_dim is None:
+            raise BadInput(f"engine={engine!r} with kv_rank={kv_rank}: its rule ({ENGINES[engine]}) also needs d_r. "
+                           "Fix: give qk_rope_dim too, or kv_budget instead of kv_rank")
+        if _serves(engine, kv_rank, qk_rope_dim):
+            return kv_rank, qk_rope_dim
+        lo = next((r for r in range(kv_rank, 0, -1) if _serves(engine, r, qk_rope_dim)), None)
+        hi = next((r for r in range(kv_rank, most + 1) if _serves(engine, r, qk_rope_dim)), None)
+        near = " or ".join(f"--kv_rank={r}" for r in (lo, hi) if r is not None)
+        raise BadInput(f"r_kv {kv_rank} + d_r {qk_rope_dim}: {engine} serves {ENGINES[engine]}. Fix: "
+                       + (near or "another qk_rope_dim"))
+    if per_layer is None:
+        raise BadInput(f"engine={engine!r} serves {ENGINES[engine]}: give kv_budget (the largest such shape within "
+                       "it is taken) or kv_rank and qk_rope_dim")
+    rope_dims = [qk_rope_dim] if qk_rope_dim is not None else [d_h >> k for k in range(d_h.bit_length())
+                                                               if (d_h >> k) % 2 == 0 and d_h >> k >= 2]
+    shapes = [(r + D_, -abs(D_ - d_h // 2), r, D_) for D_ in rope_dims
+              for r in [next((r for r in range(min(per_layer - D_, most), 0, -1) if _serves(engine, r, D_)), None)]
+              if r is not None]
+    if not shapes:
+        raise BadInput(f"no shape {engine} serves ({ENGINES[engine]}) fits the budget's {per_layer} numbers a token "
+                       "and layer" + (f" with d_r {qk_rope_dim}" if qk_rope_dim is not None else "")
+                       + ". Fix: a larger kv_budget" + (", or another qk_rope_dim" if qk_rope_dim is not None else ""))
+    return max(shapes)[2:]
 
 
 def cache_line(cfg, head_size=0) -> str:

@@ -121,9 +121,10 @@ if (kl_weight > 0 or ild) and (teacher == "none" or teacher_from == "scratch"):
     raise BadInput(f"{'ild=True' if ild else 'kl_weight > 0'} needs a teacher: set teacher= to a model folder or "
                    "hub id")
 converting = not student_from and init_from != "scratch" and conversion.converts()
-if conversion.head_size and not converting:  # an engine's head size converts the source's attention
-    raise BadInput("head_size converts the source's attention; the student here is not converted "
-                   "(student_from / scratch). Fix: drop head_size")
+if (conversion.head_size or conversion.engine) and not converting:  # both aim a conversion at an engine
+    what = "head_size" if conversion.head_size else "engine"
+    raise BadInput(f"{what} aims a conversion of the source's attention at an engine; the student here is not "
+                   f"converted (student_from / scratch, or no kv_budget / ranks). Fix: drop {what}, or give kv_budget")
 if not student_from and init_from != "scratch" and not converting and teacher_from == init_from and kl_weight > 0:
     raise BadInput("nothing to distil: with no MLA settings and no student_from, the student is an exact copy of "
                    f"its teacher {init_from}. Fix: give a config (e.g. config/tiny_kv8.py) or MLA settings "

@@ -31,7 +31,8 @@ dtype = ""                 # "" keeps the checkpoint's; "bfloat16" halves the fo
 check = False              # then run the export as an engine would, in its dtype, against the float32 model
 check_max_kl = 0.05        # --check fails above this KL(float32 model || export) per token (bf16: ~1e-3)
 head_size = 0              # 0: the model's own r_kv + d_r; 320 / 512 / 576: zero-padded to a shape vLLM serves
-engine = ""                # "" any; "vllm", "vllm-cpu", "sglang", "llama.cpp", "transformers": refuse a shape it rejects
+engine = ""                # "vllm", "vllm-cpu", "sglang", "llama.cpp", "transformers": refuse a shape it rejects;
+                           # "": the engine the conversion aimed at (svd_init.py --engine), if any
 config = configure(globals(), positional=("init_from", "out_dir"))  # python export.py MODEL_DIR OUT_DIR
 if not init_from or not out_dir:
     raise BadInput("export.py needs a model folder and an output folder. Fix: python export.py MODEL_DIR "
@@ -45,6 +46,9 @@ try:
     export_config(model.config, head_size)  # the refusals, before anything is written
 except ValueError as e:
     raise BadInput(f"{folder} cannot be exported exactly: {e}") from None
+if not engine and (model.config.conversion or {}).get("engine"):  # the engine the conversion aimed at
+    engine = model.config.conversion["engine"]
+    print(f"engine {engine}: the conversion aimed at it (config.json mla_conversion); --engine=NAME checks another")
 if engine and (problem := engine_problem(engine, *engine_shape(model.config, head_size))):
     raise BadInput(problem)
 try:

@@ -6,6 +6,7 @@ key, activation-aware factorisation, ranks under a cache budget; its pieces are 
     python svd_init.py                                             # bundled stories260K, CPU, seconds
     python svd_init.py --init=rorope --kv_budget=0.5               # the same at half the cache, calibrated
     python svd_init.py --init=rorope --kv_budget=0.5 --latent_norm=kv  # + the c_kv norm engines need (deepseek.py)
+    python svd_init.py --init=rorope --kv_budget=0.5 --latent_norm=kv --engine=sglang  # a shape SGLang serves
     python svd_init.py config/smollm2_135m_rorope50.py --init_from=DIR --out_dir=out/rorope50   # a real model
     python svd_init.py config/llama1b_kv64.py --init_from=meta-llama/Llama-3.2-1B-Instruct --out_dir=out/kv64
     python svd_init.py config/llama1b_kv64.py --init_from=DIR --device=cuda      # SVDs on the GPU
@@ -47,7 +48,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from configurator import Settings
-from deepseek import engine_ranks
+from deepseek import engine_aim, engine_ranks
 from errors import BadInput
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
@@ -200,6 +201,9 @@ class Conversion(Settings):
     init: str = "svd"  # "svd" (Algorithm 1), "random" (its baseline) or "rorope" (needs calibration)
     kv_budget: float | None = None  # instead of kv_rank: a fraction of the source's cache (0.5) or numbers/token
     head_size: int = 0  # instead: r_kv + d_r of a shape vLLM serves (320, 512, 576; d_r 64), for export.py
+    engine: str = ""  # aim at a shape this engine serves as it is: "vllm", "vllm-cpu", "sglang" (the largest within
+                      # kv_budget, or kv_rank + qk_rope_dim checked), "llama.cpp", "transformers" (any shape: the
+                      # same r_kv in every layer); recorded, so export.py checks against it
     rope_ladder: str = "highest"  # rorope, d_r < d_h, no folding: keep the d_r/2 "highest" frequencies, or "every"
                                   # c-th one
     rope_fold: int | None = None  # rorope: fold 1, 2, 4 or 8 adjacent frequencies into the shared key; None: the
@@ -223,18 +227,38 @@ class Conversion(Settings):
         """Whether this conversion needs calibration token ids (its init, or its latent norms' fit)."""
         return self.init == "rorope" or self.latent_norm != "none"
 
+    def aimed(self, cfg: ModelConfig) -> "Conversion":
+        """head_size and engine resolved into r_kv and d_r (deepseek.engine_ranks, deepseek.engine_aim): the
+        engine's shape in every layer, so what it caches is what the budget gave."""
+        c = replace(self)
+        if c.engine:
+            L = cfg.n_layers if c.mla_layers is None else len(c.mla_layers)
+            per_layer = None if c.kv_budget is None else \
+                kv_budget_numbers(c.kv_budget, L * 2 * cfg.n_kv_heads * cfg.head_dim) // L
+            aim = engine_aim(cfg, c.engine, per_layer, c.kv_rank, c.qk_rope_dim, c.head_size, c.mla_layers,
+                             latent_norm_kind(c.latent_norm))
+            if aim is not None:
+                c.kv_rank, c.qk_rope_dim, c.kv_budget, c.head_size = *aim, None, 0
+            elif c.kv_budget is not None and c.rank_alloc == "waterfill":
+                raise BadInput(f"engine={c.engine!r} caches the largest r_kv in every layer (the DeepSeek-V3 format "
+                               "has one kv_lora_rank), so water-filled ranks would cost more than the budget. Fix: "
+                               "rank_alloc='uniform' (or 'auto', which is then uniform)")
+            elif c.kv_budget is not None:
+                c.rank_alloc = "uniform"
+        if c.head_size:
+            c.kv_rank, c.qk_rope_dim = engine_ranks(cfg, c.head_size, c.mla_layers, c.latent_norm, kv_rank=c.kv_rank,
+                                                    qk_rope_dim=c.qk_rope_dim, kv_budget=c.kv_budget,
+                                                    kv_energy=c.kv_energy)
+            c.head_size = 0
+        return c
+
     def checked(self, cfg: ModelConfig, calib_tokens=None, calib_seq_len=None) -> "Conversion":
         """These settings checked against a source config alone (no weights needed), and completed as the command
         lines complete them: head_size -> r_kv and d_r (deepseek.engine_ranks), an unset r_q / r_kv -> full rank.
         Scripts call it before any work, so a bad rank fails in a second, not after the data is tokenised.
         calib_tokens / calib_seq_len (given when the run calibrates): the calibration must fit the model's positions
         and this machine's memory."""
-        c = replace(self)
-        if c.head_size:
-            c.kv_rank, c.qk_rope_dim = engine_ranks(cfg, c.head_size, c.mla_layers, c.latent_norm, kv_rank=c.kv_rank,
-                                                    qk_rope_dim=c.qk_rope_dim, kv_budget=c.kv_budget,
-                                                    kv_energy=c.kv_energy)
-            c.head_size = 0
+        c = self.aimed(cfg)
         layers = list(range(cfg.n_layers)) if c.mla_layers is None else c.mla_layers
         if not isinstance(layers, (list, tuple)):
             raise BadInput(f"mla_layers={layers!r} must be a list of layer indices, e.g. [{layers!r}]")
@@ -294,13 +318,8 @@ def upcycle(model: Transformer, conversion: Conversion | None = None, *, calib=N
     if unknown:
         raise TypeError(f"upcycle() got {', '.join(unknown)}: not a Conversion setting (those are "
                         f"{', '.join(f.name for f in fields(Conversion))})")
-    c = replace(conversion or Conversion(), **settings)
     cfg = model.config
-    if c.head_size:  # an engine's head size fixes r_kv and d_r
-        c.kv_rank, c.qk_rope_dim = engine_ranks(cfg, c.head_size, c.mla_layers, c.latent_norm, kv_rank=c.kv_rank,
-                                                qk_rope_dim=c.qk_rope_dim, kv_budget=c.kv_budget,
-                                                kv_energy=c.kv_energy)
-        c.head_size = 0
+    c = replace(conversion or Conversion(), **settings).aimed(cfg)  # head_size / engine -> r_kv, d_r
     c.latent_norm = latent_norm_kind(c.latent_norm)  # True / False as "both" / "none"
     if c.latent_norm != "none" and c.latent_norm_init != "ones" and calib is None:
         raise BadInput(f"latent_norm={c.latent_norm!r} is initialised from calibration data: pass calib (token ids "

@@ -304,6 +304,14 @@ def test_did_you_mean():
     clean_error(run(["distill.py", "--lernig_rate=1"]), "unknown setting")
 
 
+def test_an_engine_without_a_conversion_is_refused(tiny, tmp_path):
+    clean_error(run(["distill.py", f"--student_from={tiny / 'teacher'}", "--engine=sglang",
+                     f"--out_dir={tmp_path / 'o'}"]), "engine aims a conversion", "Fix: drop engine")
+    clean_error(run(["svd_init.py", "--engine=sglang", "--latent_norm=kv", f"--out_dir={tmp_path / 'o'}"]),
+                "give kv_budget")
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_flags_may_come_before_the_paths(tiny, tmp_path):
     r = run(["export.py", "--dtype=bfloat16", str(tiny / "teacher"), str(tmp_path / "ds")])
     assert "config file" not in r.stderr and "SyntaxError" not in r.stderr, r.stderr[-2000:]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, mla_kw, random_model, tiny_config
 from deepseek import ENGINES, engine_problem
 from model import ModelConfig, Transformer
-from svd_init import teacher_text, upcycle
+from svd_init import Conversion, teacher_text, upcycle
 
 transformers = pytest.importorskip("transformers")
 
@@ -542,3 +542,67 @@ def test_damaged_deepseek_folders_are_named(damage, needle, tmp_path):
                   open(folder / "model.safetensors.index.json", "w"))
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(needle)):
         Transformer.from_pretrained(folder)
+
+
+def test_engine_aim_lands_a_conversion_on_each_engines_rule():
+    """svd_init / distill --engine: the largest shape the engine serves within a layer's share of the budget, or a
+    fixed shape checked; refusals name the rule and a way out."""
+    import deepseek
+    from deepseek import engine_aim
+    from errors import BadInput
+    shape = dict(vocab_size=96, intermediate_size=128)
+    smol = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, **shape)      # 384 a layer
+    llama1b = ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, **shape)  # 1024 a layer
+    assert engine_aim(smol, "sglang", 192) == (160, 32)      # 50%: the shape docs/serving.md names
+    assert engine_aim(smol, "sglang", 96) == (80, 16)        # 25%: no d_r 32 shape fits 96; d_r 16 fills it
+    for per in range(20, 400, 7):                            # every answer is served and within the budget
+        R, D = engine_aim(smol, "sglang", per)
+        assert deepseek._serves("sglang", R, D) and R + D <= per and R + D > per // 2, per
+    assert engine_aim(smol, "sglang", kv_rank=160, qk_rope_dim=32) == (160, 32)
+    with pytest.raises(BadInput, match=r"r_kv 128 \+ d_r 64: sglang serves next_pow2.*Fix: --kv_rank=129"):
+        engine_aim(smol, "sglang", kv_rank=128, qk_rope_dim=64)
+    assert engine_aim(llama1b, "vllm", 600) == (512, 64) and engine_aim(llama1b, "vllm", 400) == (256, 64)
+    assert engine_aim(llama1b, "vllm", head_size=512) == (448, 64) and engine_aim(llama1b, "vllm-cpu", 700) == (512, 64)
+    with pytest.raises(BadInput, match="below vllm's smallest head size 320.*Fix: a kv_budget of at least 320"):
+        engine_aim(llama1b, "vllm", 300)
+    with pytest.raises(BadInput, match="below vllm-cpu's smallest head size 576"):
+        engine_aim(llama1b, "vllm-cpu", 520)
+    with pytest.raises(BadInput, match=r"head_size=320: vllm-cpu serves R \+ D = 576"):
+        engine_aim(llama1b, "vllm-cpu", head_size=320)
+    assert engine_aim(smol, "llama.cpp", 96) is None and engine_aim(smol, "transformers") is None   # any shape
+    for kw, msg in [(dict(engine="vllm2"), "use one of vllm, vllm-cpu, sglang"),
+                    (dict(engine="sglang", latent_norm="none", per_layer=96), "Fix: add --latent_norm=kv"),
+                    (dict(engine="sglang", mla_layers=[0, 1], per_layer=96), "Fix: leave mla_layers unset"),
+                    (dict(engine="sglang"), "give kv_budget"),
+                    (dict(engine="sglang", kv_rank=80), "also needs d_r")]:
+        with pytest.raises(BadInput, match=msg):
+            engine_aim(smol, **kw)
+    # the Conversion: the engine's shape in every layer, the budget spent on it
+    c = Conversion(init="rorope", kv_budget=0.25, latent_norm="kv", engine="sglang").checked(smol)
+    assert (c.kv_rank, c.qk_rope_dim, c.kv_budget, c.engine) == (80, 16, None, "sglang")
+    assert Conversion(init="rorope", kv_budget=0.25, latent_norm="kv", engine="llama.cpp").checked(
+        smol).rank_alloc == "uniform"                         # one kv_lora_rank in the format: no water-filling
+    with pytest.raises(BadInput, match="rank_alloc='uniform'"):
+        Conversion(init="rorope", kv_budget=0.25, latent_norm="kv", engine="llama.cpp",
+                   rank_alloc="waterfill").checked(smol)
+
+
+def test_a_conversion_aimed_at_an_engine_exports_for_it(tmp_path):
+    """svd_init.py --engine=sglang under a budget, then export.py with no --engine checks against the recorded one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    teacher = os.path.join(ROOT, "assets", "models", "tiny_teacher")
+    r = subprocess.run([sys.executable, "svd_init.py", f"--init_from={teacher}", "--kv_budget=0.25", "--engine=sglang",
+                        "--latent_norm=kv", "--latent_norm_init=ones", f"--out_dir={tmp_path / 's'}",
+                        f"--data_cache={tmp_path / 'cache'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.load(open(tmp_path / "s" / "config.json"))
+    assert set(cfg["mla_kv_rank"]) == {48} and cfg["qk_rope_head_dim"] == 16           # 48 + 16: SGLang's rule
+    assert cfg["mla_conversion"]["engine"] == "sglang" and cfg["mla_conversion"]["kv_budget"] is None
+    r = subprocess.run([sys.executable, "export.py", str(tmp_path / "s"), str(tmp_path / "ds")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "engine sglang" in r.stdout and "kv_lora_rank 48, qk_rope_head_dim 16" in r.stdout, \
+        r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "export.py", str(tmp_path / "s"), str(tmp_path / "v"), "--engine=vllm-cpu"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "vllm-cpu serves R + D = 576" in r.stderr and not os.path.exists(tmp_path / "v")
