@@ -135,10 +135,11 @@ def engine_problem(engine, R, D):
     return f"{engine} serves {ENGINES[engine]}; this export is {R} + {D}. Fix: {fix}"
 
 
-def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
+def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", max_rope_dim=None, **others):
     """(r_kv, d_r) that land a conversion of the GQA config `src` on a served head size exactly, with no padding
-    where it can (d_r = 64 needs d_h >= 64; a smaller d_h keeps d_r = d_h, padded at export). `others`: rank settings
-    that would contradict it (kv_rank, qk_rope_dim, kv_budget, kv_energy), refused when set."""
+    where it can (d_r = 64 needs d_h >= 64; a smaller d_h keeps d_r = d_h, padded at export; max_rope_dim, a Llama 3
+    source's unscaled band: the largest d_r dividing 64 within it, padded). `others`: rank settings that would
+    contradict it (kv_rank, qk_rope_dim, kv_budget, kv_energy), refused when set."""
     given = [k for k, v in others.items() if v is not None]
     if given:
         raise BadInput(f"head_size={head_size} sets r_kv and d_r itself; {', '.join(given)} would contradict it. "
@@ -151,6 +152,8 @@ def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
         raise BadInput("head_size aims at an engine, and every engine builds an RMSNorm on c_kv. Fix: add "
                        "--latent_norm=kv")
     d_r = min(ENGINE_ROPE_DIM, src.head_dim)
+    while max_rope_dim is not None and d_r > max_rope_dim and d_r > 2:
+        d_r //= 2  # a power of two: it still divides the engine's 64 (exact zero padding)
     if ENGINE_ROPE_DIM % d_r:
         raise BadInput(f"d_h {src.head_dim}: d_r = d_h does not divide the engine's {ENGINE_ROPE_DIM} RoPE dims, "
                        "so no conversion of this model lands on a served shape exactly")
@@ -168,7 +171,7 @@ def engine_ranks(src, head_size, mla_layers=None, latent_norm="kv", **others):
 
 
 def engine_aim(src, engine, per_layer=None, kv_rank=None, qk_rope_dim=None, head_size=0, mla_layers=None,
-               latent_norm="kv"):
+               latent_norm="kv", max_rope_dim=None):
     """(r_kv, d_r) of a conversion of the GQA config `src` that `engine` serves as it is (no padding where the
     engine allows): vLLM's head sizes as engine_ranks lands them (head_size, or the largest one within `per_layer`);
     else fixed kv_rank + qk_rope_dim checked against the engine's rule, or the largest r_kv + d_r within `per_layer`
@@ -201,7 +204,7 @@ def engine_aim(src, engine, per_layer=None, kv_rank=None, qk_rope_dim=None, head
                                f"{sizes[0]} a layer ({sizes[0] / (2 * src.n_kv_heads * src.head_dim):.3f} of this "
                                "source's cache), or another engine")
             head_size = fit[-1]
-        return engine_ranks(src, head_size, None, latent_norm, qk_rope_dim=qk_rope_dim)
+        return engine_ranks(src, head_size, None, latent_norm, max_rope_dim, qk_rope_dim=qk_rope_dim)
     most, d_h = min(src.dim, 2 * src.n_kv_heads * src.head_dim), src.head_dim
     if kv_rank is not None:
         if qk_rope_dim is None:
@@ -218,7 +221,8 @@ def engine_aim(src, engine, per_layer=None, kv_rank=None, qk_rope_dim=None, head
         raise BadInput(f"engine={engine!r} serves {ENGINES[engine]}: give kv_budget (the largest such shape within "
                        "it is taken) or kv_rank and qk_rope_dim")
     rope_dims = [qk_rope_dim] if qk_rope_dim is not None else [d_h >> k for k in range(d_h.bit_length())
-                                                               if (d_h >> k) % 2 == 0 and d_h >> k >= 2]
+                                                               if (d_h >> k) % 2 == 0 and d_h >> k >= 2
+                                                               and (max_rope_dim is None or d_h >> k <= max_rope_dim)]
     shapes = [(r + D_, -abs(D_ - d_h // 2), r, D_) for D_ in rope_dims
               for r in [next((r for r in range(min(per_layer - D_, most), 0, -1) if _serves(engine, r, D_)), None)]
               if r is not None]

@@ -48,7 +48,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from configurator import Settings
-from deepseek import engine_aim, engine_ranks
+from deepseek import engine_aim, engine_ranks, llama3_unscaled
 from errors import BadInput
 from folders import check_not_in_a_live_run, check_replaceable, resolve_checkpoint
 from model import ModelConfig, Transformer, latent_norm_kind, precision_probe, read_model_config, resolve_dtype
@@ -65,6 +65,15 @@ from rorope import (FOLDS, NORM_INITS, calib_kl, _rorope_layer, _truncate, _weig
 # (docs/init.md, "Latent norms").
 RIDGE = 1e-2
 SCORED = 4  # rorope: the candidates are scored on this many calibration sequences (the first; calibrate's batch)
+# rope_unscaled=None on a Llama 3 source: a key of unscaled frequencies only is taken over the best candidate when its
+# calibration KL is at most this much (relatively) higher: the price of a student every engine computes the same way
+UNSCALED_SLACK = 0.05
+
+
+def unscaled_count(cfg: ModelConfig):
+    """A Llama 3 source (rope_type llama3): how many of its highest frequencies the scaling leaves alone; else None."""
+    s = cfg.rope_scaling or {}
+    return llama3_unscaled(cfg.head_dim, cfg.rope_theta, s) if s.get("rope_type", s.get("type")) == "llama3" else None
 
 
 # -----------------------------------------------------------------------------
@@ -208,6 +217,10 @@ class Conversion(Settings):
                                   # c-th one
     rope_fold: int | None = None  # rorope: fold 1, 2, 4 or 8 adjacent frequencies into the shared key; None: the
                                   # calibration KL picks (1: exact rotation, no folding)
+    rope_unscaled: bool | None = None  # Llama 3 sources, rorope: only frequencies the scaling leaves alone in the
+                                       # shared key, so the export needs no rope_scaling (vLLM and SGLang serve any
+                                       # as DeepSeek-YaRN); None: where the calibration KL says it costs little
+                                       # (UNSCALED_SLACK), always when aimed at an engine (engine / head_size)
     refit: bool = True  # rorope: then W_UV and W_O refitted to the teacher's attention outputs
     rank_alloc: str = "auto"  # rorope under kv_budget: "uniform", "waterfill" or "auto" (the calibration KL picks)
     whiten: bool = True  # rorope ingredients (for ablations): activation-aware factorisation ...
@@ -231,12 +244,16 @@ class Conversion(Settings):
         """head_size and engine resolved into r_kv and d_r (deepseek.engine_ranks, deepseek.engine_aim): the
         engine's shape in every layer, so what it caches is what the budget gave."""
         c = replace(self)
+        n = unscaled_count(cfg)
+        if n and c.rope_unscaled is None and (c.engine or c.head_size) and c.init == "rorope":
+            c.rope_unscaled = True  # served, any frequency Llama 3 scales would be another function (YaRN)
+        max_rope = 2 * n if n and c.rope_unscaled else None
         if c.engine:
             L = cfg.n_layers if c.mla_layers is None else len(c.mla_layers)
             per_layer = None if c.kv_budget is None else \
                 kv_budget_numbers(c.kv_budget, L * 2 * cfg.n_kv_heads * cfg.head_dim) // L
             aim = engine_aim(cfg, c.engine, per_layer, c.kv_rank, c.qk_rope_dim, c.head_size, c.mla_layers,
-                             latent_norm_kind(c.latent_norm))
+                             latent_norm_kind(c.latent_norm), max_rope)
             if aim is not None:
                 c.kv_rank, c.qk_rope_dim, c.kv_budget, c.head_size = *aim, None, 0
             elif c.kv_budget is not None and c.rank_alloc == "waterfill":
@@ -246,9 +263,9 @@ class Conversion(Settings):
             elif c.kv_budget is not None:
                 c.rank_alloc = "uniform"
         if c.head_size:
-            c.kv_rank, c.qk_rope_dim = engine_ranks(cfg, c.head_size, c.mla_layers, c.latent_norm, kv_rank=c.kv_rank,
-                                                    qk_rope_dim=c.qk_rope_dim, kv_budget=c.kv_budget,
-                                                    kv_energy=c.kv_energy)
+            c.kv_rank, c.qk_rope_dim = engine_ranks(cfg, c.head_size, c.mla_layers, c.latent_norm, max_rope,
+                                                    kv_rank=c.kv_rank, qk_rope_dim=c.qk_rope_dim,
+                                                    kv_budget=c.kv_budget, kv_energy=c.kv_energy)
             c.head_size = 0
         return c
 
@@ -399,19 +416,22 @@ def _init_rorope(model, c: Conversion, layers, d_qk, d_r, budget, calib, seed, r
         del gram
         # W_DQ only ever leaves in the model's dtype: kept so (the same bits, 1/3 of the float64 kept across candidates)
         q_fac[i] = (W_DQ.to(W_Q_dtype(i)), B_q, energy_kept(q_usv[1], r_q) if q_usv else 1.0)
+    n_unscaled = unscaled_count(cfg)  # Llama 3: a key of frequencies 0 .. n-1 alone needs no rope_scaling
+    unscaled = lambda r, f: bool(n_unscaled) and f == 1 and rope_ladder == "highest" and r // 2 <= n_unscaled
+    top = min(d_h, 2 * n_unscaled) if c.rope_unscaled else d_h  # rope_unscaled=True: no d_r beyond the band
     if d_r is not None:
         candidates = [d_r]
     else:  # budget, no d_r given: the largest ones that leave every layer some latent; the calibration KL decides
         candidates = [r for r in (d_h, d_h // 2, d_h // 4) if r >= 2 and r % 2 == 0 and budget >= len(layers) * (r + 1)
-                      and (rope_ladder == "highest" or (d_h // 2) % (r // 2) == 0)]
-        if not candidates:  # a tight budget: the largest d_r that still leaves every layer r_kv >= 1
-            r = min(d_h, (budget // len(layers) - 1) // 2 * 2)
+                      and (rope_ladder == "highest" or (d_h // 2) % (r // 2) == 0) and r <= top]
+        if not candidates:  # a tight budget (or a narrow band): the largest d_r that leaves every layer r_kv >= 1
+            r = min(top, (budget // len(layers) - 1) // 2 * 2)
             while rope_ladder == "every" and (d_h // 2) % (r // 2):
                 r -= 2
             candidates = [r]
     # with the fold: unset, the calibration KL picks it among the valid ones
-    d_rs, candidates = candidates, [(r, f) for r in candidates for f in ([rope_fold] if rope_fold is not None else
-                                                                         FOLDS) if not fold_problem(d_h, r, f)]
+    folds = [rope_fold] if rope_fold is not None else [1] if c.rope_unscaled else FOLDS
+    d_rs, candidates = candidates, [(r, f) for r in candidates for f in folds if not fold_problem(d_h, r, f)]
     if not candidates:  # a fold given, and a budget whose d_r it does not fit
         raise BadInput(fold_problem(d_h, d_rs[0], rope_fold) + f" (d_r {d_rs} fit this budget). Fix: rope_fold in "
                        f"{[f for f in FOLDS if not fold_problem(d_h, d_rs[0], f)]}, or None")
@@ -449,7 +469,7 @@ def _init_rorope(model, c: Conversion, layers, d_qk, d_r, budget, calib, seed, r
         return kl
 
     # 1. the shape: d_r, fold and per-layer r_kv, with the cost weights unless told otherwise
-    idx, best = None, None
+    idx, best, best_u = None, None, None  # best_u: the best of the keys of unscaled frequencies only (Llama 3)
     for d_r_c, fold in candidates:
         pairs, parts = split(d_r_c, fold, weight_errors is not False)
         if budget is not None:
@@ -472,6 +492,15 @@ def _init_rorope(model, c: Conversion, layers, d_qk, d_r, budget, calib, seed, r
             kl = score(student, f"d_r {d_r_c}, fold {fold}, {how} r_kv (mean {sum(r_kv.values()) / len(layers):.1f})")
             if best is None or kl < best[0]:
                 best = (kl, student, rows, d_r_c, fold, r_kv)
+            if unscaled(d_r_c, fold) and (best_u is None or kl < best_u[0]):
+                best_u = (kl, student, rows, d_r_c, fold, r_kv)
+    if c.rope_unscaled is None and best_u is not None and not unscaled(best[3], best[4]):  # Llama 3: exact serving?
+        take = best_u[0] <= best[0] * (1 + UNSCALED_SLACK)
+        say(f"rorope: the best key (d_r {best[3]}, fold {best[4]}) keeps frequencies Llama 3's scaling changes; the best "
+            f"of unscaled ones only (d_r {best_u[3]}) scores {best_u[0]:.4f} against {best[0]:.4f}: "
+            + ("taken (within UNSCALED_SLACK; the export needs no rope_scaling)" if take else "not taken"))
+        best = best_u if take else best
+    best_u = None
     # 2. weight_errors=None: the same shape factorised without the cost weights (whitened only), where it scores
     # better (it does where the latent is tiny: docs/init.md, "Frequency folding")
     if weight_errors is None:
@@ -581,6 +610,20 @@ def _check_settings(cfg: ModelConfig, c: Conversion, layers, d_qk, d_r):
         ok = [f for f in FOLDS if not fold_problem(d_h, d_r, f)]
         raise BadInput(fold_problem(d_h, d_r, rope_fold) + f". Fix: rope_fold in {ok} for this d_r, or another "
                        "qk_rope_dim")
+    n = unscaled_count(cfg)
+    if c.rope_unscaled:
+        why = ("the source has no Llama 3 rope scaling: every frequency is served exactly already" if n is None else
+               "this source's scaling touches every frequency" if n == 0 else
+               "it keeps whole frequencies of init='rorope''s shared key" if init != "rorope" else
+               "it keeps the highest frequencies unfolded" if rope_ladder != "highest" or rope_fold not in (None, 1)
+               else f"only the {n} highest frequencies are unscaled (qk_rope_dim <= {2 * n})"
+               if d_r is not None and d_r // 2 > n else "")
+        if why:
+            raise BadInput(f"rope_unscaled=True: {why}. Fix: " + (
+                f"qk_rope_dim <= {2 * n}" if why.startswith("only") else
+                "init='rorope'" if why.startswith("it keeps whole") else
+                "rope_ladder='highest' and rope_fold=1 (or unset)" if why.startswith("it keeps the") else
+                "rope_unscaled=None"))
     if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim):
         raise BadInput(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
                        f"new layers must use the same (got {d_qk}, {d_r})")

@@ -354,3 +354,51 @@ def test_bfloat16_scores_rank_candidates_as_float32_does():
     # the teacher against itself in bfloat16: a KL far below the students', and not zero (bfloat16 did run)
     self16 = calib_kl(z32, src, idx, [], bf16=True)
     assert 0 < self16 < 0.01 * better32, (self16, better32)
+
+
+def test_a_llama3_source_can_keep_a_key_of_unscaled_frequencies(monkeypatch):
+    """Issue 37: a key of only the frequencies Llama 3's scaling leaves alone needs no rope_scaling in the export
+    (vLLM and SGLang would serve any as DeepSeek-YaRN). True: always; None: where the calibration KL costs little
+    (svd_init.UNSCALED_SLACK); False: never; an engine aim: always; the refusals name the rule."""
+    import warnings
+    import svd_init
+    from deepseek import export_config
+    from errors import BadInput
+    from model import ModelConfig
+    from svd_init import Conversion
+    sc = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=256)
+    cfg = tiny_config(rope_theta=500000.0, rope_scaling=sc)             # d_h 16: wavelengths 6, 32, 167, ... vs 64
+    assert svd_init.unscaled_count(cfg) == 2 and svd_init.unscaled_count(tiny_config()) is None
+    src = random_model(cfg, seed=2)
+    kw = dict(init="rorope", kv_budget=0.5, latent_norm="kv", calib=calib_for(src, n=16, T=64))
+    s = upcycle(src, rope_unscaled=True, **kw)
+    assert (s.config.qk_rope_dim, s.config.rope_fold) == (4, 1)        # frequencies 0 and 1, unfolded
+    assert "rope_scaling" not in export_config(s.config)                # the same function in every engine
+    free = upcycle(src, rope_unscaled=False, **kw)
+    assert free.config.qk_rope_dim > 4 or free.config.rope_fold > 1     # left free, the best key keeps scaled ones
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                  # the export's YaRN warning
+        assert export_config(free.config)["rope_scaling"]["rope_type"] == "llama3"
+    monkeypatch.setattr(svd_init, "UNSCALED_SLACK", 1e9)                 # None: taken when it costs little ...
+    assert (upcycle(src, **kw).config.qk_rope_dim, upcycle(src, **kw).config.rope_fold) == (4, 1)
+    monkeypatch.setattr(svd_init, "UNSCALED_SLACK", -1.0)                # ... else the best candidate, as False
+    auto = upcycle(src, **kw)
+    assert all(torch.equal(t, free.state_dict()[k]) for k, t in auto.state_dict().items())
+    for extra, msg in [(dict(qk_rope_dim=8), r"only the 2 highest frequencies are unscaled.*Fix: qk_rope_dim <= 4"),
+                       (dict(rope_fold=2), "unfolded. Fix: rope_ladder='highest' and rope_fold=1"),
+                       (dict(init="svd", kv_budget=None, kv_rank=8), "Fix: init='rorope'")]:
+        with pytest.raises(BadInput, match=msg):
+            upcycle(src, rope_unscaled=True, **{**kw, **extra})
+    with pytest.raises(BadInput, match="no Llama 3 rope scaling"):
+        upcycle(random_model(tiny_config()), rope_unscaled=True, **kw)
+    # aimed at an engine: unscaled by default, d_r the largest power of two within the band (exact zero padding)
+    llama1b = ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, vocab_size=96,
+                          intermediate_size=128, rope_theta=500000.0,
+                          rope_scaling={**sc, "factor": 32.0, "original_max_position_embeddings": 8192})
+    c = Conversion(init="rorope", head_size=576, latent_norm="kv").checked(llama1b)
+    assert (c.kv_rank, c.qk_rope_dim, c.rope_unscaled) == (512, 16, True)           # 15 unscaled: d_r 16, not 64
+    assert Conversion(init="rorope", head_size=576, latent_norm="kv", rope_unscaled=False).checked(
+        llama1b).qk_rope_dim == 64
+    c = Conversion(init="rorope", kv_budget=0.25, latent_norm="kv", engine="sglang").checked(llama1b)
+    assert (c.kv_rank, c.qk_rope_dim) == (240, 16)                       # 256 a layer, SGLang's rule, d_r <= 30
