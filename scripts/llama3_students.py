@@ -55,7 +55,7 @@ held = torch.randint(0, vocab_size, (4, seq_len), generator=g)
 rows = {}
 for name, unscaled in (("unscaled-576", True), ("scaled-576", False)):
     conv = Conversion(init="rorope", head_size=576, latent_norm="kv", rope_unscaled=unscaled)
-    student = upcycle(source, conv, calib=calib).eval()
+    student = upcycle(source, conv, calib=calib, copy=False).eval()  # shares the untouched tensors: no 2nd copy
     kl, _ = kl_per_token(source, student, held)
     folder = os.path.join(out_dir, name)
     student.save_pretrained(folder, run_config=config, fmt="deepseek", head_size=576)
