@@ -81,47 +81,33 @@ def pipeline_settings(root=ROOT):
     return names
 
 
-def _allowed(annotation):
-    """The types an annotation such as `int | None` admits (None for no annotation)."""
-    if isinstance(annotation, str):  # `from __future__ import annotations` style
-        annotation = eval(annotation, {"typing": typing})
+def _allowed(key, default, annotation):
+    """The types a setting takes: its annotation's (`int | None`), else its default's."""
     if annotation is None:
-        return None
+        if default is None:
+            raise BadType(f"setting {key!r} has the default None and no annotation saying what it takes "
+                          f"(write e.g. `{key}: int | None = None` in the script)")
+        return (type(default),)
     union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
     return typing.get_args(annotation) if union else (annotation,)
 
 
 def _check(key, value, default, source, annotation=None):
     """`value` as the setting's type (an int where a float is expected becomes a float), or a BadType."""
-    if default is None or annotation is not None:  # the annotation says what it takes: try each type in turn
-        if annotation is None:
-            raise BadType(f"setting {key!r} has the default None and no annotation saying what it takes "
-                          f"(write e.g. `{key}: int | None = None` in the script)")
-        allowed = _allowed(annotation)
-        if value is None:
+    allowed = _allowed(key, default, annotation)
+    for t in allowed:
+        if value is None and t is type(None):
             return None
-        for t in (t for t in allowed if t is not type(None) and (t is not bool or isinstance(value, bool))):
-            try:
-                return _check(key, value, t(), source)
-            except BadType:
-                pass
-        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-        hint = f" (e.g. [{value!r}])" if list in allowed and not isinstance(value, (list, tuple)) else ""
-        raise BadType(f"{source}: {key}={value!r} is a {type(value).__name__}, but {key} takes {names}{hint}")
-    if isinstance(default, bool) or not isinstance(default, (int, float, list, tuple)):
-        ok = isinstance(value, type(default))
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, (list, tuple))
-        value = type(default)(value) if ok else value
-    if not ok:
-        raise BadType(f"{source}: {key}={value!r} is a {type(value).__name__}, but {key} takes a "
-                      f"{type(default).__name__} (default {default!r})")
-    return _home(value)
+        if t is float and type(value) is int:
+            return float(value)
+        if t in (list, tuple) and isinstance(value, (list, tuple)):
+            return _home(t(value))
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):  # True is not a number here
+            return _home(value)
+    names = f"a {allowed[0].__name__} (default {default!r})" if annotation is None else \
+        " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    hint = f" (e.g. [{value!r}])" if list in allowed and not isinstance(value, (list, tuple)) else ""
+    raise BadType(f"{source}: {key}={value!r} is a {type(value).__name__}, but {key} takes {names}{hint}")
 
 
 def _home(value):
@@ -199,7 +185,7 @@ def configure(namespace, argv=None, positional=()):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-            allowed = _allowed(annotations.get(key)) or (type(defaults[key]),)
+            allowed = _allowed(key, defaults[key], annotations.get(key))
             if str in allowed and value is not None and not any(type(value) is t for t in allowed):
                 value = text  # --out_dir=123 is the string "123" for a string setting
             _put(namespace, key, _check(key, value, defaults[key], "command line", annotations.get(key)))
