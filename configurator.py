@@ -128,8 +128,9 @@ def help_text(namespace):
     """The script's docstring head, then each setting, its default and the comment beside it (read with tokenize)."""
     doc = "\n\n".join((namespace.get("__doc__") or "").strip().split("\n\n")[:2])
     comments, name = {}, None  # the setting assigned on the current logical line; its trailing comment is its help
-    sources = [open(namespace["__file__"]).read()] + [textwrap.dedent(inspect.getsource(type(g)).split("\n    def ")[0])
-                                                      for g in _groups(namespace)]  # the fields, not the methods
+    here = os.path.abspath(namespace["__file__"])
+    sources = [open(here).read()] + [textwrap.dedent(inspect.getsource(type(g)).split("\n    def ")[0])  # fields only
+                                     for g in _groups(namespace) if inspect.getsourcefile(type(g)) != here]
     toks = [t for src in sources for t in tokenize.generate_tokens(io.StringIO(src).readline)]
     above = None  # (setting, its column) of the line above: a comment-only line indented past it continues it
     for i, tok in enumerate(toks):
@@ -137,16 +138,15 @@ def help_text(namespace):
                 i == 0 or toks[i - 1].type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.COMMENT)):
             name, col = tok.string, tok.start[1]
         elif tok.type == tokenize.COMMENT and (name is not None or (above is not None and tok.start[1] > above[1])):
-            lines = comments.setdefault(name or above[0], [])
-            if tok.string.lstrip("#").strip() not in lines:  # a group defined in the script's own file: read twice
-                lines.append(tok.string.lstrip("#").strip())
+            comments.setdefault(name or above[0], []).append(tok.string.lstrip("#").strip())
         elif tok.type == tokenize.NEWLINE:
             name, above = None, (name, col) if name is not None else None
         elif tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
             above = None
     lines = [doc, "", "settings (a config file, then --key=value; values are Python literals):"]
+    annotations = _annotations(namespace)
     for k, v in settings_of(namespace).items():
-        ann = _annotations(namespace).get(k)
+        ann = annotations.get(k)
         ann = None if isinstance(ann, type) else ann  # `int | None` says what a None takes; `int` says nothing new
         note = " ".join(comments.get(k, []))
         lines.append(f"  --{k}={v!r}" + (f" ({ann})" if ann is not None else "") + (f"\n        {note}" if note else ""))

@@ -112,11 +112,16 @@ ENGINES = {
 }
 
 
+_np2 = lambda n: 1 << (n - 1).bit_length()
+SHAPE_RULES = {  # the engines that restrict the shape (the others in ENGINES serve any R and D)
+    "vllm": lambda R, D: R + D in ENGINE_HEAD_SIZES and D == ENGINE_ROPE_DIM,
+    "vllm-cpu": lambda R, D: (R, D) == (576 - ENGINE_ROPE_DIM, ENGINE_ROPE_DIM),
+    "sglang": lambda R, D: _np2(R + D) == _np2(R) or R + D in (288, 576),
+}
+
+
 def _serves(engine, R, D):
-    np2 = lambda n: 1 << (n - 1).bit_length()
-    return {"vllm": R + D in ENGINE_HEAD_SIZES and D == ENGINE_ROPE_DIM,
-            "vllm-cpu": (R, D) == (576 - ENGINE_ROPE_DIM, ENGINE_ROPE_DIM),
-            "sglang": np2(R + D) == np2(R) or R + D in (288, 576)}.get(engine, True)
+    return SHAPE_RULES[engine](R, D) if engine in SHAPE_RULES else True
 
 
 def engine_problem(engine, R, D):
@@ -185,18 +190,23 @@ def engine_aim(src, engine, per_layer=None, kv_rank=None, qk_rope_dim=None, head
     if latent_norm == "none":
         raise BadInput(f"engine={engine!r}: every engine builds an RMSNorm on c_kv (DeepSeek's kv_a_layernorm). "
                        "Fix: add --latent_norm=kv")
-    if _serves(engine, 1, 1) and _serves(engine, 3, 2):  # any shape (llama.cpp, transformers)
+    if engine not in SHAPE_RULES:  # any shape (llama.cpp, transformers)
         return None
     D = ENGINE_ROPE_DIM
     sizes = [h for h in ENGINE_HEAD_SIZES if _serves(engine, h - D, D)]
     if engine.startswith("vllm") or head_size:
         if head_size and head_size not in sizes:
             raise BadInput(f"head_size={head_size}: {engine} serves {ENGINES[engine]}. Fix: --head_size in {sizes}")
+        if not head_size and kv_rank is not None:  # a fixed shape (or one aimed already): served as it is or
+            if qk_rope_dim is not None and D % qk_rope_dim == 0 and kv_rank + D in sizes:  # zero-padded exactly
+                return kv_rank, qk_rope_dim
+            raise BadInput(f"r_kv {kv_rank} + d_r {qk_rope_dim}: {engine} serves head sizes {sizes} (r_kv + {D}, d_r "
+                           f"dividing {D}, zero-padded at export). Fix: --kv_rank in "
+                           f"{[h - D for h in sizes]} with qk_rope_dim in (16, 32, 64), or kv_budget / head_size")
         if not head_size:
-            if kv_rank is not None or per_layer is None:
+            if per_layer is None:
                 raise BadInput(f"engine={engine!r} serves head sizes {sizes} (r_kv + d_r with d_r = {D}): give "
-                               f"kv_budget (the largest served size within it is taken) or head_size in {sizes}, "
-                               "not kv_rank")
+                               f"kv_budget (the largest served size within it is taken) or head_size in {sizes}")
             fit = [h for h in sizes if h <= per_layer]
             if not fit:
                 raise BadInput(f"the budget gives {per_layer} numbers a token and layer, below {engine}'s smallest "

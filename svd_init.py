@@ -610,20 +610,19 @@ def _check_settings(cfg: ModelConfig, c: Conversion, layers, d_qk, d_r):
         ok = [f for f in FOLDS if not fold_problem(d_h, d_r, f)]
         raise BadInput(fold_problem(d_h, d_r, rope_fold) + f". Fix: rope_fold in {ok} for this d_r, or another "
                        "qk_rope_dim")
-    n = unscaled_count(cfg)
-    if c.rope_unscaled:
-        why = ("the source has no Llama 3 rope scaling: every frequency is served exactly already" if n is None else
-               "this source's scaling touches every frequency" if n == 0 else
-               "it keeps whole frequencies of init='rorope''s shared key" if init != "rorope" else
-               "it keeps the highest frequencies unfolded" if rope_ladder != "highest" or rope_fold not in (None, 1)
-               else f"only the {n} highest frequencies are unscaled (qk_rope_dim <= {2 * n})"
-               if d_r is not None and d_r // 2 > n else "")
-        if why:
-            raise BadInput(f"rope_unscaled=True: {why}. Fix: " + (
-                f"qk_rope_dim <= {2 * n}" if why.startswith("only") else
-                "init='rorope'" if why.startswith("it keeps whole") else
-                "rope_ladder='highest' and rope_fold=1 (or unset)" if why.startswith("it keeps the") else
-                "rope_unscaled=None"))
+    band = unscaled_count(cfg)
+    if c.rope_unscaled:  # the first rule it breaks, and its fix
+        broken = next(((why, fix) for bad, why, fix in (
+            (band is None, "the source has no Llama 3 rope scaling: every frequency is served exactly already",
+             "rope_unscaled=None"),
+            (band == 0, "this source's scaling touches every frequency", "rope_unscaled=None"),
+            (init != "rorope", "it keeps whole frequencies of init='rorope''s shared key", "init='rorope'"),
+            (rope_ladder != "highest" or rope_fold not in (None, 1), "it keeps the highest frequencies unfolded",
+             "rope_ladder='highest' and rope_fold=1 (or unset)"),
+            (d_r is not None and band and d_r // 2 > band,
+             f"only the {band} highest frequencies are unscaled", f"qk_rope_dim <= {2 * (band or 0)}")) if bad), None)
+        if broken:
+            raise BadInput(f"rope_unscaled=True: {broken[0]}. Fix: {broken[1]}")
     if cfg.mla_layers and (d_qk, d_r) != (cfg.qk_nope_dim, cfg.qk_rope_dim):
         raise BadInput(f"the source already has MLA layers with d_qk={cfg.qk_nope_dim}, d_r={cfg.qk_rope_dim}; "
                        f"new layers must use the same (got {d_qk}, {d_r})")

@@ -325,10 +325,11 @@ if __name__ == "__main__":
     if ssm_gain not in GAINS:
         raise BadInput(f"ssm_gain={ssm_gain!r}: use one of {GAINS}")
     mla_layers, kv_rank, qk_rope_dim = conversion.mla_layers, conversion.kv_rank, conversion.qk_rope_dim
-    other = [k for k in ("kv_budget", "kv_energy", "head_size") if getattr(conversion, k)]
+    other = [k for k in ("kv_budget", "kv_energy", "head_size", "engine") if getattr(conversion, k)]
     if other:  # the hybrid's cache is sized by the number of MLA layers, each at a fixed r_kv
         raise BadInput(f"{', '.join(other)}: zebra.py's MLA layers take a fixed kv_rank (cache_budget sizes the "
-                       "hybrid by how many layers stay MLA). Fix: --kv_rank=R and drop " + " and ".join(other))
+                       "hybrid by how many layers stay MLA; no engine serves a hybrid in the DeepSeek-V3 format). "
+                       "Fix: --kv_rank=R and drop " + " and ".join(other))
     d_r = qk_rope_dim if qk_rope_dim is not None else src_cfg.head_dim // 2
     mla_cache = (kv_rank or min(src_cfg.dim, 2 * src_cfg.n_kv_heads * src_cfg.head_dim)) + d_r
     if mla_layers is None:

@@ -577,9 +577,15 @@ def test_engine_aim_lands_a_conversion_on_each_engines_rule():
                     (dict(engine="sglang", kv_rank=80), "also needs d_r")]:
         with pytest.raises(BadInput, match=msg):
             engine_aim(smol, **kw)
-    # the Conversion: the engine's shape in every layer, the budget spent on it
+    with pytest.raises(BadInput, match=r"r_kv 300 \+ d_r 64: vllm serves head sizes .*Fix: --kv_rank in \[256"):
+        engine_aim(llama1b, "vllm", kv_rank=300, qk_rope_dim=64)
+    # the Conversion: the engine's shape in every layer, the budget spent on it; aiming an aimed one changes nothing
+    # (the command lines check, then upcycle aims again)
     c = Conversion(init="rorope", kv_budget=0.25, latent_norm="kv", engine="sglang").checked(smol)
     assert (c.kv_rank, c.qk_rope_dim, c.kv_budget, c.engine) == (80, 16, None, "sglang")
+    for src, engine in ((smol, "sglang"), (llama1b, "vllm"), (llama1b, "vllm-cpu"), (smol, "llama.cpp")):
+        c = Conversion(init="rorope", kv_budget=0.6, latent_norm="kv", engine=engine).checked(src)
+        assert c.aimed(src) == c, engine
     assert Conversion(init="rorope", kv_budget=0.25, latent_norm="kv", engine="llama.cpp").checked(
         smol).rank_alloc == "uniform"                         # one kv_lora_rank in the format: no water-filling
     with pytest.raises(BadInput, match="rank_alloc='uniform'"):
