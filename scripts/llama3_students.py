@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, require  # noqa: E402
-from folders import check_replaceable  # noqa: E402
+from folders import check_replaceable, check_results_file, write_results_file  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from svd_init import Conversion, kl_per_token, upcycle  # noqa: E402
 
@@ -36,8 +36,9 @@ seq_len = 512
 seed = 0
 config = configure(globals())
 require(config, n_layers=(1, None), calib_tokens=(seq_len, None))
-for name in ("unscaled-576", "scaled-576"):
+for name in ("unscaled-576", "scaled-576"):  # refused now, before any work: never over a folder we did not write
     check_replaceable(os.path.abspath(os.path.join(out_dir, name)))
+check_results_file(os.path.join(out_dir, "students.json"))
 
 cfg = ModelConfig(vocab_size=vocab_size, dim=2048, n_layers=n_layers, n_heads=32, n_kv_heads=8, head_dim=64,
                   intermediate_size=intermediate_size, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
@@ -66,5 +67,5 @@ for name, unscaled in (("unscaled-576", True), ("scaled-576", False)):
     print(f"{folder}: r_kv {max(student.config.kv_rank)} + d_r {student.config.qk_rope_dim} (fold "
           f"{student.config.rope_fold}), exported at 512 + 64; rope_scaling in its config.json: {scaling}; KL to the "
           f"source at init {kl:.4f} nats/token on {held.numel()} held-out random ids", flush=True)
-with open(os.path.join(out_dir, "students.json"), "w") as f:
-    json.dump(dict(config=config, students=rows), f, indent=2)
+write_results_file(os.path.join(out_dir, "students.json"), dict(config=config, students=rows),
+                   "scripts/llama3_students.py")

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, require  # noqa: E402
-from folders import write_json  # noqa: E402
+from folders import check_results_file, write_results_file  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from svd_init import kl_per_token, unscaled_count, upcycle  # noqa: E402
 
@@ -37,6 +37,7 @@ seed = 0
 out = "results/unscaled_trade.json"
 config = configure(globals())
 require(config, n_layers=(1, None), calib_tokens=(seq_len, None), held_out=(1, None))
+check_results_file(out)  # never over a file this project did not write; refused before the work
 
 cfg = ModelConfig(vocab_size=vocab_size, dim=2048, n_layers=n_layers, n_heads=32, n_kv_heads=8, head_dim=64,
                   intermediate_size=intermediate_size, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
@@ -63,5 +64,6 @@ for how in [dict(kv_budget=b) for b in budgets] + [dict(head_size=h, latent_norm
         rows.append(dict(**how, rope_unscaled=unscaled, kl=kl, r_kv=sorted(set(c.kv_rank)), d_r=c.qk_rope_dim,
                          rope_fold=c.rope_fold, seconds=time.time() - t0))
         print(json.dumps(rows[-1]), flush=True)
-write_json(out, dict(config=config, rows=rows, torch=torch.__version__, threads=torch.get_num_threads()))
+write_results_file(out, dict(config=config, rows=rows, torch=torch.__version__, threads=torch.get_num_threads()),
+                   "scripts/unscaled_trade.py")
 print(f"wrote {out}")
